@@ -1,0 +1,48 @@
+package archiver
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the archiver pool's Prometheus series.
+type Metrics struct {
+	Segments        *prometheus.CounterVec
+	RawBytes        *prometheus.CounterVec
+	CompressedBytes *prometheus.CounterVec
+	Upload          *prometheus.HistogramVec
+	Errors          *prometheus.CounterVec
+	Conflicts       *prometheus.CounterVec
+	Corrupt         *prometheus.CounterVec
+	Malformed       prometheus.Counter
+}
+
+// NewMetrics builds the archiver's metrics and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Segments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archiver_segments_total", Help: "WAL files archived and confirmed by this archiver.",
+		}, []string{"server"}),
+		RawBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archiver_raw_bytes_total", Help: "Raw (uncompressed) bytes archived, in bytes.",
+		}, []string{"server"}),
+		CompressedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archiver_compressed_bytes_total", Help: "Compressed bytes written to the sink, in bytes.",
+		}, []string{"server"}),
+		Upload: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "walship_upload_duration_seconds", Help: "Duration of one object upload to the sink, in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+		}, []string{"server"}),
+		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archiver_errors_total", Help: "Archiver errors per stage (consume, archive, upload, confirm, ack, cleanup).",
+		}, []string{"server", "stage"}),
+		Conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archive_conflicts_total", Help: "Uploads refused because the sink holds different bytes, or another cluster's identity, at the key.",
+		}, []string{"server"}),
+		Corrupt: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_corrupt_segments_total", Help: "Segments whose bytes failed the SHA-256 or WAL page-header check.",
+		}, []string{"server"}),
+		Malformed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "walship_malformed_events_total", Help: "Segment events terminated because they cannot be parsed or are inconsistent.",
+		}),
+	}
+	reg.MustRegister(m.Segments, m.RawBytes, m.CompressedBytes, m.Upload, m.Errors, m.Conflicts, m.Corrupt, m.Malformed)
+	return m
+}

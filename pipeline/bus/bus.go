@@ -1,0 +1,309 @@
+// Package bus is walship's NATS JetStream adapter: it creates the streams,
+// consumer, object store and key-value bucket of DESIGN.md, and carries
+// segment bytes and events between the receiver and the archivers.
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/walship/walship/pipeline"
+)
+
+// Names are the JetStream resource names; DefaultNames gives DESIGN's.
+type Names struct {
+	Segments string // work-queue stream of segment events
+	Archived string // limits stream of archived confirmations
+	Spool    string // object store of staged segment bytes
+	State    string // key-value bucket of per-server state
+	Consumer string // durable consumer of the archiver pool
+}
+
+// DefaultNames are the resource names DESIGN.md gives.
+func DefaultNames() Names {
+	return Names{
+		Segments: "WALSHIP_SEGMENTS",
+		Archived: "WALSHIP_ARCHIVED",
+		Spool:    "WALSHIP_SPOOL",
+		State:    "WALSHIP_STATE",
+		Consumer: "walship-archivers",
+	}
+}
+
+// Options configure the bus.
+type Options struct {
+	Names    Names
+	Replicas int           // 1 for one node, 3 in a cluster
+	AckWait  time.Duration // how long an archiver may hold an event between progress signals
+	// ArchivedMaxAge bounds how long confirmations are kept; receivers
+	// replay the recent ones on restart.
+	ArchivedMaxAge time.Duration
+	DedupWindow    time.Duration
+}
+
+// DefaultOptions are the defaults for one node.
+func DefaultOptions() Options {
+	return Options{Names: DefaultNames(), Replicas: 1, AckWait: time.Minute, ArchivedMaxAge: 7 * 24 * time.Hour, DedupWindow: 2 * time.Minute}
+}
+
+// Bus is a connection to JetStream with walship's resources in place.
+type Bus struct {
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	opts Options
+	obj  jetstream.ObjectStore
+	kv   jetstream.KeyValue
+}
+
+// SegmentSubject is the subject of a server's segment events.
+func SegmentSubject(server string) string { return "walship." + server + ".segment" }
+
+// ArchivedSubject is the subject of a server's archived confirmations.
+func ArchivedSubject(server string) string { return "walship." + server + ".archived" }
+
+// Connect dials NATS and creates or updates the resources. After a
+// successful connect the client reconnects forever; callers see errors from
+// individual operations while NATS is away, and retry.
+func Connect(ctx context.Context, url string, opts Options, log *slog.Logger, extra ...nats.Option) (*Bus, error) {
+	nopts := append([]nats.Option{
+		nats.Name("walship"),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(time.Second),
+		nats.Timeout(5 * time.Second),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "error", err)
+			}
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", "url", c.ConnectedUrlRedacted()) }),
+	}, extra...)
+	nc, err := nats.Connect(url, nopts...)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach NATS at %s: %v: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	b := &Bus{nc: nc, js: js, opts: opts}
+	if err := b.setup(ctx); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// Close drains nothing and closes the connection.
+func (b *Bus) Close() { b.nc.Close() }
+
+// Conn is the underlying connection, for health checks.
+func (b *Bus) Conn() *nats.Conn { return b.nc }
+
+func (b *Bus) setup(ctx context.Context) error {
+	n := b.opts.Names
+	if _, err := b.js.AccountInfo(ctx); err != nil {
+		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
+			return errors.New("NATS server has JetStream disabled: start nats-server with -js")
+		}
+		return fmt.Errorf("jetstream account info: %w", err)
+	}
+	_, err := b.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        n.Segments,
+		Description: "walship segment events, consumed once by the archiver pool",
+		Subjects:    []string{"walship.*.segment"},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.opts.Replicas,
+		Duplicates:  b.opts.DedupWindow,
+	})
+	if err != nil {
+		return fmt.Errorf("create stream %s: %w", n.Segments, err)
+	}
+	_, err = b.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        n.Archived,
+		Description: "walship confirmations: WAL files durably in the sink",
+		Subjects:    []string{"walship.*.archived"},
+		Retention:   jetstream.LimitsPolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.opts.Replicas,
+		MaxAge:      b.opts.ArchivedMaxAge,
+		Duplicates:  b.opts.DedupWindow,
+	})
+	if err != nil {
+		return fmt.Errorf("create stream %s: %w", n.Archived, err)
+	}
+	_, err = b.js.CreateOrUpdateConsumer(ctx, n.Segments, jetstream.ConsumerConfig{
+		Durable:       n.Consumer,
+		Description:   "walship archiver pool",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       b.opts.AckWait,
+		MaxDeliver:    -1,
+		MaxAckPending: 1024,
+		FilterSubject: "walship.*.segment",
+	})
+	if err != nil {
+		return fmt.Errorf("create consumer %s: %w", n.Consumer, err)
+	}
+	b.obj, err = b.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket:      n.Spool,
+		Description: "walship staged segment bytes",
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.opts.Replicas,
+	})
+	if err != nil {
+		return fmt.Errorf("create object store %s: %w", n.Spool, err)
+	}
+	b.kv, err = b.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      n.State,
+		Description: "walship per-server state",
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.opts.Replicas,
+	})
+	if err != nil {
+		return fmt.Errorf("create key-value %s: %w", n.State, err)
+	}
+	return nil
+}
+
+// PutObject stages a WAL file's bytes in the object store.
+func (b *Bus) PutObject(ctx context.Context, name string, r io.Reader) error {
+	if _, err := b.obj.Put(ctx, jetstream.ObjectMeta{Name: name}, r); err != nil {
+		return fmt.Errorf("stage object %s: %w", name, err)
+	}
+	return nil
+}
+
+// GetObject reads a staged object fully into buf (reused when large
+// enough) and returns the bytes. A missing object wraps jetstream.ErrObjectNotFound.
+func (b *Bus) GetObject(ctx context.Context, name string, buf []byte) ([]byte, error) {
+	res, err := b.obj.Get(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("get staged object %s: %w", name, err)
+	}
+	defer res.Close()
+	out := buf[:0]
+	for {
+		if len(out) == cap(out) {
+			out = append(out, 0)[:len(out)]
+		}
+		n, err := res.Read(out[len(out):cap(out)])
+		out = out[:len(out)+n]
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read staged object %s: %w", name, err)
+		}
+	}
+}
+
+// DeleteObject removes a staged object; a missing one is not an error.
+func (b *Bus) DeleteObject(ctx context.Context, name string) error {
+	if err := b.obj.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return fmt.Errorf("delete staged object %s: %w", name, err)
+	}
+	return nil
+}
+
+// PublishSegment publishes a segment event and waits for JetStream's ack.
+func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) error {
+	data, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	if _, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID())); err != nil {
+		return fmt.Errorf("publish segment event %s: %w", ev.File, err)
+	}
+	return nil
+}
+
+// PublishArchived publishes an archived confirmation and waits for
+// JetStream's ack.
+func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) error {
+	data, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	if _, err := b.js.Publish(ctx, ArchivedSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()+"/archived")); err != nil {
+		return fmt.Errorf("publish archived event %s: %w", ev.File, err)
+	}
+	return nil
+}
+
+// Consumer is the archiver pool's durable consumer.
+func (b *Bus) Consumer(ctx context.Context) (jetstream.Consumer, error) {
+	c, err := b.js.Consumer(ctx, b.opts.Names.Segments, b.opts.Names.Consumer)
+	if err != nil {
+		return nil, fmt.Errorf("consumer %s: %w", b.opts.Names.Consumer, err)
+	}
+	return c, nil
+}
+
+// WatchArchived calls fn for every archived confirmation of server stored
+// since the given time, then for each new one, until ctx is done. It uses an
+// ordered consumer, which recreates itself across NATS outages.
+func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time, fn func(pipeline.ArchivedEvent)) error {
+	c, err := b.js.OrderedConsumer(ctx, b.opts.Names.Archived, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{ArchivedSubject(server)},
+		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
+		OptStartTime:   &since,
+	})
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", ArchivedSubject(server), err)
+	}
+	cc, err := c.Consume(func(m jetstream.Msg) {
+		ev, err := pipeline.DecodeArchivedEvent(m.Data())
+		if err != nil {
+			return // not ours to judge; the archiver validated what it sent
+		}
+		fn(ev)
+	})
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", ArchivedSubject(server), err)
+	}
+	<-ctx.Done()
+	cc.Stop()
+	return nil
+}
+
+// PutState records a server's state (JSON) in the key-value bucket.
+func (b *Bus) PutState(ctx context.Context, server string, state []byte) error {
+	if _, err := b.kv.Put(ctx, server, state); err != nil {
+		return fmt.Errorf("put state %s: %w", server, err)
+	}
+	return nil
+}
+
+// Pending is the number of segment events not yet acknowledged by the
+// archiver pool: waiting plus in flight.
+func (b *Bus) Pending(ctx context.Context) (uint64, error) {
+	c, err := b.Consumer(ctx)
+	if err != nil {
+		return 0, err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return info.NumPending + uint64(info.NumAckPending), nil
+}
+
+// redact removes a password from a NATS URL before it is shown.
+func redact(url string) string {
+	if at := strings.LastIndex(url, "@"); at >= 0 {
+		if scheme := strings.Index(url, "://"); scheme >= 0 && scheme < at {
+			return url[:scheme+3] + "***" + url[at:]
+		}
+	}
+	return url
+}

@@ -1,0 +1,157 @@
+package pipeline
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+)
+
+// EventVersion is the version of the event encoding this build writes and
+// the only one it reads.
+const EventVersion = 1
+
+// Kind says what a WAL file is.
+type Kind string
+
+// The kinds of WAL file walship archives.
+const (
+	KindSegment Kind = "segment" // a complete WAL segment
+	KindPartial Kind = "partial" // the last, incomplete segment of an ended timeline
+	KindHistory Kind = "history" // a timeline history file
+)
+
+// SegmentEvent announces a WAL file that is durable in the receiver's spool
+// and, when Object is set, staged in the JetStream object store. It is
+// published on walship.<server>.segment and consumed once by the archiver
+// pool.
+type SegmentEvent struct {
+	V        int    `json:"v"`
+	Server   string `json:"server"`
+	SystemID string `json:"system_id"` // decimal, as pg_control shows it
+	Timeline uint32 `json:"timeline"`
+	File     string `json:"file"`             // file name as archived: segment name, or NNNNNNNN.history
+	Kind     Kind   `json:"kind"`             //
+	StartLSN LSN    `json:"start_lsn"`        // first byte the file covers
+	EndLSN   LSN    `json:"end_lsn"`          // just past its last byte
+	Size     int64  `json:"size"`             // raw bytes
+	SegSize  uint64 `json:"seg_size"`         // the cluster's wal segment size
+	SHA256   string `json:"sha256"`           // hex SHA-256 of the raw bytes
+	Object   string `json:"object,omitempty"` // object-store name; empty when only the local spool holds it
+	Spool    string `json:"spool,omitempty"`  // path in the receiver's spool, for archivers in the same process
+}
+
+// ArchivedEvent confirms that a WAL file is durably in the sink. It is
+// published on walship.<server>.archived and read by the receiver's
+// watermark, status and anyone else.
+type ArchivedEvent struct {
+	SegmentEvent
+	Key            string  `json:"key"`             // object key in the sink
+	Codec          string  `json:"codec"`           // compression codec name
+	CompressedSize int64   `json:"compressed_size"` // bytes stored
+	UploadSeconds  float64 `json:"upload_seconds"`  // time spent in the sink's Put
+	Existed        bool    `json:"existed"`         // the sink already held identical bytes
+}
+
+// MsgID is the Nats-Msg-Id that deduplicates the event: one per system,
+// file and kind.
+func (e *SegmentEvent) MsgID() string {
+	return e.SystemID + "/" + e.File + "/" + string(e.Kind)
+}
+
+var (
+	serverNameRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+	historyRE    = regexp.MustCompile(`^[0-9A-F]{8}\.history$`)
+	sha256RE     = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
+
+// ValidServerName reports whether s can be a server name: it is used in NATS
+// subjects and object keys, so only letters, digits, '-' and '_'.
+func ValidServerName(s string) error {
+	if !serverNameRE.MatchString(s) {
+		return fmt.Errorf("server name %q: use 1-64 letters, digits, '-' or '_'", s)
+	}
+	return nil
+}
+
+// ErrMalformed marks an event that can never be processed; the archiver
+// terminates it instead of retrying.
+var ErrMalformed = errors.New("malformed event")
+
+// Validate checks that the event is internally consistent.
+func (e *SegmentEvent) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s", ErrMalformed, fmt.Sprintf(format, args...))
+	}
+	if e.V != EventVersion {
+		return bad("version %d, this build reads %d", e.V, EventVersion)
+	}
+	if err := ValidServerName(e.Server); err != nil {
+		return bad("%v", err)
+	}
+	if _, err := strconv.ParseUint(e.SystemID, 10, 64); err != nil {
+		return bad("system id %q is not a number", e.SystemID)
+	}
+	if e.Timeline == 0 {
+		return bad("timeline 0")
+	}
+	if !sha256RE.MatchString(e.SHA256) {
+		return bad("sha256 %q is not 64 lower-case hex digits", e.SHA256)
+	}
+	if e.Size < 0 || e.EndLSN < e.StartLSN {
+		return bad("size %d, lsn %s-%s", e.Size, e.StartLSN, e.EndLSN)
+	}
+	switch e.Kind {
+	case KindSegment, KindPartial:
+		size := SegmentSize(e.SegSize)
+		if err := size.Validate(); err != nil {
+			return bad("%v", err)
+		}
+		seg, err := ParseSegmentName(e.File, size)
+		if err != nil {
+			return bad("%v", err)
+		}
+		if seg.Timeline != e.Timeline || seg.StartLSN(size) != e.StartLSN {
+			return bad("file %s does not match timeline %d, start %s", e.File, e.Timeline, e.StartLSN)
+		}
+		if e.Kind == KindSegment && (uint64(e.Size) != e.SegSize || e.EndLSN != seg.EndLSN(size)) {
+			return bad("segment %s has size %d, end %s", e.File, e.Size, e.EndLSN)
+		}
+	case KindHistory:
+		if !historyRE.MatchString(e.File) || e.File != HistoryFileName(e.Timeline) {
+			return bad("history file %q for timeline %d", e.File, e.Timeline)
+		}
+	default:
+		return bad("kind %q", e.Kind)
+	}
+	return nil
+}
+
+// DecodeSegmentEvent parses and validates a segment event.
+func DecodeSegmentEvent(data []byte) (SegmentEvent, error) {
+	var e SegmentEvent
+	if err := json.Unmarshal(data, &e); err != nil {
+		return e, fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	return e, e.Validate()
+}
+
+// DecodeArchivedEvent parses and validates an archived event.
+func DecodeArchivedEvent(data []byte) (ArchivedEvent, error) {
+	var e ArchivedEvent
+	if err := json.Unmarshal(data, &e); err != nil {
+		return e, fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if err := e.SegmentEvent.Validate(); err != nil {
+		return e, err
+	}
+	if e.Key == "" {
+		return e, fmt.Errorf("%w: archived event without key", ErrMalformed)
+	}
+	return e, nil
+}
+
+// SHA256Hex formats a digest as the events carry it.
+func SHA256Hex(sum []byte) string { return hex.EncodeToString(sum) }

@@ -1,0 +1,57 @@
+package receiver
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the receiver's Prometheus series, labelled by server.
+type Metrics struct {
+	ServerLSN    *prometheus.GaugeVec
+	ReceivedLSN  *prometheus.GaugeVec
+	WrittenLSN   *prometheus.GaugeVec
+	PublishedLSN *prometheus.GaugeVec
+	ArchivedLSN  *prometheus.GaugeVec
+	FlushLSN     *prometheus.GaugeVec
+	LagBytes     *prometheus.GaugeVec
+	LagSeconds   *prometheus.GaugeVec
+	Segments     *prometheus.CounterVec
+	Bytes        *prometheus.CounterVec
+	Errors       *prometheus.CounterVec
+	Connected    *prometheus.GaugeVec
+	Timeline     *prometheus.GaugeVec
+	SpoolBytes   *prometheus.GaugeVec
+	Republished  *prometheus.CounterVec
+}
+
+// NewMetrics builds the receiver's metrics and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	g := func(name, help string) *prometheus.GaugeVec {
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, []string{"server"})
+	}
+	m := &Metrics{
+		ServerLSN:    g("walship_server_lsn_bytes", "End of WAL on the server, from keepalives (byte position)."),
+		ReceivedLSN:  g("walship_received_lsn_bytes", "End of WAL received from the server (byte position)."),
+		WrittenLSN:   g("walship_written_lsn_bytes", "End of WAL fsynced to the local spool (byte position)."),
+		PublishedLSN: g("walship_published_lsn_bytes", "End of the newest segment published to the archivers (byte position)."),
+		ArchivedLSN:  g("walship_archived_lsn_bytes", "End of the newest segment confirmed archived (byte position)."),
+		FlushLSN:     g("walship_flush_lsn_bytes", "Flush position reported to PostgreSQL: end of the contiguous archived run (byte position)."),
+		LagBytes:     g("walship_archive_lag_bytes", "Bytes received but not yet contiguously archived (received minus flush)."),
+		LagSeconds:   g("walship_archive_lag_seconds", "Age in seconds of the oldest received WAL not yet archived: the live recovery point objective."),
+		Connected:    g("walship_receiver_connected", "1 while the receiver is streaming from PostgreSQL."),
+		Timeline:     g("walship_timeline", "Timeline being streamed."),
+		SpoolBytes:   g("walship_spool_bytes", "Bytes of complete segments waiting in the spool for archiving."),
+		Segments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_segments_total", Help: "WAL segments per pipeline stage (received, published, archived).",
+		}, []string{"server", "stage"}),
+		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_wal_bytes_total", Help: "Raw WAL bytes per pipeline stage (received, published, archived).",
+		}, []string{"server", "stage"}),
+		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_errors_total", Help: "Errors per pipeline stage.",
+		}, []string{"server", "stage"}),
+		Republished: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_republished_segments_total", Help: "Segments published again because no confirmation arrived in time.",
+		}, []string{"server"}),
+	}
+	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
+		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished)
+	return m
+}

@@ -1,0 +1,162 @@
+// Package sinks defines where archived WAL goes: the Sink interface that
+// every backend implements, the metadata each object carries, and the key
+// layouts that let existing restore tools read walship's bucket. Backends
+// live in subpackages (s3, file); sinktest is the conformance suite they
+// all pass.
+package sinks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+)
+
+// ErrExists is returned by Put when an object already exists at the key.
+// The caller decides whether the existing object is the same (an idempotent
+// retry) or a conflict.
+var ErrExists = errors.New("object already exists")
+
+// Sink stores archived WAL files. Implementations must be safe for
+// concurrent use. Not-found is reported as an error wrapping os.ErrNotExist.
+type Sink interface {
+	// Put stores body under key with meta, only if nothing is stored there
+	// yet; otherwise it returns an error wrapping ErrExists. When Put returns
+	// nil the object is durable: a later Get returns exactly body.
+	Put(ctx context.Context, key string, body []byte, meta Metadata) error
+	// Head returns the metadata of the object at key.
+	Head(ctx context.Context, key string) (Metadata, error)
+	// Get opens the object at key; the caller closes the reader.
+	Get(ctx context.Context, key string) (io.ReadCloser, Metadata, error)
+}
+
+// Deleter is an optional capability: removing an object, used by `check`
+// to clean up its write probe.
+type Deleter interface {
+	Delete(ctx context.Context, key string) error
+}
+
+// Metadata is what walship records beside every object so that any reader
+// can verify it without walship's events: user metadata on S3, a sidecar
+// file on the file sink.
+type Metadata struct {
+	SHA256   string // hex SHA-256 of the raw (uncompressed) bytes
+	StartLSN string // PostgreSQL notation
+	EndLSN   string
+	Timeline uint32
+	SystemID string
+	Codec    string
+	RawSize  int64
+}
+
+// Metadata keys, as S3 user metadata (x-amz-meta-<key>).
+const (
+	metaSHA256   = "walship-sha256"
+	metaStart    = "walship-start-lsn"
+	metaEnd      = "walship-end-lsn"
+	metaTimeline = "walship-timeline"
+	metaSystemID = "walship-system-id"
+	metaCodec    = "walship-codec"
+	metaRawSize  = "walship-raw-size"
+)
+
+// Map encodes m as string key-values.
+func (m Metadata) Map() map[string]string {
+	return map[string]string{
+		metaSHA256:   m.SHA256,
+		metaStart:    m.StartLSN,
+		metaEnd:      m.EndLSN,
+		metaTimeline: strconv.FormatUint(uint64(m.Timeline), 10),
+		metaSystemID: m.SystemID,
+		metaCodec:    m.Codec,
+		metaRawSize:  strconv.FormatInt(m.RawSize, 10),
+	}
+}
+
+// MetadataFromMap decodes what Map wrote. Keys are matched without regard
+// to case, as HTTP headers are; missing keys leave zero values.
+func MetadataFromMap(in map[string]string) Metadata {
+	get := func(k string) string {
+		for kk, v := range in {
+			if strings.EqualFold(kk, k) {
+				return v
+			}
+		}
+		return ""
+	}
+	tli, _ := strconv.ParseUint(get(metaTimeline), 10, 32)
+	size, _ := strconv.ParseInt(get(metaRawSize), 10, 64)
+	return Metadata{
+		SHA256:   get(metaSHA256),
+		StartLSN: get(metaStart),
+		EndLSN:   get(metaEnd),
+		Timeline: uint32(tli),
+		SystemID: get(metaSystemID),
+		Codec:    get(metaCodec),
+		RawSize:  size,
+	}
+}
+
+// Layout maps WAL file names to object keys.
+type Layout interface {
+	// Key is the object key for a WAL file (segment, NAME.partial or
+	// TLI.history) compressed with extension ext.
+	Key(file, ext string) string
+	// IdentityKey is the key of the small object that ties the archive to
+	// one PostgreSQL cluster.
+	IdentityKey() string
+}
+
+// BarmanCloud is barman-cloud's layout:
+// <prefix>/<server>/wals/<first 16 hex digits>/<file><ext>, with history
+// files directly under wals/.
+type BarmanCloud struct {
+	Prefix, Server string
+}
+
+func (l BarmanCloud) base() string { return joinKey(l.Prefix, l.Server) }
+
+// Key implements Layout.
+func (l BarmanCloud) Key(file, ext string) string {
+	if strings.HasSuffix(file, ".history") || len(file) < 16 {
+		return joinKey(l.base(), "wals", file+ext)
+	}
+	return joinKey(l.base(), "wals", file[:16], file+ext)
+}
+
+// IdentityKey implements Layout.
+func (l BarmanCloud) IdentityKey() string { return joinKey(l.base(), "walship.identity.json") }
+
+// WalG is WAL-G's layout: <prefix>/wal_005/<file><ext>.
+type WalG struct {
+	Prefix string
+}
+
+// Key implements Layout.
+func (l WalG) Key(file, ext string) string { return joinKey(l.Prefix, "wal_005", file+ext) }
+
+// IdentityKey implements Layout.
+func (l WalG) IdentityKey() string { return joinKey(l.Prefix, "wal_005", "walship.identity.json") }
+
+// NewLayout builds the named layout.
+func NewLayout(name, prefix, server string) (Layout, error) {
+	switch name {
+	case "", "barman-cloud":
+		return BarmanCloud{Prefix: prefix, Server: server}, nil
+	case "wal-g":
+		return WalG{Prefix: prefix}, nil
+	}
+	return nil, fmt.Errorf("layout %q: use barman-cloud or wal-g", name)
+}
+
+func joinKey(parts ...string) string {
+	var out []string
+	for _, p := range parts {
+		if p = strings.Trim(p, "/"); p != "" {
+			out = append(out, p)
+		}
+	}
+	return strings.Join(out, "/")
+}

@@ -1,0 +1,40 @@
+package sinks
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestLayouts(t *testing.T) {
+	cases := []struct {
+		layout    Layout
+		file, ext string
+		want      string
+	}{
+		{BarmanCloud{"backups/", "pg1"}, "000000010000000A000000FF", ".zst", "backups/pg1/wals/000000010000000A/000000010000000A000000FF.zst"},
+		{BarmanCloud{"", "pg1"}, "00000002.history", ".gz", "pg1/wals/00000002.history.gz"},
+		{BarmanCloud{"a/b", "pg1"}, "000000010000000000000003.partial", "", "a/b/pg1/wals/0000000100000000/000000010000000000000003.partial"},
+		{WalG{"/wg/"}, "000000010000000A000000FF", ".zst", "wg/wal_005/000000010000000A000000FF.zst"},
+		{WalG{""}, "00000002.history", "", "wal_005/00000002.history"},
+	}
+	for _, c := range cases {
+		if got := c.layout.Key(c.file, c.ext); got != c.want {
+			t.Errorf("%T.Key(%s, %s) = %s, want %s", c.layout, c.file, c.ext, got, c.want)
+		}
+	}
+	if _, err := NewLayout("pgbackrest", "", "x"); err == nil {
+		t.Error("unknown layout accepted")
+	}
+}
+
+func TestMetadataRoundTrip(t *testing.T) {
+	m := Metadata{SHA256: "ab", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 3, SystemID: "73", Codec: "zstd", RawSize: 16 << 20}
+	in := m.Map()
+	upper := map[string]string{}
+	for k, v := range in {
+		upper[strings.ToUpper(k)] = v
+	}
+	if got := MetadataFromMap(upper); got != m {
+		t.Errorf("round trip %+v, want %+v", got, m)
+	}
+}
