@@ -1,0 +1,336 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/pipeline/archiver"
+	"github.com/walship/walship/pipeline/bus"
+	"github.com/walship/walship/pipeline/receiver"
+	"github.com/walship/walship/sinks"
+	filesink "github.com/walship/walship/sinks/file"
+	s3sink "github.com/walship/walship/sinks/s3"
+)
+
+const (
+	runGroups     = gPG | gReceive | gNATS | gEmbedded | gSink | gArchive | gCommon
+	receiveGroups = gPG | gReceive | gNATS | gCommon
+	archiveGroups = gNATS | gSink | gArchive | gCommon
+)
+
+// setup parses flags for a command and builds its logger and registry.
+func setup(name string, args []string, groups flagGroup, stdout io.Writer) (*config, *slog.Logger, *prometheus.Registry, error) {
+	c := &config{}
+	fs := newFlagSet(name, c, groups)
+	rest, err := parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(stdout, "Usage: walship %s [flags]\n\n%s", name, usageOf(fs))
+		return nil, nil, nil, err
+	}
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if len(rest) > 0 {
+		return nil, nil, nil, fmt.Errorf("%w: unexpected argument %q", errUsage, rest[0])
+	}
+	if err := c.validate(groups); err != nil {
+		return nil, nil, nil, err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return nil, nil, nil, fmt.Errorf("%w: --log-level %q: use debug, info, warn or error", errUsage, c.LogLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+	if c.LogFormat == "json" {
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return c, slog.New(h), reg, nil
+}
+
+// openSink parses --dest and opens the sink, checking that it is reachable.
+func openSink(ctx context.Context, c *config) (sinks.Sink, string, error) {
+	u, err := url.Parse(c.Dest)
+	if err != nil || u.Scheme == "" || u.Opaque != "" {
+		return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix or file:///absolute/path", errUsage, c.Dest)
+	}
+	switch u.Scheme {
+	case "file":
+		if u.Host != "" && u.Host != "localhost" || u.Path == "" {
+			return nil, "", fmt.Errorf("%w: malformed --dest %q: use file:///absolute/path (three slashes)", errUsage, c.Dest)
+		}
+		s, err := filesink.New(u.Path)
+		return s, "", err
+	case "s3":
+		if u.Host == "" {
+			return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix", errUsage, c.Dest)
+		}
+		s, err := s3sink.New(ctx, s3sink.Options{Bucket: u.Host, Endpoint: c.S3Endpoint, Region: c.S3Region, PathStyle: c.S3PathStyle})
+		if err != nil {
+			return nil, "", err
+		}
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := s.CheckBucket(cctx); err != nil {
+			return nil, "", err
+		}
+		return s, strings.Trim(u.Path, "/"), nil
+	}
+	return nil, "", fmt.Errorf("%w: malformed --dest %q: scheme %q; use s3://bucket/prefix or file:///absolute/path", errUsage, c.Dest, u.Scheme)
+}
+
+func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logger, reg prometheus.Registerer, readSpool bool) (*archiver.Archiver, error) {
+	codec, err := compress.ParseCodec(c.Compression)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --%v", errUsage, err)
+	}
+	if _, err := sinks.NewLayout(c.Layout, "", "x"); err != nil {
+		return nil, fmt.Errorf("%w: --%v", errUsage, err)
+	}
+	sink, prefix, err := openSink(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	layout := func(server string) sinks.Layout {
+		l, _ := sinks.NewLayout(c.Layout, prefix, server)
+		return l
+	}
+	a, err := archiver.New(archiver.Config{
+		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, ReadSpool: readSpool,
+		Log: log, Metrics: archiver.NewMetrics(reg),
+	}, b, sink)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return a, nil
+}
+
+func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) *receiver.Receiver {
+	spool := c.SpoolDir
+	if spool == "" {
+		spool = filepath.Join(c.DataDir, "spool")
+	}
+	return receiver.New(receiver.Config{
+		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
+		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
+		StageObjects: stage, Log: log, Metrics: receiver.NewMetrics(reg),
+	}, b, b)
+}
+
+func connectBus(ctx context.Context, c *config, url string, log *slog.Logger) (*bus.Bus, error) {
+	opts := bus.DefaultOptions()
+	opts.Replicas = c.NATSReplicas
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return bus.Connect(cctx, url, opts, log)
+}
+
+// startEmbeddedNATS runs a JetStream server in this process, storing under
+// the data directory.
+func startEmbeddedNATS(c *config, log *slog.Logger) (*server.Server, string, error) {
+	host, port, err := net.SplitHostPort(c.NATSListen)
+	if err != nil {
+		return nil, "", fmt.Errorf("%w: --embedded-nats-listen %q: %v", errUsage, c.NATSListen, err)
+	}
+	var p int
+	if _, err := fmt.Sscan(port, &p); err != nil {
+		return nil, "", fmt.Errorf("%w: --embedded-nats-listen %q: bad port", errUsage, c.NATSListen)
+	}
+	ns, err := server.NewServer(&server.Options{
+		ServerName: "walship-embedded", Host: host, Port: p, JetStream: true,
+		StoreDir: filepath.Join(c.DataDir, "nats"), NoSigs: true, MaxPayload: 8 << 20,
+	})
+	if err != nil {
+		return nil, "", fmt.Errorf("embedded nats: %w", err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(15 * time.Second) {
+		ns.Shutdown()
+		return nil, "", fmt.Errorf("embedded nats did not start on %s: is the port in use? set --embedded-nats-listen", c.NATSListen)
+	}
+	log.Info("embedded nats started", "url", ns.ClientURL(), "store", filepath.Join(c.DataDir, "nats"))
+	return ns, ns.ClientURL(), nil
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz until ctx is done.
+func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error, log *slog.Logger) (func() error, error) {
+	if addr == "" {
+		return func() error { <-ctx.Done(); return nil }, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr %s: %v", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := ready(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	log.Info("serving metrics", "addr", ln.Addr().String())
+	return func() error {
+		go func() {
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			srv.Shutdown(sctx)
+		}()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	}, nil
+}
+
+func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
+	c, log, reg, err := setup("run", args, runGroups, stdout)
+	if err != nil {
+		return err
+	}
+	if c.Dest == "" {
+		c.Dest = "file://" + filepath.Join(absPath(c.DataDir), "archive")
+	}
+	if err := os.MkdirAll(c.DataDir, 0o750); err != nil {
+		return fmt.Errorf("--data-dir: %v", err)
+	}
+	natsURL := c.NATS
+	stage := true
+	if natsURL == "" {
+		ns, u, err := startEmbeddedNATS(c, log)
+		if err != nil {
+			return err
+		}
+		defer func() { ns.Shutdown(); ns.WaitForShutdown() }()
+		natsURL = u
+		stage = false // only this process's archivers exist; they read the spool
+	}
+	b, err := connectBus(ctx, c, natsURL, log)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	arch, err := newArchiver(ctx, c, b, log, reg, true)
+	if err != nil {
+		return err
+	}
+	recv := newReceiver(c, b, log, reg, stage)
+	return runAll(ctx, c, reg, log, b, recv, arch)
+}
+
+func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
+	c, log, reg, err := setup("receive", args, receiveGroups, stdout)
+	if err != nil {
+		return err
+	}
+	if c.NATS == "" {
+		return fmt.Errorf("%w: receive needs --nats (or use 'walship run' for the embedded server)", errUsage)
+	}
+	b, err := connectBus(ctx, c, c.NATS, log)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	return runAll(ctx, c, reg, log, b, newReceiver(c, b, log, reg, true), nil)
+}
+
+func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
+	c, log, reg, err := setup("archive", args, archiveGroups, stdout)
+	if err != nil {
+		return err
+	}
+	if c.NATS == "" {
+		return fmt.Errorf("%w: archive needs --nats", errUsage)
+	}
+	if c.Dest == "" {
+		return fmt.Errorf("%w: archive needs --dest s3://bucket/prefix or file:///path", errUsage)
+	}
+	b, err := connectBus(ctx, c, c.NATS, log)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	arch, err := newArchiver(ctx, c, b, log, reg, false)
+	if err != nil {
+		return err
+	}
+	return runAll(ctx, c, reg, log, b, nil, arch)
+}
+
+// runAll runs the receiver and/or archiver and the metrics server until ctx
+// is done or one fails. A receiver that stops on its own ends the process.
+func runAll(ctx context.Context, c *config, reg *prometheus.Registry, log *slog.Logger, b *bus.Bus, recv *receiver.Receiver, arch *archiver.Archiver) error {
+	ready := func() error {
+		if !b.Conn().IsConnected() {
+			return errors.New("nats not connected")
+		}
+		return nil
+	}
+	serve, err := serveMetrics(ctx, c.MetricsAddr, reg, ready, log)
+	if err != nil {
+		return err
+	}
+	// The archivers keep running while the receiver shuts down, so that its
+	// last segments can still be confirmed; they stop when it has.
+	archCtx, stopArch := context.WithCancel(context.WithoutCancel(ctx))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(serve)
+	if arch != nil {
+		g.Go(func() error {
+			err := arch.Run(archCtx)
+			if err != nil {
+				return fmt.Errorf("archiver: %w", err)
+			}
+			return nil
+		})
+	}
+	if recv != nil {
+		g.Go(func() error {
+			defer stopArch()
+			return recv.Run(gctx)
+		})
+	} else {
+		g.Go(func() error {
+			<-gctx.Done()
+			stopArch()
+			return nil
+		})
+	}
+	err = g.Wait()
+	stopArch()
+	if err == nil {
+		log.Info("stopped")
+	}
+	return err
+}
+
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}

@@ -1,0 +1,90 @@
+// Command walship streams PostgreSQL's WAL to object storage through NATS
+// JetStream. See README.md for the commands and the durability contract.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `walship streams PostgreSQL WAL to object storage.
+
+Usage: walship <command> [flags]
+
+Commands:
+  run            receiver and archivers in one process (embedded NATS unless --nats)
+  receive        the receiver alone
+  archive        an archiver worker pool alone
+  slot create    create the physical replication slot
+  slot drop      drop it
+  version        print the version
+
+Run 'walship <command> -h' for a command's flags. Every flag can also be
+given as WALSHIP_<FLAG>, for example WALSHIP_PG or WALSHIP_S3_ENDPOINT.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(exitCode(err, os.Stderr))
+}
+
+func exitCode(err error, stderr io.Writer) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(stderr, "walship:", trimUsage(err))
+		return 2
+	default:
+		fmt.Fprintln(stderr, "walship:", err)
+		return 1
+	}
+}
+
+func trimUsage(err error) string {
+	s := err.Error()
+	if p := errUsage.Error() + ": "; len(s) > len(p) && s[:len(p)] == p {
+		return s[len(p):]
+	}
+	return s
+}
+
+// run dispatches a command line; it is main without the process around it.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("%w: no command given", errUsage)
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "run":
+		return cmdRun(ctx, rest, stdout)
+	case "receive":
+		return cmdReceive(ctx, rest, stdout)
+	case "archive":
+		return cmdArchive(ctx, rest, stdout)
+	case "slot":
+		return cmdSlot(ctx, rest, stdout)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "walship", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("%w: unknown command %q", errUsage, cmd)
+}

@@ -1,0 +1,249 @@
+// Package testenv starts the real servers walship's tests run against: a
+// throwaway PostgreSQL cluster (initdb'd per test), an embedded NATS
+// JetStream server, and Versity S3 Gateway on loopback. Every helper stops
+// what it started through t.Cleanup.
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// PGBinDir finds PostgreSQL's binaries: $WALSHIP_PG_BINDIR, pg_config
+// --bindir, or the newest /usr/lib/postgresql/<v>/bin.
+func PGBinDir(t testing.TB) string {
+	if d := os.Getenv("WALSHIP_PG_BINDIR"); d != "" {
+		return d
+	}
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		d := strings.TrimSpace(string(out))
+		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
+			return d
+		}
+	}
+	for _, v := range []string{"17", "16", "15", "14", "13", "12"} {
+		d := "/usr/lib/postgresql/" + v + "/bin"
+		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
+			return d
+		}
+	}
+	t.Fatal("PostgreSQL binaries not found: install postgresql (Debian: apt-get install postgresql-15) or set WALSHIP_PG_BINDIR")
+	return ""
+}
+
+// Postgres is a running throwaway cluster.
+type Postgres struct {
+	t       testing.TB
+	Bin     string
+	Dir     string // parent of DataDir, owned by the cluster's OS user
+	DataDir string
+	Port    int
+	cred    *syscall.Credential
+}
+
+// PGOptions tune a cluster.
+type PGOptions struct {
+	SegSizeMB int      // --wal-segsize; default 1
+	Conf      []string // extra postgresql.conf lines
+}
+
+// FreePort returns a TCP port free on loopback right now.
+func FreePort(t testing.TB) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// StartPostgres initdb's and starts a cluster with replication allowed on
+// loopback. As root, it runs PostgreSQL as the postgres user.
+func StartPostgres(t testing.TB, o PGOptions) *Postgres {
+	t.Helper()
+	if o.SegSizeMB == 0 {
+		o.SegSizeMB = 1
+	}
+	p := &Postgres{t: t, Bin: PGBinDir(t), Port: FreePort(t)}
+	dir, err := os.MkdirTemp("", "walship-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Dir = dir
+	p.DataDir = filepath.Join(dir, "data")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			t.Fatal("running as root needs a 'postgres' OS user to run PostgreSQL")
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		p.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.run("initdb", "-D", p.DataDir, "-U", "postgres", "--auth=trust", "--no-sync",
+		"--wal-segsize="+strconv.Itoa(o.SegSizeMB), "-E", "UTF8", "--locale=C")
+	conf := []string{
+		"listen_addresses = '127.0.0.1'",
+		"port = " + strconv.Itoa(p.Port),
+		"unix_socket_directories = '" + dir + "'",
+		"wal_level = replica",
+		"max_wal_senders = 10",
+		"max_replication_slots = 10",
+		"wal_keep_size = '2GB'",
+		"fsync = off",
+		"synchronous_commit = off",
+		"full_page_writes = on",
+		"shared_buffers = '64MB'",
+		"checkpoint_timeout = '30s'",
+		"log_min_messages = warning",
+		"logging_collector = off",
+	}
+	conf = append(conf, o.Conf...)
+	p.appendFile("postgresql.conf", strings.Join(conf, "\n")+"\n")
+	p.writeFile("pg_hba.conf", strings.Join([]string{
+		"local all all trust",
+		"host all pwuser 127.0.0.1/32 scram-sha-256",
+		"host replication pwuser 127.0.0.1/32 scram-sha-256",
+		"host all all 127.0.0.1/32 trust",
+		"host replication all 127.0.0.1/32 trust",
+	}, "\n")+"\n")
+	p.Start()
+	t.Cleanup(func() { p.Stop("immediate") })
+	return p
+}
+
+func (p *Postgres) run(name string, args ...string) string {
+	p.t.Helper()
+	cmd := exec.Command(filepath.Join(p.Bin, name), args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
+	cmd.Dir = p.Dir
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		p.t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+func (p *Postgres) writeFile(name, content string) {
+	path := filepath.Join(p.DataDir, name)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		p.t.Fatal(err)
+	}
+	p.chown(path)
+}
+
+func (p *Postgres) appendFile(name, content string) {
+	f, err := os.OpenFile(filepath.Join(p.DataDir, name), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(content); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+func (p *Postgres) chown(path string) {
+	if p.cred != nil {
+		os.Chown(path, int(p.cred.Uid), int(p.cred.Gid))
+	}
+}
+
+// SetConf appends postgresql.conf lines; restart to apply those that need it.
+func (p *Postgres) SetConf(lines ...string) {
+	p.appendFile("postgresql.conf", strings.Join(lines, "\n")+"\n")
+}
+
+// Start starts the server and waits until it accepts connections.
+func (p *Postgres) Start() {
+	p.t.Helper()
+	p.run("pg_ctl", "-D", p.DataDir, "-l", filepath.Join(p.Dir, "server.log"), "-w", "-t", "60", "start")
+}
+
+// Stop stops the server with the given shutdown mode (smart, fast, immediate).
+func (p *Postgres) Stop(mode string) {
+	cmd := exec.Command(filepath.Join(p.Bin, "pg_ctl"), "-D", p.DataDir, "-m", mode, "-w", "stop")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
+	cmd.Run()
+}
+
+// Log returns the server log, for failure messages.
+func (p *Postgres) Log() string {
+	b, _ := os.ReadFile(filepath.Join(p.Dir, "server.log"))
+	return string(b)
+}
+
+// URL is a connection URL for user (trust auth except for pwuser).
+func (p *Postgres) URL(user string) string {
+	return fmt.Sprintf("postgres://%s@127.0.0.1:%d/postgres?sslmode=disable", user, p.Port)
+}
+
+// Conn opens a SQL connection as the superuser.
+func (p *Postgres) Conn(ctx context.Context) *pgx.Conn {
+	p.t.Helper()
+	conn, err := pgx.Connect(ctx, p.URL("postgres"))
+	if err != nil {
+		p.t.Fatalf("connect: %v", err)
+	}
+	return conn
+}
+
+// Exec runs SQL statements as the superuser.
+func (p *Postgres) Exec(sql string, args ...any) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	conn := p.Conn(ctx)
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, sql, args...); err != nil {
+		p.t.Fatalf("exec %q: %v", sql, err)
+	}
+}
+
+// QueryString returns the first column of the first row as text ("" for NULL).
+func (p *Postgres) QueryString(sql string, args ...any) string {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn := p.Conn(ctx)
+	defer conn.Close(ctx)
+	var s *string
+	if err := conn.QueryRow(ctx, sql, args...).Scan(&s); err != nil && err != pgx.ErrNoRows {
+		p.t.Fatalf("query %q: %v", sql, err)
+	}
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// WALDir is the cluster's pg_wal directory.
+func (p *Postgres) WALDir() string { return filepath.Join(p.DataDir, "pg_wal") }
+
+// Pgbench runs pgbench with args against the cluster.
+func (p *Postgres) Pgbench(ctx context.Context, args ...string) error {
+	base := []string{"-h", "127.0.0.1", "-p", strconv.Itoa(p.Port), "-U", "postgres"}
+	cmd := exec.CommandContext(ctx, filepath.Join(p.Bin, "pgbench"), append(base, append(args, "postgres")...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil && ctx.Err() == nil {
+		return fmt.Errorf("pgbench %v: %v\n%s", args, err, out)
+	}
+	return nil
+}

@@ -1,0 +1,102 @@
+// Package sinktest is the conformance suite every sinks.Sink passes:
+// put-if-absent, durability of bytes and metadata, not-found as
+// os.ErrNotExist, concurrent puts to one key.
+package sinktest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"testing"
+
+	"github.com/walship/walship/sinks"
+)
+
+// Run runs the suite against a fresh sink from newSink.
+func Run(t *testing.T, newSink func(t *testing.T) sinks.Sink) {
+	ctx := context.Background()
+	meta := sinks.Metadata{SHA256: "0123abcd", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 1, SystemID: "7300000000000000001", Codec: "zstd", RawSize: 1 << 20}
+
+	t.Run("PutGetHead", func(t *testing.T) {
+		s := newSink(t)
+		body := bytes.Repeat([]byte("wal!"), 300000)
+		key := "p/srv/wals/0000000100000000/000000010000000000000001.zst"
+		if err := s.Put(ctx, key, body, meta); err != nil {
+			t.Fatalf("put: %v", err)
+		}
+		rc, gm, err := s.Get(ctx, key)
+		if err != nil {
+			t.Fatalf("get: %v", err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, body) {
+			t.Fatalf("get returned %d bytes (%v), want the %d put", len(got), err, len(body))
+		}
+		if gm != meta {
+			t.Errorf("get metadata %+v, want %+v", gm, meta)
+		}
+		hm, err := s.Head(ctx, key)
+		if err != nil || hm != meta {
+			t.Errorf("head %+v, %v; want %+v", hm, err, meta)
+		}
+	})
+	t.Run("PutIfAbsent", func(t *testing.T) {
+		s := newSink(t)
+		key := "k/obj"
+		if err := s.Put(ctx, key, []byte("first"), meta); err != nil {
+			t.Fatal(err)
+		}
+		other := meta
+		other.SHA256 = "ffff"
+		if err := s.Put(ctx, key, []byte("second"), other); !errors.Is(err, sinks.ErrExists) {
+			t.Fatalf("second put: %v, want ErrExists", err)
+		}
+		rc, gm, err := s.Get(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(rc)
+		rc.Close()
+		if string(got) != "first" || gm.SHA256 != meta.SHA256 {
+			t.Errorf("object overwritten: %q %s", got, gm.SHA256)
+		}
+	})
+	t.Run("NotFound", func(t *testing.T) {
+		s := newSink(t)
+		if _, err := s.Head(ctx, "missing/key"); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("head missing: %v, want os.ErrNotExist", err)
+		}
+		if _, _, err := s.Get(ctx, "missing/key"); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("get missing: %v, want os.ErrNotExist", err)
+		}
+	})
+	t.Run("ConcurrentPuts", func(t *testing.T) {
+		s := newSink(t)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		wins := 0
+		for i := 0; i < 8; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := s.Put(ctx, "race/obj", []byte(fmt.Sprint("writer", i)), meta)
+				if err == nil {
+					mu.Lock()
+					wins++
+					mu.Unlock()
+				} else if !errors.Is(err, sinks.ErrExists) {
+					t.Errorf("put: %v", err)
+				}
+			}()
+		}
+		wg.Wait()
+		if wins != 1 {
+			t.Errorf("%d puts succeeded on one key, want exactly 1", wins)
+		}
+	})
+}
