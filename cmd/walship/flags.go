@@ -149,7 +149,9 @@ func parse(fs *flag.FlagSet, args []string) ([]string, error) {
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
 func (c *config) validate(groups flagGroup) error {
-	bad := func(format string, args ...any) error { return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, args...)) }
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, args...))
+	}
 	if groups&gPG != 0 && !slotNameRE.MatchString(c.Slot) {
 		return bad("--slot %q: slot names are 1-63 lower-case letters, digits or '_'", c.Slot)
 	}

@@ -441,4 +441,3 @@ func keepAlive(ctx context.Context, msg jetstream.Msg, every time.Duration) func
 	}()
 	return func() { cancel(); <-done }
 }
-

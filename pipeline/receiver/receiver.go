@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -79,7 +80,7 @@ type Receiver struct {
 	start  pipeline.LSN
 	m      gauges
 
-	serverEnd pipeline.LSN   // owned by the replication loop
+	serverEnd pipeline.LSN  // owned by the replication loop
 	received  atomic.Uint64 // end of WAL received; read by housekeeping
 	serverLSN atomic.Uint64 // serverEnd, for housekeeping
 }
@@ -115,7 +116,9 @@ func (r *Receiver) Run(ctx context.Context) error {
 	}
 	bg, bgCtx := errgroup.WithContext(ctx)
 	bg.Go(func() error { return r.publishLoop(bgCtx) })
-	bg.Go(func() error { return r.conf.WatchArchived(bgCtx, r.server, time.Now().Add(-10*time.Minute), r.onArchived) })
+	bg.Go(func() error {
+		return r.conf.WatchArchived(bgCtx, r.server, time.Now().Add(-10*time.Minute), r.onArchived)
+	})
 	bg.Go(func() error { return r.housekeeping(bgCtx) })
 
 	err = r.streamLoop(ctx, conn)
@@ -590,6 +593,27 @@ func (r *Receiver) onArchived(ev pipeline.ArchivedEvent) {
 // housekeeping republishes unconfirmed segments and refreshes the lag
 // metrics and the shared state record.
 func (r *Receiver) housekeeping(ctx context.Context) error {
+	// The state record goes to NATS from its own goroutine, so an outage
+	// never stalls the metrics.
+	states := make(chan []byte, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if sr, ok := r.pub.(StateRecorder); ok {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case st := <-states:
+					if err := sr.PutState(ctx, r.server, st); err != nil {
+						r.rl.Warn("state", "cannot record state", "error", err)
+					}
+				}
+			}
+		}()
+	}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	lastState := time.Time{}
@@ -614,12 +638,13 @@ func (r *Receiver) housekeeping(ctx context.Context) error {
 				r.m.lagBytes.Set(0)
 			}
 			r.m.lagSeconds.Set(r.tr.lagSeconds(now, received))
-			if sr, ok := r.pub.(StateRecorder); ok && now.Sub(lastState) >= r.cfg.StatusInterval {
+			if now.Sub(lastState) >= r.cfg.StatusInterval {
 				lastState = now
 				state := fmt.Sprintf(`{"server":%q,"system_id":%q,"timeline":%d,"server_lsn":%q,"received_lsn":%q,"published_lsn":%q,"archived_lsn":%q,"flush_lsn":%q,"updated":%q}`,
 					r.server, r.sysID, r.tli, pipeline.LSN(r.serverLSN.Load()), received, published, archived, flush, now.UTC().Format(time.RFC3339Nano))
-				if err := sr.PutState(ctx, r.server, []byte(state)); err != nil {
-					r.rl.Warn("state", "cannot record state", "error", err)
+				select {
+				case states <- []byte(state):
+				default: // the previous one is still on its way; skip this one
 				}
 			}
 		}
@@ -651,4 +676,3 @@ func newGauges(m *Metrics, server string) gauges {
 		errors:      m.Errors.MustCurryWith(prometheus.Labels{"server": server}),
 	}
 }
-

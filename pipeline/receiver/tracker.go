@@ -189,4 +189,3 @@ func (t *tracker) positions() (published, archived pipeline.LSN, spoolBytes int6
 	}
 	return t.published, t.archived, spoolBytes
 }
-
