@@ -290,14 +290,14 @@ func runAll(ctx context.Context, c *config, reg *prometheus.Registry, log *slog.
 		}
 		return nil
 	}
-	serve, err := serveMetrics(ctx, c.MetricsAddr, reg, ready, log)
+	g, gctx := errgroup.WithContext(ctx)
+	serve, err := serveMetrics(gctx, c.MetricsAddr, reg, ready, log)
 	if err != nil {
 		return err
 	}
 	// The archivers keep running while the receiver shuts down, so that its
 	// last segments can still be confirmed; they stop when it has.
 	archCtx, stopArch := context.WithCancel(context.WithoutCancel(ctx))
-	g, gctx := errgroup.WithContext(ctx)
 	g.Go(serve)
 	if arch != nil {
 		g.Go(func() error {

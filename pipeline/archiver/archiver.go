@@ -111,8 +111,13 @@ func (a *Archiver) worker(ctx context.Context) error {
 				continue
 			}
 		}
-		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
 		if err != nil {
+			cancel()
+			if ctx.Err() != nil {
+				return nil
+			}
 			a.fail("consume", "cannot fetch segment events; retrying", "", err)
 			cons = nil
 			bo.Wait(ctx)
@@ -121,7 +126,9 @@ func (a *Archiver) worker(ctx context.Context) error {
 		for msg := range batch.Messages() {
 			a.handle(ctx, w, msg)
 		}
-		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
+		cancel()
+		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) &&
+			!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
 			a.fail("consume", "fetch failed; retrying", "", err)
 			cons = nil
 			bo.Wait(ctx)

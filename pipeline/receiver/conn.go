@@ -75,7 +75,21 @@ func explainConnectError(cfg *pgconn.Config, err error) error {
 		}
 		return fmt.Errorf("connect to PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
 	}
-	return fmt.Errorf("cannot reach PostgreSQL at %s: %v: check --pg and that the server is running", where, scrub(err))
+	return fmt.Errorf("cannot reach PostgreSQL at %s: %s: check --pg and that the server is running", where, reason(err))
+}
+
+// reason is the innermost cause of a connection failure, on one line:
+// "connect: connection refused", "i/o timeout", "no such host".
+func reason(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil {
+		return op.Op + ": " + op.Err.Error()
+	}
+	var dns *net.DNSError
+	if errors.As(err, &dns) {
+		return dns.Error()
+	}
+	return strings.Join(strings.Fields(scrub(err).Error()), " ")
 }
 
 // scrub drops the connection-string echo some errors carry, which can hold
@@ -151,6 +165,10 @@ func ReadSlot(ctx context.Context, conn *pgconn.PgConn, slot string) (s SlotStat
 		return s, false, nil
 	}
 	res, err := conn.Exec(ctx, "READ_REPLICATION_SLOT "+quoteIdent(slot)).ReadAll()
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "0A000" && strings.Contains(pgErr.Message, "logical") {
+		return SlotState{Exists: true, Physical: false}, true, nil
+	}
 	if err != nil {
 		return s, false, fmt.Errorf("read replication slot %s: %w", slot, err)
 	}

@@ -114,7 +114,9 @@ func (r *Receiver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	bg, bgCtx := errgroup.WithContext(ctx)
+	bgCtx, stopBg := context.WithCancel(ctx)
+	defer stopBg()
+	bg, bgCtx := errgroup.WithContext(bgCtx)
 	bg.Go(func() error { return r.publishLoop(bgCtx) })
 	bg.Go(func() error {
 		return r.conf.WatchArchived(bgCtx, r.server, time.Now().Add(-10*time.Minute), r.onArchived)
@@ -124,6 +126,7 @@ func (r *Receiver) Run(ctx context.Context) error {
 	err = r.streamLoop(ctx, conn)
 	r.m.connected.Set(0)
 	r.spool.closeCurrent()
+	stopBg()
 	bgErr := bg.Wait()
 	if err == nil && bgErr != nil && ctx.Err() == nil {
 		err = bgErr
