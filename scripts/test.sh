@@ -1,37 +1,10 @@
 #!/usr/bin/env bash
 # walship's test command: installs what the tests need on a fresh Debian
 # machine with Go, then runs every test against real servers.
-#   PostgreSQL 15 server binaries (initdb, pg_ctl, pgbench, pg_receivewal)
-#   Versity S3 Gateway (versitygw), built with go install
-# NATS needs nothing: the tests embed nats-server.
+# See scripts/deps.sh for what it installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-export PATH="$PATH:/usr/local/go/bin"
-GOBIN_DIR="$(go env GOPATH)/bin"
-export PATH="$PATH:$GOBIN_DIR"
-
-SUDO=""
-if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
-
-have_pg() {
-  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${WALSHIP_PG_BINDIR:-}" ]
-}
-if ! have_pg || ! command -v pgbench >/dev/null; then
-  echo "test.sh: installing PostgreSQL 15 from Debian" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
-fi
-# As root the tests run PostgreSQL as the 'postgres' user, which Debian's
-# package creates; make sure it exists even when the binaries came otherwise.
-if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
-  useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
-fi
-
-if ! command -v versitygw >/dev/null; then
-  echo "test.sh: installing versitygw v1.8.0" >&2
-  go install github.com/versity/versitygw/cmd/versitygw@v1.8.0
-fi
+source scripts/deps.sh
 
 go vet ./...
 go test -timeout 30m -count=1 "$@" ./...

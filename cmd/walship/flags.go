@@ -31,6 +31,7 @@ type config struct {
 	S3Endpoint     string
 	S3Region       string
 	S3PathStyle    bool
+	S3SignPayload  bool
 	Compression    string
 	Level          int
 	Workers        int
@@ -90,6 +91,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.S3Endpoint, "s3-endpoint", "", "S3 endpoint URL for S3-compatible servers")
 		fs.StringVar(&c.S3Region, "s3-region", "", "S3 region (default from the AWS configuration, else us-east-1)")
 		fs.BoolVar(&c.S3PathStyle, "s3-path-style", false, "use path-style S3 addressing")
+		fs.BoolVar(&c.S3SignPayload, "s3-sign-payload", false, "sign a SHA-256 of each upload's body (default: UNSIGNED-PAYLOAD plus a signed CRC32C checksum)")
 	}
 	if has(gArchive) {
 		fs.StringVar(&c.Compression, "compression", "zstd", "compression: zstd, gzip, snappy or none")

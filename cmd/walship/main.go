@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 )
 
@@ -34,7 +35,16 @@ given as WALSHIP_<FLAG>, for example WALSHIP_PG or WALSHIP_S3_ENDPOINT.
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// WALSHIP_CPU_PROFILE=<path> writes a CPU profile of the whole run, for
+	// the benchmarks' "where does the time go".
+	if path := os.Getenv("WALSHIP_CPU_PROFILE"); path != "" {
+		if f, err := os.Create(fmt.Sprintf("%s.%d", path, os.Getpid())); err == nil {
+			pprof.StartCPUProfile(f)
+			defer f.Close()
+		}
+	}
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	pprof.StopCPUProfile()
 	stop()
 	os.Exit(exitCode(err, os.Stderr))
 }

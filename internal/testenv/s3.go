@@ -138,3 +138,11 @@ func trimNL(b []byte) []byte {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// PID is the gateway's process id, for CPU accounting in benchmarks.
+func (s *S3) PID() int {
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}

@@ -1,8 +1,15 @@
 package s3
 
 import (
+	"encoding/base64"
+	"encoding/binary"
+	"hash/crc32"
+
 	"context"
 	"errors"
+	"github.com/aws/aws-sdk-go-v2/aws"
+	s3api "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"io"
 	"strings"
 	"testing"
@@ -53,4 +60,29 @@ func TestMissingBucket(t *testing.T) {
 }
 func (p prefixed) Get(ctx context.Context, key string) (io.ReadCloser, sinks.Metadata, error) {
 	return p.Sink.Get(ctx, p.p+"/"+key)
+}
+
+// The upload carries a CRC32C the server verified and kept, and
+// put-if-absent holds without a signed payload hash.
+func TestChecksumStored(t *testing.T) {
+	gw := testenv.StartS3(t)
+	gw.SetEnv(t)
+	ctx := context.Background()
+	s, err := New(ctx, Options{Bucket: gw.Bucket, Endpoint: gw.Endpoint(), PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := []byte("sixteen megabytes of wal, give or take")
+	if err := s.Put(ctx, "c/obj", body, sinks.Metadata{SHA256: "aa"}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := gw.Client().HeadObject(ctx, &s3api.HeadObjectInput{Bucket: aws.String(gw.Bucket), Key: aws.String("c/obj"),
+		ChecksumMode: types.ChecksumModeEnabled})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := base64.StdEncoding.EncodeToString(binary.BigEndian.AppendUint32(nil, crc32.Checksum(body, crc32.MakeTable(crc32.Castagnoli))))
+	if out.ChecksumCRC32C == nil || *out.ChecksumCRC32C != want {
+		t.Errorf("stored CRC32C %v, want %s", out.ChecksumCRC32C, want)
+	}
 }

@@ -1,0 +1,169 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
+)
+
+// cpuOf is a process's user+system CPU time from /proc.
+func cpuOf(pid int) time.Duration {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+}
+
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func usage(ps *os.ProcessState) (cpu time.Duration, rssMB float64) {
+	ru := ps.SysUsage().(*syscall.Rusage)
+	return ps.UserTime() + ps.SystemTime(), float64(ru.Maxrss) / 1024
+}
+
+// BenchmarkDrain measures walship draining a backlog of about 1 GB of WAL
+// (16 MB segments) into versitygw with zstd, against pg_receivewal
+// draining the same backlog into a local directory in the same run.
+//
+//	go test -run '^$' -bench Drain -benchtime 1x ./e2e/
+//
+// Two walship shapes are measured: "run" (one process, embedded NATS,
+// archivers read the spool) and "split" (walship receive + walship archive
+// as separate processes over an external NATS, bytes staged in the
+// JetStream object store).
+func BenchmarkDrain(b *testing.B) {
+	const seg = 16 << 20
+	sizeMB := 1024
+	if s := os.Getenv("WALSHIP_BENCH_MB"); s != "" {
+		sizeMB, _ = strconv.Atoi(s)
+	}
+	for i := 0; i < b.N; i++ {
+		pg := testenv.StartPostgres(b, testenv.PGOptions{SegSizeMB: 16, Conf: []string{"max_wal_size = '4GB'", "checkpoint_timeout = '30min'"}})
+		s3 := testenv.StartS3(b)
+		nats := testenv.StartNATS(b)
+		pg.Exec(`SELECT pg_create_physical_replication_slot('walship', true), pg_create_physical_replication_slot('bench_rw', true)`)
+		pg.Exec(`CREATE TABLE bulk (id bigint, payload text)`)
+		start, _ := pipeline.ParseLSN(pg.QueryString(`SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'`))
+		rows := sizeMB * 1000
+		for done := 0; done < rows; done += 100000 {
+			pg.Exec(fmt.Sprintf(`INSERT INTO bulk SELECT g, lpad(md5(g::text), 1000, md5((g+1)::text)) FROM generate_series(%d, %d) g`, done, done+99999))
+		}
+		endRaw, _ := pipeline.ParseLSN(pg.QueryString(`SELECT pg_switch_wal()::text`))
+		end := pipeline.SegmentSize(seg).Start(endRaw) + seg
+		first := pipeline.SegmentSize(seg).Start(start)
+		mb := float64(end-first) / (1 << 20)
+		b.Logf("backlog: %.0f MB of WAL from %s to %s", mb, first, end)
+
+		// Nobody pays for the load's writeback: flush it before each drain.
+		settle := func() { pg.Exec(`CHECKPOINT`); syscall.Sync() }
+		settle()
+		// Baseline: pg_receivewal into a local directory, stopping at the end.
+		dir := b.TempDir()
+		rw := exec.Command(filepath.Join(pg.Bin, "pg_receivewal"), "-h", "127.0.0.1", "-p", strconv.Itoa(pg.Port), "-U", "postgres",
+			"-S", "bench_rw", "-D", dir, "-E", end.String(), "--no-loop")
+		t0 := time.Now()
+		if out, err := rw.CombinedOutput(); err != nil {
+			b.Fatalf("pg_receivewal: %v\n%s", err, out)
+		}
+		rwSecs := time.Since(t0).Seconds()
+		rwCPU, rwRSS := usage(rw.ProcessState)
+		rwMBs := mb / rwSecs
+		b.Logf("pg_receivewal: %.1f MB/s, %.2f CPU-s/GB, peak RSS %.0f MB", rwMBs, rwCPU.Seconds()/mb*1024, rwRSS)
+		b.ReportMetric(rwMBs, "pg_receivewal-MB/s")
+
+		flush := func() pipeline.LSN {
+			l, _ := pipeline.ParseLSN(pg.QueryString(`SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'`))
+			return l
+		}
+		common := func(dataDir string) []string {
+			return []string{"--pg", pg.URL("postgres"), "--data-dir", dataDir, "--metrics-addr", os.Getenv("WALSHIP_BENCH_METRICS"), "--status-interval", "1s",
+				"--log-level", "warn"}
+		}
+		sinkArgs := []string{"--dest", "s3://" + s3.Bucket + "/bench", "--s3-endpoint", s3.Endpoint(), "--s3-path-style", "--compression", "zstd"}
+		if w := os.Getenv("WALSHIP_BENCH_WORKERS"); w != "" {
+			sinkArgs = append(sinkArgs, "--workers", w)
+		}
+		startProc := func(args ...string) *exec.Cmd {
+			cmd := exec.Command(walshipBin, args...)
+			cmd.Env = append(os.Environ(), s3.Env()...)
+			if g := os.Getenv("WALSHIP_BENCH_GOGC"); g != "" {
+				cmd.Env = append(cmd.Env, "GOGC="+g)
+			}
+			cmd.Stderr = os.Stderr
+			if err := cmd.Start(); err != nil {
+				b.Fatal(err)
+			}
+			return cmd
+		}
+		stopProc := func(cmd *exec.Cmd) {
+			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Wait()
+		}
+		drain := func(name string, procs func() []*exec.Cmd) {
+			settle()
+			s3cpu0, nats0 := cpuOf(s3.PID()), selfCPU()
+			t0 := time.Now()
+			ps := procs()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+			for flush() < end && ctx.Err() == nil {
+				time.Sleep(100 * time.Millisecond)
+			}
+			cancel()
+			secs := time.Since(t0).Seconds()
+			s3cpu, natsCPU := cpuOf(s3.PID())-s3cpu0, selfCPU()-nats0
+			var total time.Duration
+			var parts []string
+			for j, p := range ps {
+				stopProc(p)
+				cpu, rss := usage(p.ProcessState)
+				total += cpu
+				parts = append(parts, fmt.Sprintf("%s[%d] %.2f CPU-s/GB RSS %.0f MB", p.Args[1], j, cpu.Seconds()/mb*1024, rss))
+				b.ReportMetric(rss, name+"-"+p.Args[1]+"-RSS-MB")
+			}
+			if flush() < end {
+				b.Fatalf("%s: walship did not drain the backlog in time", name)
+			}
+			mbs := mb / secs
+			perGB := func(d time.Duration) float64 { return d.Seconds() / mb * 1024 }
+			b.Logf("walship %s: %.1f MB/s (ratio %.2f to pg_receivewal); %s; S3 %.2f CPU-s/GB; in-test NATS %.2f CPU-s/GB; pipeline total %.2f CPU-s/GB",
+				name, mbs, mbs/rwMBs, strings.Join(parts, ", "), perGB(s3cpu), perGB(natsCPU), perGB(total+s3cpu+natsCPU))
+			b.ReportMetric(mbs, name+"-MB/s")
+			b.ReportMetric(mbs/rwMBs, name+"-ratio")
+			b.ReportMetric(perGB(total+s3cpu+natsCPU), name+"-CPU-s/GB")
+		}
+		pg.Exec(`SELECT pg_copy_physical_replication_slot('walship', 'walship_split')`)
+
+		drain("run", func() []*exec.Cmd {
+			return []*exec.Cmd{startProc(append(append([]string{"run", "--embedded-nats-listen", "127.0.0.1:" + strconv.Itoa(testenv.FreePort(b)),
+				"--server", "benchrun"}, common(b.TempDir())...), sinkArgs...)...)}
+		})
+
+		// The split shape streams from a copy of the slot taken before the run.
+		pg.Exec(`SELECT pg_drop_replication_slot('walship')`)
+		pg.Exec(`SELECT pg_copy_physical_replication_slot('walship_split', 'walship')`)
+		drain("split", func() []*exec.Cmd {
+			dd := b.TempDir()
+			recv := startProc(append([]string{"receive", "--nats", nats.URL(), "--server", "benchsplit"}, common(dd)...)...)
+			arch := startProc(append([]string{"archive", "--nats", nats.URL(), "--data-dir", dd, "--metrics-addr", "", "--log-level", "warn"}, sinkArgs...)...)
+			return []*exec.Cmd{recv, arch}
+		})
+	}
+}
