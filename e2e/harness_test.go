@@ -36,7 +36,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	walshipBin = filepath.Join(dir, "walship")
-	cmd := exec.Command("go", "build", "-o", walshipBin, "../cmd/walship")
+	// The same build as the Dockerfile's: make build.
+	cmd := exec.Command("make", "-s", "-C", "..", "build", "BIN="+walshipBin)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build walship:", err)

@@ -27,6 +27,7 @@ Commands:
   archive        an archiver worker pool alone
   slot create    create the physical replication slot
   slot drop      drop it
+  health         probe a walship /readyz URL (container healthcheck)
   version        print the version
 
 Run 'walship <command> -h' for a command's flags. Every flag can also be
@@ -88,6 +89,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdArchive(ctx, rest, stdout)
 	case "slot":
 		return cmdSlot(ctx, rest, stdout)
+	case "health":
+		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "walship", version)
 		return nil

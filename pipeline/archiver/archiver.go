@@ -35,6 +35,7 @@ type Bus interface {
 	GetObject(ctx context.Context, name string, buf []byte) ([]byte, error)
 	DeleteObject(ctx context.Context, name string) error
 	PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) error
+	Pending(ctx context.Context) (uint64, error)
 }
 
 // Config configures the pool.
@@ -83,10 +84,28 @@ func New(cfg Config, bus Bus, sink sinks.Sink) (*Archiver, error) {
 // interrupted event is simply redelivered.
 func (a *Archiver) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.watchBacklog(ctx, 10*time.Second) })
 	for i := 0; i < a.cfg.Workers; i++ {
 		g.Go(func() error { return a.worker(ctx) })
 	}
 	return g.Wait()
+}
+
+// watchBacklog publishes the consumer's backlog (events waiting plus in
+// flight) as a gauge.
+func (a *Archiver) watchBacklog(ctx context.Context, every time.Duration) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if n, err := a.bus.Pending(ctx); err == nil {
+			a.cfg.Metrics.Backlog.Set(float64(n))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
 }
 
 type worker struct {

@@ -12,6 +12,7 @@ type Metrics struct {
 	Conflicts       *prometheus.CounterVec
 	Corrupt         *prometheus.CounterVec
 	Malformed       prometheus.Counter
+	Backlog         prometheus.Gauge
 }
 
 // NewMetrics builds the archiver's metrics and registers them on reg.
@@ -43,6 +44,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "walship_malformed_events_total", Help: "Segment events terminated because they cannot be parsed or are inconsistent.",
 		}),
 	}
+	m.Backlog = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "walship_archiver_backlog", Help: "Segment events waiting for or held by the archiver pool (JetStream consumer pending plus unacknowledged).",
+	})
+	reg.MustRegister(m.Backlog)
 	reg.MustRegister(m.Segments, m.RawBytes, m.CompressedBytes, m.Upload, m.Errors, m.Conflicts, m.Corrupt, m.Malformed)
 	return m
 }

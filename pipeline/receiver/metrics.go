@@ -19,6 +19,11 @@ type Metrics struct {
 	Timeline     *prometheus.GaugeVec
 	SpoolBytes   *prometheus.GaugeVec
 	Republished  *prometheus.CounterVec
+
+	SlotWALStatus   *prometheus.GaugeVec
+	SlotSafeWALSize *prometheus.GaugeVec
+	SlotRetained    *prometheus.GaugeVec
+	SlotExists      *prometheus.GaugeVec
 }
 
 // NewMetrics builds the receiver's metrics and registers them on reg.
@@ -51,6 +56,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "walship_republished_segments_total", Help: "Segments published again because no confirmation arrived in time.",
 		}, []string{"server"}),
 	}
+	m.SlotWALStatus = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "walship_slot_wal_status", Help: "1 for the replication slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others.",
+	}, []string{"server", "wal_status"})
+	m.SlotSafeWALSize = g("walship_slot_safe_wal_size_bytes", "WAL that can still be written before PostgreSQL invalidates the slot (safe_wal_size), in bytes; absent without max_slot_wal_keep_size.")
+	m.SlotRetained = g("walship_slot_retained_bytes", "WAL the slot holds on the server: current WAL position minus restart_lsn, in bytes.")
+	m.SlotExists = g("walship_slot_exists", "1 when the replication slot exists on the server.")
+	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
 		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished)
 	return m

@@ -122,6 +122,7 @@ func (r *Receiver) Run(ctx context.Context) error {
 		return r.conf.WatchArchived(bgCtx, r.server, time.Now().Add(-10*time.Minute), r.onArchived)
 	})
 	bg.Go(func() error { return r.housekeeping(bgCtx) })
+	bg.Go(func() error { return r.slotPoll(bgCtx, 5*time.Second) })
 
 	err = r.streamLoop(ctx, conn)
 	r.m.connected.Set(0)

@@ -1,0 +1,200 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/compose-spec/compose-go/v2/cli"
+	"github.com/compose-spec/compose-go/v2/types"
+	"gopkg.in/yaml.v3"
+)
+
+const repoRoot = "../.."
+
+func loadCompose(t *testing.T) *types.Project {
+	t.Helper()
+	opts, err := cli.NewProjectOptions([]string{filepath.Join(repoRoot, "docker-compose.yml")},
+		cli.WithWorkingDirectory(repoRoot), cli.WithEnv(nil), cli.WithName("walship"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := opts.LoadProject(context.Background())
+	if err != nil {
+		t.Fatalf("docker-compose.yml does not load: %v", err)
+	}
+	return p
+}
+
+var commandGroups = map[string]flagGroup{"run": runGroups, "receive": receiveGroups, "archive": archiveGroups}
+
+// The compose file loads and validates, every file it mounts or builds from
+// exists, and every walship command line parses with walship's own flags.
+func TestComposeFile(t *testing.T) {
+	p := loadCompose(t)
+	abs, _ := filepath.Abs(repoRoot)
+	walships := 0
+	for name, svc := range p.Services {
+		for _, v := range svc.Volumes {
+			if v.Type != types.VolumeTypeBind {
+				continue
+			}
+			if _, err := os.Stat(v.Source); err != nil {
+				t.Errorf("service %s mounts %s, which does not exist", name, strings.TrimPrefix(v.Source, abs+"/"))
+			}
+		}
+		if svc.Build != nil {
+			if _, err := os.Stat(filepath.Join(svc.Build.Context, svc.Build.Dockerfile)); err != nil {
+				t.Errorf("service %s builds from a missing Dockerfile: %v", name, err)
+			}
+		}
+		for dep, d := range svc.DependsOn {
+			ds, ok := p.Services[dep]
+			if !ok {
+				t.Errorf("service %s depends on unknown %s", name, dep)
+				continue
+			}
+			if d.Condition == types.ServiceConditionHealthy && ds.HealthCheck == nil && ds.Build == nil {
+				t.Errorf("service %s waits for %s to be healthy, but %s has no healthcheck", name, dep, dep)
+			}
+		}
+		if svc.Build == nil {
+			continue
+		}
+		walships++
+		if len(svc.Command) == 0 {
+			t.Errorf("walship service %s has no command", name)
+			continue
+		}
+		groups, ok := commandGroups[svc.Command[0]]
+		if !ok {
+			t.Errorf("walship service %s runs unknown command %q", name, svc.Command[0])
+			continue
+		}
+		for k, v := range svc.Environment {
+			if v != nil {
+				t.Setenv(k, *v)
+			}
+		}
+		c := &config{}
+		fs := newFlagSet(svc.Command[0], c, groups)
+		rest, err := parse(fs, svc.Command[1:])
+		if err == nil && len(rest) > 0 {
+			t.Errorf("service %s: stray arguments %v", name, rest)
+		}
+		if err == nil {
+			err = c.validate(groups)
+		}
+		if err != nil {
+			t.Errorf("service %s: walship rejects its command line: %v", name, err)
+		}
+	}
+	if walships < 3 {
+		t.Errorf("%d walship services, want a receiver and two archivers", walships)
+	}
+}
+
+// Prometheus scrapes every walship service and loads the alert rules.
+func TestPrometheusConfig(t *testing.T) {
+	p := loadCompose(t)
+	b, err := os.ReadFile(filepath.Join(repoRoot, "deploy/prometheus.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		RuleFiles     []string `yaml:"rule_files"`
+		ScrapeConfigs []struct {
+			StaticConfigs []struct {
+				Targets []string `yaml:"targets"`
+			} `yaml:"static_configs"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	targets := map[string]bool{}
+	for _, sc := range cfg.ScrapeConfigs {
+		for _, st := range sc.StaticConfigs {
+			for _, tg := range st.Targets {
+				targets[tg] = true
+			}
+		}
+	}
+	for name, svc := range p.Services {
+		if svc.Build != nil && !targets[name+":9752"] {
+			t.Errorf("prometheus does not scrape walship service %s", name)
+		}
+	}
+	if len(cfg.RuleFiles) != 1 || !strings.HasSuffix(cfg.RuleFiles[0], "alerts.yml") {
+		t.Errorf("rule_files %v, want alerts.yml", cfg.RuleFiles)
+	}
+}
+
+// The image's healthcheck runs a walship subcommand that works.
+func TestDockerfileHealthcheck(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, "deploy/Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	df := string(b)
+	for _, want := range []string{"make build", "USER nonroot", "HEALTHCHECK", "distroless/static"} {
+		if !strings.Contains(df, want) {
+			t.Errorf("Dockerfile lacks %q", want)
+		}
+	}
+	m := regexp.MustCompile(`CMD (\[.*"health".*\])`).FindStringSubmatch(strings.ReplaceAll(df, "\\\n", ""))
+	if m == nil {
+		t.Fatal("no HEALTHCHECK CMD running walship health")
+	}
+	var argv []string
+	if err := json.Unmarshal([]byte(m[1]), &argv); err != nil {
+		t.Fatal(err)
+	}
+	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) }))
+	defer ok.Close()
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { http.Error(w, "nats down", 503) }))
+	defer bad.Close()
+	args := append([]string{}, argv[1:]...)
+	args[len(args)-1] = ok.URL
+	if err := run(context.Background(), args, os.Stdout, os.Stderr); err != nil {
+		t.Errorf("healthcheck against a ready server: %v", err)
+	}
+	args[len(args)-1] = bad.URL
+	if err := run(context.Background(), args, os.Stdout, os.Stderr); err == nil {
+		t.Error("healthcheck passed against an unready server")
+	}
+}
+
+// The dashboard is valid JSON and queries only walship metrics or
+// Prometheus functions.
+func TestDashboardJSON(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, "deploy/grafana/dashboards/walship.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(b, &d); err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Panels) < 8 {
+		t.Errorf("%d panels", len(d.Panels))
+	}
+	for _, p := range d.Panels {
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+	}
+}
