@@ -38,6 +38,18 @@ type Deleter interface {
 	Delete(ctx context.Context, key string) error
 }
 
+// Object is one entry of a listing.
+type Object struct {
+	Key  string
+	Size int64
+}
+
+// Lister is an optional capability: listing the keys under a prefix, for
+// `verify` and `ls`. Keys come in lexical order.
+type Lister interface {
+	List(ctx context.Context, prefix string, fn func(Object) error) error
+}
+
 // Metadata is what walship records beside every object so that any reader
 // can verify it without walship's events: user metadata on S3, a sidecar
 // file on the file sink.
@@ -107,6 +119,8 @@ type Layout interface {
 	// IdentityKey is the key of the small object that ties the archive to
 	// one PostgreSQL cluster.
 	IdentityKey() string
+	// WALPrefix is the prefix under which every WAL key lies, for listing.
+	WALPrefix() string
 }
 
 // BarmanCloud is barman-cloud's layout:
@@ -126,6 +140,9 @@ func (l BarmanCloud) Key(file, ext string) string {
 	return joinKey(l.base(), "wals", file[:16], file+ext)
 }
 
+// WALPrefix implements Layout.
+func (l BarmanCloud) WALPrefix() string { return joinKey(l.base(), "wals") + "/" }
+
 // IdentityKey implements Layout.
 func (l BarmanCloud) IdentityKey() string { return joinKey(l.base(), "walship.identity.json") }
 
@@ -136,6 +153,9 @@ type WalG struct {
 
 // Key implements Layout.
 func (l WalG) Key(file, ext string) string { return joinKey(l.Prefix, "wal_005", file+ext) }
+
+// WALPrefix implements Layout.
+func (l WalG) WALPrefix() string { return joinKey(l.Prefix, "wal_005") + "/" }
 
 // IdentityKey implements Layout.
 func (l WalG) IdentityKey() string { return joinKey(l.Prefix, "wal_005", "walship.identity.json") }

@@ -125,12 +125,27 @@ var errUsage = errors.New("usage")
 
 // parse parses args, then fills unset flags from the environment, then
 // validates.
+// Flags and positional arguments may be interleaved, as restore_command
+// lines usually are ("walship fetch %f %p --dest ...").
 func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, flag.ErrHelp
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, flag.ErrHelp
+			}
+			return nil, fmt.Errorf("%w: %v (see 'walship %s -h')", errUsage, err, fs.Name())
 		}
-		return nil, fmt.Errorf("%w: %v (see 'walship %s -h')", errUsage, err, fs.Name())
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if len(args) > 0 && len(rest) < len(args) && args[len(args)-len(rest)-1] == "--" {
+			positional = append(positional, rest...)
+			break
+		}
+		positional = append(positional, rest[0])
+		args = rest[1:]
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -145,7 +160,7 @@ func parse(fs *flag.FlagSet, args []string) ([]string, error) {
 			}
 		}
 	})
-	return fs.Args(), err
+	return positional, err
 }
 
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)

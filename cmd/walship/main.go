@@ -27,6 +27,9 @@ Commands:
   archive        an archiver worker pool alone
   slot create    create the physical replication slot
   slot drop      drop it
+  fetch <wal> <dest>  restore_command: download, decompress, verify (with prefetch)
+  verify         walk the archive: gaps per timeline, history chain, metadata (--deep: checksums)
+  ls             list archived WAL per timeline
   health         probe a walship /readyz URL (container healthcheck)
   version        print the version
 
@@ -51,7 +54,11 @@ func main() {
 }
 
 func exitCode(err error, stderr io.Writer) int {
+	var ee *exitError
 	switch {
+	case errors.As(err, &ee):
+		fmt.Fprintln(stderr, "walship:", trimUsage(ee.err))
+		return ee.code
 	case err == nil:
 		return 0
 	case errors.Is(err, flag.ErrHelp):
@@ -89,6 +96,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdArchive(ctx, rest, stdout)
 	case "slot":
 		return cmdSlot(ctx, rest, stdout)
+	case "fetch":
+		return cmdFetch(ctx, rest, stdout)
+	case "verify":
+		return cmdVerify(ctx, rest, stdout, false)
+	case "ls":
+		return cmdVerify(ctx, rest, stdout, true)
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":

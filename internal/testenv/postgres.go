@@ -130,7 +130,11 @@ func StartPostgres(t testing.TB, o PGOptions) *Postgres {
 
 func (p *Postgres) run(name string, args ...string) string {
 	p.t.Helper()
-	cmd := exec.Command(filepath.Join(p.Bin, name), args...)
+	bin := filepath.Join(p.Bin, name)
+	if name == "cp" {
+		bin = "cp"
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
 	cmd.Dir = p.Dir
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
@@ -246,4 +250,59 @@ func (p *Postgres) Pgbench(ctx context.Context, args ...string) error {
 		return fmt.Errorf("pgbench %v: %v\n%s", args, err, out)
 	}
 	return nil
+}
+
+// BaseBackup takes a base backup of the cluster into a new directory with
+// pg_basebackup -X none, so every WAL byte recovery needs must come from an
+// archive. The directory belongs to the cluster's OS user.
+func (p *Postgres) BaseBackup() string {
+	p.t.Helper()
+	dir, err := os.MkdirTemp("", "walship-backup-")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() { os.RemoveAll(dir) })
+	p.chown(dir)
+	data := filepath.Join(dir, "data")
+	p.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(p.Port), "-U", "postgres", "-D", data, "-X", "none", "-c", "fast", "--no-sync")
+	return data
+}
+
+// Restored prepares a cluster from a copy of a base backup, for recovery
+// with the given postgresql.conf lines (restore_command, targets). It is
+// not started: call TryStart.
+func (p *Postgres) Restored(backup string, conf ...string) *Postgres {
+	p.t.Helper()
+	dir, err := os.MkdirTemp("", "walship-restored-")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() { os.RemoveAll(dir) })
+	p.chown(dir)
+	r := &Postgres{t: p.t, Bin: p.Bin, Dir: dir, DataDir: filepath.Join(dir, "data"), Port: FreePort(p.t), cred: p.cred}
+	r.run("cp", "-a", backup, r.DataDir)
+	r.SetConf(append([]string{"port = " + strconv.Itoa(r.Port), "unix_socket_directories = '" + dir + "'"}, conf...)...)
+	r.writeFile("recovery.signal", "")
+	p.t.Cleanup(func() { r.Stop("immediate") })
+	return r
+}
+
+// TryStart starts the server and reports pg_ctl's failure instead of
+// failing the test (recovery that aborts is an expected outcome).
+func (p *Postgres) TryStart(timeout time.Duration) error {
+	cmd := exec.Command(filepath.Join(p.Bin, "pg_ctl"), "-D", p.DataDir, "-l", filepath.Join(p.Dir, "server.log"), "-w",
+		"-t", strconv.Itoa(int(timeout.Seconds())), "start")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("pg_ctl start: %v: %s", err, out)
+	}
+	return nil
+}
+
+// Running reports whether the postmaster is alive.
+func (p *Postgres) Running() bool {
+	cmd := exec.Command(filepath.Join(p.Bin, "pg_ctl"), "-D", p.DataDir, "status")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
+	return cmd.Run() == nil
 }

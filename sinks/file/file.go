@@ -15,6 +15,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"github.com/walship/walship/sinks"
@@ -22,6 +23,7 @@ import (
 
 var _ sinks.Sink = (*Sink)(nil)
 var _ sinks.Deleter = (*Sink)(nil)
+var _ sinks.Lister = (*Sink)(nil)
 
 // Sink stores objects under a root directory.
 type Sink struct {
@@ -164,4 +166,42 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// List implements sinks.Lister. Sidecars and temporary files are not
+// objects and are skipped.
+func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
+	var objs []sinks.Object
+	err := filepath.WalkDir(s.root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() || strings.HasSuffix(path, ".meta.json") || strings.HasPrefix(d.Name(), ".walship-tmp-") {
+			return nil
+		}
+		rel, _ := filepath.Rel(s.root, path)
+		key := filepath.ToSlash(rel)
+		if !strings.HasPrefix(key, prefix) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		objs = append(objs, sinks.Object{Key: key, Size: info.Size()})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("list %s: %w", prefix, err)
+	}
+	sort.Slice(objs, func(i, j int) bool { return objs[i].Key < objs[j].Key })
+	for _, o := range objs {
+		if err := fn(o); err != nil {
+			return err
+		}
+	}
+	return nil
 }

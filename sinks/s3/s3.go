@@ -26,6 +26,7 @@ import (
 
 var _ sinks.Sink = (*Sink)(nil)
 var _ sinks.Deleter = (*Sink)(nil)
+var _ sinks.Lister = (*Sink)(nil)
 
 // Options configure the S3 client.
 type Options struct {
@@ -161,4 +162,21 @@ func describe(err error) error {
 		return fmt.Errorf("%w", os.ErrNotExist)
 	}
 	return err
+}
+
+// List implements sinks.Lister.
+func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
+	p := s3.NewListObjectsV2Paginator(s.client, &s3.ListObjectsV2Input{Bucket: aws.String(s.bucket), Prefix: aws.String(prefix)})
+	for p.HasMorePages() {
+		page, err := p.NextPage(ctx)
+		if err != nil {
+			return fmt.Errorf("list s3://%s/%s: %w", s.bucket, prefix, describe(err))
+		}
+		for _, o := range page.Contents {
+			if err := fn(sinks.Object{Key: aws.ToString(o.Key), Size: aws.ToInt64(o.Size)}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

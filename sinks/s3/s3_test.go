@@ -86,3 +86,9 @@ func TestChecksumStored(t *testing.T) {
 		t.Errorf("stored CRC32C %v, want %s", out.ChecksumCRC32C, want)
 	}
 }
+func (p prefixed) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
+	return p.Sink.List(ctx, p.p+"/"+prefix, func(o sinks.Object) error {
+		o.Key = strings.TrimPrefix(o.Key, p.p+"/")
+		return fn(o)
+	})
+}

@@ -75,6 +75,25 @@ func Run(t *testing.T, newSink func(t *testing.T) sinks.Sink) {
 			t.Errorf("get missing: %v, want os.ErrNotExist", err)
 		}
 	})
+	t.Run("List", func(t *testing.T) {
+		s := newSink(t)
+		l, ok := s.(sinks.Lister)
+		if !ok {
+			t.Skip("sink does not list")
+		}
+		for _, k := range []string{"a/wals/2", "a/wals/1", "a/other", "b/wals/1"} {
+			if err := s.Put(ctx, k, []byte(k), meta); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var got []string
+		if err := l.List(ctx, "a/wals/", func(o sinks.Object) error { got = append(got, fmt.Sprint(o.Key, ":", o.Size)); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(got) != "[a/wals/1:8 a/wals/2:8]" {
+			t.Errorf("list a/wals/ = %v", got)
+		}
+	})
 	t.Run("ConcurrentPuts", func(t *testing.T) {
 		s := newSink(t)
 		var wg sync.WaitGroup

@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/term"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/internal/backoff"
+	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/restore"
+	"github.com/walship/walship/sinks"
+)
+
+// Exit statuses of `walship fetch`, as restore_command reports them to
+// PostgreSQL: 1 is "not in the archive" (recovery ends, or a standby waits);
+// anything above 125 makes PostgreSQL abort recovery instead of ending it
+// early on a shortened history.
+const (
+	exitNotFound = 1
+	exitAbort    = 255
+)
+
+// exitError carries a specific exit status.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+type restoreFlags struct {
+	prefetch     int
+	prefetchDir  string
+	allowPartial bool
+	retryFor     time.Duration
+	worker       bool
+	deep         bool
+	json         bool
+	parallel     int
+	segmentSize  int64
+}
+
+func addRestoreFlags(fs *flag.FlagSet, rf *restoreFlags, verify bool) {
+	if verify {
+		fs.BoolVar(&rf.deep, "deep", false, "download every segment and check its SHA-256 and WAL pages")
+		fs.BoolVar(&rf.json, "json", false, "print the report as JSON")
+		fs.IntVar(&rf.parallel, "parallel", 16, "objects checked at once")
+		fs.Int64Var(&rf.segmentSize, "segment-size", 0, "WAL segment size in bytes (default: from the archive)")
+		return
+	}
+	fs.IntVar(&rf.prefetch, "prefetch", 8, "segments to download ahead of recovery (0: off)")
+	fs.StringVar(&rf.prefetchDir, "prefetch-dir", "", "prefetch directory (default: .walship-prefetch beside the destination, in pg_wal)")
+	fs.BoolVar(&rf.allowPartial, "allow-partial", false, "serve <segment>.partial when the full segment is not archived")
+	fs.DurationVar(&rf.retryFor, "retry-for", 2*time.Minute, "keep retrying transient errors this long, then make PostgreSQL abort recovery")
+	fs.BoolVar(&rf.worker, "prefetch-worker", false, "internal: run as the background prefetcher")
+}
+
+// restoreSetup parses the flags shared by fetch, verify and ls.
+func restoreSetup(name string, args []string, verify bool, stdout io.Writer) (*config, *restoreFlags, []string, error) {
+	c := &config{}
+	rf := &restoreFlags{}
+	fs := newFlagSet(name, c, gSink|gArchive)
+	fs.StringVar(&c.Server, "server", "", "server name (default for fetch: pg-<system identifier> from the data directory's pg_control)")
+	addRestoreFlags(fs, rf, verify)
+	rest, err := parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(stdout, "Usage: walship %s [flags]\n\n%s", name, usageOf(fs))
+	}
+	return c, rf, rest, err
+}
+
+func openRestoreSink(ctx context.Context, c *config) (sinks.Sink, sinks.Layout, error) {
+	if c.Dest == "" {
+		return nil, nil, fmt.Errorf("%w: --dest is required (s3://bucket/prefix or file:///path)", errUsage)
+	}
+	if c.Server != "" {
+		if err := pipeline.ValidServerName(c.Server); err != nil {
+			return nil, nil, fmt.Errorf("%w: --server: %v", errUsage, err)
+		}
+	}
+	sink, prefix, err := openSink(ctx, c)
+	if err != nil {
+		return nil, nil, err
+	}
+	layout, err := sinks.NewLayout(c.Layout, prefix, c.Server)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: --%v", errUsage, err)
+	}
+	return sink, layout, nil
+}
+
+// codecOrder puts the configured codec first, then the others.
+func codecOrder(first string) []compress.Codec {
+	out := []compress.Codec{}
+	if c, err := compress.ParseCodec(first); err == nil {
+		out = append(out, c)
+	}
+	for _, c := range []compress.Codec{compress.Zstd, compress.Gzip, compress.Snappy, compress.None} {
+		if len(out) == 0 || c != out[0] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// serverFromPGControl derives the default server name from the data
+// directory restore_command runs in.
+func serverFromPGControl() (string, error) {
+	b, err := os.ReadFile(filepath.Join("global", "pg_control"))
+	if err != nil || len(b) < 8 {
+		return "", fmt.Errorf("%w: --server is required (no global/pg_control in the working directory to derive it from)", errUsage)
+	}
+	return fmt.Sprintf("pg-%d", binary.LittleEndian.Uint64(b[:8])), nil
+}
+
+func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
+	c, rf, rest, err := restoreSetup("fetch", args, false, stdout)
+	if err != nil {
+		return abortOnUsage(err)
+	}
+	if len(rest) != 2 {
+		return &exitError{exitAbort, fmt.Errorf("%w: usage: walship fetch <wal file> <destination>, as restore_command = 'walship fetch %%f %%p'", errUsage)}
+	}
+	name, dest := rest[0], rest[1]
+	if c.Server == "" && c.Layout != "wal-g" {
+		if c.Server, err = serverFromPGControl(); err != nil {
+			return &exitError{exitAbort, err}
+		}
+	}
+	sink, layout, err := openRestoreSink(ctx, c)
+	if err != nil {
+		return &exitError{exitAbort, err}
+	}
+	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial}
+	pf := &restore.Prefetch{Fetcher: f, Count: rf.prefetch, Dir: rf.prefetchDir}
+	if pf.Dir == "" {
+		pf.Dir = filepath.Join(filepath.Dir(dest), ".walship-prefetch")
+	}
+	isSegment := pipeline.IsSegmentName(name)
+
+	if rf.worker {
+		// Background prefetcher: dest is the size of the segment it follows.
+		var size int64
+		fmt.Sscan(dest, &size)
+		return pf.Run(ctx, name, pipeline.SegmentSize(size))
+	}
+	if isSegment && rf.prefetch > 0 {
+		pf.Clean(name)
+		if ok, err := pf.Serve(name, dest); err != nil {
+			return &exitError{exitAbort, err}
+		} else if ok {
+			startPrefetch(name, dest, args)
+			return nil
+		}
+	}
+	deadline := time.Now().Add(rf.retryFor)
+	bo := backoff.New(500*time.Millisecond, 10*time.Second)
+	for {
+		err := f.Fetch(ctx, name, dest)
+		switch {
+		case err == nil:
+			if isSegment && rf.prefetch > 0 {
+				startPrefetch(name, dest, args)
+			}
+			return nil
+		case errors.Is(err, restore.ErrNotFound):
+			return &exitError{exitNotFound, fmt.Errorf("%s is not in the archive", name)}
+		case errors.Is(err, restore.ErrCorrupt):
+			return &exitError{exitAbort, fmt.Errorf("refusing to restore %s: %v", name, err)}
+		case errors.Is(err, errUsage) || time.Now().After(deadline) || ctx.Err() != nil:
+			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s after %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
+		}
+		fmt.Fprintf(os.Stderr, "walship: fetch %s: %v; retrying\n", name, err)
+		bo.Wait(ctx)
+	}
+}
+
+func abortOnUsage(err error) error {
+	if errors.Is(err, flag.ErrHelp) {
+		return err
+	}
+	return &exitError{exitAbort, err}
+}
+
+// startPrefetch launches a detached prefetcher for the segments after name
+// and returns at once: restore_command must not wait for it.
+func startPrefetch(name, dest string, args []string) {
+	fi, err := os.Stat(dest)
+	if err != nil {
+		return
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return
+	}
+	var flags []string
+	for i := 0; i < len(args); i++ {
+		if args[i] == name || args[i] == dest {
+			continue
+		}
+		flags = append(flags, args[i])
+	}
+	dir := filepath.Join(filepath.Dir(dest), ".walship-prefetch")
+	cmd := exec.Command(self, append(append([]string{"fetch"}, flags...), "--prefetch-dir", dir, "--prefetch-worker", name, fmt.Sprint(fi.Size()))...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err == nil {
+		cmd.Process.Release()
+	}
+}
+
+func cmdVerify(ctx context.Context, args []string, stdout io.Writer, listOnly bool) error {
+	name := "verify"
+	if listOnly {
+		name = "ls"
+	}
+	c, rf, rest, err := restoreSetup(name, args, true, stdout)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, rest[0])
+	}
+	if c.Server == "" && c.Layout != "wal-g" {
+		return fmt.Errorf("%w: --server is required with the barman-cloud layout", errUsage)
+	}
+	sink, layout, err := openRestoreSink(ctx, c)
+	if err != nil {
+		return err
+	}
+	opts := restore.VerifyOptions{SegmentSize: pipeline.SegmentSize(rf.segmentSize), Metadata: !listOnly, Deep: rf.deep && !listOnly, Parallel: rf.parallel}
+	if opts.Deep && !rf.json && term.IsTerminal(int(os.Stderr.Fd())) {
+		opts.Progress = func(done, total int) {
+			fmt.Fprintf(os.Stderr, "\rverifying %d/%d", done, total)
+			if done == total {
+				fmt.Fprintln(os.Stderr)
+			}
+		}
+	}
+	rep, err := restore.Verify(ctx, sink, layout, opts)
+	if err != nil {
+		return err
+	}
+	if rf.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(rep)
+	} else {
+		printReport(stdout, rep, listOnly)
+	}
+	if !listOnly && !rep.OK() {
+		return &exitError{1, fmt.Errorf("the archive under %s has %d problem(s) and %d gap(s)", rep.Prefix, len(rep.Problems), countGaps(rep))}
+	}
+	return nil
+}
+
+func countGaps(r *restore.Report) int {
+	n := 0
+	for _, t := range r.Timelines {
+		n += len(t.Gaps)
+	}
+	return n
+}
+
+func printReport(w io.Writer, r *restore.Report, listOnly bool) {
+	fmt.Fprintf(w, "archive %s: %d objects, %d bytes, segment size %d\n", r.Prefix, r.Objects, r.Bytes, r.SegmentSize)
+	for _, t := range r.Timelines {
+		hist := ""
+		if t.History {
+			hist = ", history archived"
+		}
+		fmt.Fprintf(w, "timeline %d: %d segments %s .. %s%s\n", t.Timeline, t.Segments, t.First, t.Last, hist)
+		for _, p := range t.Partial {
+			fmt.Fprintf(w, "  partial %s\n", p)
+		}
+		for _, g := range t.Gaps {
+			fmt.Fprintf(w, "  GAP %s .. %s (%d segments missing)\n", g.From, g.To, g.Count)
+		}
+	}
+	if listOnly {
+		return
+	}
+	for _, p := range r.Problems {
+		fmt.Fprintf(w, "PROBLEM %s: %s\n", p.Key, p.Problem)
+	}
+	if r.OK() {
+		fmt.Fprintf(w, "OK: no gaps, no problems (%d objects verified byte for byte)\n", r.Checked)
+	}
+	_ = strings.TrimSpace
+}
