@@ -191,7 +191,7 @@ func TestCorruptionAndGaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	dest := filepath.Join(t.TempDir(), "RECOVERYXLOG")
-	out, err := runWalship(t, st.env(), append([]string{"fetch", name, dest, "--prefetch", "0"}, flags...)...)
+	out, err := runWalship(t, st.env(), append([]string{"fetch", name, dest, "--prefetch", "0", "--retry-for", "10s"}, flags...)...)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() <= 125 {
 		t.Errorf("fetch of a corrupt segment: %v, want an exit status above 125 so recovery aborts\n%s", err, out)
 	}
@@ -216,7 +216,7 @@ func TestCorruptionAndGaps(t *testing.T) {
 		t.Errorf("verify did not report the gap at %s (%v):\n%s", goneName, err, out)
 	}
 	// And fetch says "not in the archive" (exit 1) for it.
-	_, err = runWalship(t, st.env(), append([]string{"fetch", goneName, dest, "--prefetch", "0"}, flags...)...)
+	_, err = runWalship(t, st.env(), append([]string{"fetch", goneName, dest, "--prefetch", "0", "--retry-for", "10s"}, flags...)...)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
 		t.Errorf("fetch of a missing segment: %v, want exit status 1", err)
 	}

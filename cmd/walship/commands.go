@@ -72,6 +72,12 @@ func setup(name string, args []string, groups flagGroup, stdout io.Writer) (*con
 
 // openSink parses --dest and opens the sink, checking that it is reachable.
 func openSink(ctx context.Context, c *config) (sinks.Sink, string, error) {
+	return openSinkChecked(ctx, c, true)
+}
+
+// openSinkChecked opens the sink; with check, it also confirms the bucket
+// exists (fetch defers that to its retry loop).
+func openSinkChecked(ctx context.Context, c *config, check bool) (sinks.Sink, string, error) {
 	u, err := url.Parse(c.Dest)
 	if err != nil || u.Scheme == "" || u.Opaque != "" {
 		return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix or file:///absolute/path", errUsage, c.Dest)
@@ -91,10 +97,12 @@ func openSink(ctx context.Context, c *config) (sinks.Sink, string, error) {
 		if err != nil {
 			return nil, "", err
 		}
-		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		if err := s.CheckBucket(cctx); err != nil {
-			return nil, "", err
+		if check {
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			if err := s.CheckBucket(cctx); err != nil {
+				return nil, "", err
+			}
 		}
 		return s, strings.Trim(u.Path, "/"), nil
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/restore"
 	"github.com/walship/walship/sinks"
+	s3sink "github.com/walship/walship/sinks/s3"
 )
 
 // Exit statuses of `walship fetch`, as restore_command reports them to
@@ -83,7 +84,7 @@ func restoreSetup(name string, args []string, verify bool, stdout io.Writer) (*c
 	return c, rf, rest, err
 }
 
-func openRestoreSink(ctx context.Context, c *config) (sinks.Sink, sinks.Layout, error) {
+func openRestoreSink(ctx context.Context, c *config, check bool) (sinks.Sink, sinks.Layout, error) {
 	if c.Dest == "" {
 		return nil, nil, fmt.Errorf("%w: --dest is required (s3://bucket/prefix or file:///path)", errUsage)
 	}
@@ -92,7 +93,7 @@ func openRestoreSink(ctx context.Context, c *config) (sinks.Sink, sinks.Layout, 
 			return nil, nil, fmt.Errorf("%w: --server: %v", errUsage, err)
 		}
 	}
-	sink, prefix, err := openSink(ctx, c)
+	sink, prefix, err := openSinkChecked(ctx, c, check)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -141,11 +142,15 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 			return &exitError{exitAbort, err}
 		}
 	}
-	sink, layout, err := openRestoreSink(ctx, c)
+	sink, layout, err := openRestoreSink(ctx, c, false)
 	if err != nil {
 		return &exitError{exitAbort, err}
 	}
 	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial}
+	if bc, ok := sink.(interface{ CheckBucket(context.Context) error }); ok {
+		// "Not found" ends recovery: make sure it is not a missing bucket.
+		f.Confirm = bc.CheckBucket
+	}
 	pf := &restore.Prefetch{Fetcher: f, Count: rf.prefetch, Dir: rf.prefetchDir}
 	if pf.Dir == "" {
 		pf.Dir = filepath.Join(filepath.Dir(dest), ".walship-prefetch")
@@ -181,7 +186,7 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 			return &exitError{exitNotFound, fmt.Errorf("%s is not in the archive", name)}
 		case errors.Is(err, restore.ErrCorrupt):
 			return &exitError{exitAbort, fmt.Errorf("refusing to restore %s: %v", name, err)}
-		case errors.Is(err, errUsage) || time.Now().After(deadline) || ctx.Err() != nil:
+		case errors.Is(err, errUsage) || errors.Is(err, s3sink.ErrNoBucket) || time.Now().After(deadline) || ctx.Err() != nil:
 			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s after %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
 		}
 		fmt.Fprintf(os.Stderr, "walship: fetch %s: %v; retrying\n", name, err)
@@ -237,7 +242,7 @@ func cmdVerify(ctx context.Context, args []string, stdout io.Writer, listOnly bo
 	if c.Server == "" && c.Layout != "wal-g" {
 		return fmt.Errorf("%w: --server is required with the barman-cloud layout", errUsage)
 	}
-	sink, layout, err := openRestoreSink(ctx, c)
+	sink, layout, err := openRestoreSink(ctx, c, true)
 	if err != nil {
 		return err
 	}

@@ -39,6 +39,10 @@ type Fetcher struct {
 	// AllowPartial serves <segment>.partial when the full segment is not
 	// archived (the last segment of a timeline that ended).
 	AllowPartial bool
+	// Confirm, when set, is asked before answering "not found": S3 says
+	// 404 for a missing bucket too, and a misconfiguration must not end
+	// recovery early.
+	Confirm func(context.Context) error
 }
 
 // Found is a located archive object.
@@ -66,6 +70,11 @@ func (f *Fetcher) Locate(ctx context.Context, name string) (Found, error) {
 			}
 		}
 	}
+	if f.Confirm != nil {
+		if err := f.Confirm(ctx); err != nil {
+			return Found{}, err
+		}
+	}
 	return Found{}, fmt.Errorf("%s: %w", name, ErrNotFound)
 }
 
@@ -81,6 +90,10 @@ func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, 
 	defer rc.Close()
 	body, err := io.ReadAll(rc)
 	if err != nil {
+		if strings.Contains(err.Error(), "checksum did not match") {
+			// The server's stored CRC32C disagrees with the bytes it sent.
+			return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, fo.Key, err)
+		}
 		return nil, fmt.Errorf("read %s: %w", fo.Key, err)
 	}
 	raw, err := decode(fo.Codec, body)
