@@ -164,3 +164,34 @@ func NewReader(c Codec, r io.Reader) (io.ReadCloser, error) {
 	}
 	return nil, fmt.Errorf("compression %q: unknown codec", c)
 }
+
+// Decode decompresses a whole buffer. sizeHint, the expected raw size,
+// avoids regrowing the output (0 if unknown).
+func Decode(c Codec, src []byte, sizeHint int) ([]byte, error) {
+	switch c {
+	case None:
+		return src, nil
+	case Zstd:
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(2<<30))
+		if err != nil {
+			return nil, fmt.Errorf("zstd: %w", err)
+		}
+		defer d.Close()
+		out, err := d.DecodeAll(src, make([]byte, 0, sizeHint))
+		if err != nil {
+			return nil, fmt.Errorf("zstd: %w", err)
+		}
+		return out, nil
+	}
+	r, err := NewReader(c, bytes.NewReader(src))
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	var buf bytes.Buffer
+	buf.Grow(sizeHint + bytes.MinRead)
+	if _, err := buf.ReadFrom(r); err != nil {
+		return nil, fmt.Errorf("%s: %w", c, err)
+	}
+	return buf.Bytes(), nil
+}

@@ -165,6 +165,7 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if isSegment && rf.prefetch > 0 {
 		pf.Clean(name)
+		pf.Await(name, time.Minute)
 		if ok, err := pf.Serve(name, dest); err != nil {
 			return &exitError{exitAbort, err}
 		} else if ok {

@@ -10,7 +10,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,7 +87,10 @@ func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, 
 		return nil, err
 	}
 	defer rc.Close()
-	body, err := io.ReadAll(rc)
+	var buf bytes.Buffer
+	buf.Grow(int(meta.RawSize/2) + bytes.MinRead)
+	_, err = buf.ReadFrom(rc)
+	body := buf.Bytes()
 	if err != nil {
 		if strings.Contains(err.Error(), "checksum did not match") {
 			// The server's stored CRC32C disagrees with the bytes it sent.
@@ -96,7 +98,7 @@ func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, 
 		}
 		return nil, fmt.Errorf("read %s: %w", fo.Key, err)
 	}
-	raw, err := decode(fo.Codec, body)
+	raw, err := compress.Decode(fo.Codec, body, int(min(max(meta.RawSize, 0), 1<<30)))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, fo.Key, err)
 	}
@@ -106,17 +108,7 @@ func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, 
 	return raw, nil
 }
 
-func decode(c compress.Codec, body []byte) ([]byte, error) {
-	if c == compress.None {
-		return body, nil
-	}
-	r, err := compress.NewReader(c, bytes.NewReader(body))
-	if err != nil {
-		return nil, err
-	}
-	defer r.Close()
-	return io.ReadAll(r)
-}
+func decode(c compress.Codec, body []byte) ([]byte, error) { return compress.Decode(c, body, 0) }
 
 // Check verifies raw bytes against the object's metadata: the SHA-256, and
 // for a segment its WAL page headers.

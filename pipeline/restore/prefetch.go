@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -36,6 +37,38 @@ func (p *Prefetch) Serve(name, dest string) (bool, error) {
 		return false, fmt.Errorf("serve prefetched %s: %w", name, err)
 	}
 	return true, syncDir(filepath.Dir(dest))
+}
+
+// Await waits, up to limit, while a prefetcher is at work and name has not
+// appeared, so the caller does not download a segment a prefetcher is
+// already downloading. It reports whether the segment is now there.
+func (p *Prefetch) Await(name string, limit time.Duration) bool {
+	path := filepath.Join(p.Dir, name)
+	deadline := time.Now().Add(limit)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return true
+		}
+		if !p.busy() || time.Now().After(deadline) {
+			_, err := os.Stat(path)
+			return err == nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// busy reports whether a prefetcher holds the directory's lock.
+func (p *Prefetch) busy() bool {
+	f, err := os.Open(filepath.Join(p.Dir, ".lock"))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		return true
+	}
+	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
 }
 
 // Clean removes prefetched segments older than name (recovery has moved
@@ -88,7 +121,8 @@ func (p *Prefetch) Run(ctx context.Context, name string, size pipeline.SegmentSi
 		return nil // another prefetcher is at work
 	}
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, min(p.Count, 8))
+	// Two cores decode and hash; more goroutines only add memory.
+	sem := make(chan struct{}, min(p.Count, max(runtime.NumCPU(), 2)))
 	for _, n := range p.Next(name, size) {
 		if _, err := os.Stat(filepath.Join(p.Dir, n)); err == nil {
 			continue
