@@ -21,7 +21,7 @@ import (
 func (st *stack) restoreCommand(layout string, extra ...string) string {
 	os.Chmod(filepath.Dir(walshipBin), 0o755)
 	parts := append([]string{"env"}, st.env()...)
-	parts = append(parts, walshipBin, "fetch", "%f", "%p", "--dest", "s3://" + st.s3.Bucket + "/" + st.prefix,
+	parts = append(parts, walshipBin, "fetch", "%f", "%p", "--dest", "s3://"+st.s3.Bucket+"/"+st.prefix,
 		"--s3-endpoint", st.s3.Endpoint(), "--s3-path-style", "--server", st.server, "--layout", layout)
 	parts = append(parts, extra...)
 	return strings.Join(parts, " ")
