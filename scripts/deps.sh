@@ -3,6 +3,7 @@
 # with Go. Sourced by test.sh and bench.sh.
 #   PostgreSQL 15 server binaries (initdb, pg_ctl, pgbench, pg_receivewal)
 #   Versity S3 Gateway (versitygw), built with go install
+#   barman-cli-cloud + python3-boto3, prometheus (for promtool)
 # NATS needs nothing: the tests embed nats-server.
 export PATH="$PATH:/usr/local/go/bin"
 GOBIN_DIR="$(go env GOPATH)/bin"
@@ -23,6 +24,17 @@ fi
 # package creates; make sure it exists even when the binaries came otherwise.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+# barman-cloud-wal-restore (the restore-compatibility test and benchmark)
+# and promtool (the alert rule tests) come from Debian.
+missing=""
+command -v barman-cloud-wal-restore >/dev/null || missing="$missing barman-cli-cloud python3-boto3"
+command -v promtool >/dev/null || missing="$missing prometheus"
+if [ -n "$missing" ]; then
+  echo "deps.sh: installing$missing from Debian" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 if ! command -v versitygw >/dev/null; then

@@ -30,6 +30,8 @@ Commands:
   fetch <wal> <dest>  restore_command: download, decompress, verify (with prefetch)
   verify         walk the archive: gaps per timeline, history chain, metadata (--deep: checksums)
   ls             list archived WAL per timeline
+  status         positions, lags, slot, backlog, last archived segment, per server
+  check          preflight: PostgreSQL, slot, NATS, bucket, spool; one line per check
   health         probe a walship /readyz URL (container healthcheck)
   version        print the version
 
@@ -102,6 +104,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdVerify(ctx, rest, stdout, false)
 	case "ls":
 		return cmdVerify(ctx, rest, stdout, true)
+	case "status":
+		return cmdStatus(ctx, rest, stdout)
+	case "check":
+		return cmdCheck(ctx, rest, stdout)
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":

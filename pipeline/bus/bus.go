@@ -309,3 +309,102 @@ func redact(url string) string {
 	}
 	return url
 }
+
+// Inspect reports problems with walship's JetStream resources without
+// changing anything: JetStream must be enabled; streams and the consumer,
+// where they exist, must have the retention and acknowledgement walship
+// relies on. Missing resources are not problems: walship creates them.
+func Inspect(ctx context.Context, url string, names Names) ([]string, error) {
+	nc, err := nats.Connect(url, nats.Name("walship-check"), nats.Timeout(5*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach NATS at %s: %v: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := js.AccountInfo(ctx); err != nil {
+		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
+			return nil, errors.New("NATS server has JetStream disabled: start nats-server with -js")
+		}
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	var probs []string
+	if s, err := js.Stream(ctx, names.Segments); err == nil {
+		if cfg := s.CachedInfo().Config; cfg.Retention != jetstream.WorkQueuePolicy {
+			probs = append(probs, fmt.Sprintf("stream %s has %s retention, want workqueue: delete it and let walship recreate it", names.Segments, cfg.Retention))
+		}
+		if c, err := s.Consumer(ctx, names.Consumer); err == nil {
+			cfg := c.CachedInfo().Config
+			if cfg.AckPolicy != jetstream.AckExplicitPolicy || (cfg.MaxDeliver != -1 && cfg.MaxDeliver != 0) {
+				probs = append(probs, fmt.Sprintf("consumer %s: ack %s, max deliver %d; want explicit and unlimited so no segment is dropped", names.Consumer, cfg.AckPolicy, cfg.MaxDeliver))
+			}
+		}
+	}
+	if s, err := js.Stream(ctx, names.Archived); err == nil {
+		if cfg := s.CachedInfo().Config; cfg.Retention != jetstream.LimitsPolicy {
+			probs = append(probs, fmt.Sprintf("stream %s has %s retention, want limits", names.Archived, cfg.Retention))
+		}
+	}
+	return probs, nil
+}
+
+// Snapshot is what `walship status` reads from JetStream.
+type Snapshot struct {
+	States       []pipeline.ServerState
+	LastArchived map[string]*pipeline.ArchivedEvent // by server
+	ArchivedAt   map[string]time.Time
+	Backlog      uint64
+	BacklogKnown bool
+}
+
+// ReadSnapshot reads every server's state, its last archived
+// confirmation, and the archiver backlog, without changing anything.
+func ReadSnapshot(ctx context.Context, url string, names Names) (*Snapshot, error) {
+	nc, err := nats.Connect(url, nats.Name("walship-status"), nats.Timeout(5*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach NATS at %s: %v: fix --nats", redact(url), err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	snap := &Snapshot{LastArchived: map[string]*pipeline.ArchivedEvent{}, ArchivedAt: map[string]time.Time{}}
+	kv, err := js.KeyValue(ctx, names.State)
+	if err != nil {
+		return nil, fmt.Errorf("no walship state in NATS (%s: %v): has a receiver run against this NATS?", names.State, err)
+	}
+	keys, err := kv.Keys(ctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
+		return nil, fmt.Errorf("list %s: %w", names.State, err)
+	}
+	stream, serr := js.Stream(ctx, names.Archived)
+	for _, k := range keys {
+		e, err := kv.Get(ctx, k)
+		if err != nil {
+			continue
+		}
+		var st pipeline.ServerState
+		if json.Unmarshal(e.Value(), &st) != nil {
+			continue
+		}
+		snap.States = append(snap.States, st)
+		if serr == nil {
+			if m, err := stream.GetLastMsgForSubject(ctx, ArchivedSubject(st.Server)); err == nil {
+				if ev, err := pipeline.DecodeArchivedEvent(m.Data); err == nil {
+					snap.LastArchived[st.Server] = &ev
+					snap.ArchivedAt[st.Server] = m.Time
+				}
+			}
+		}
+	}
+	if c, err := js.Consumer(ctx, names.Segments, names.Consumer); err == nil {
+		if info, err := c.Info(ctx); err == nil {
+			snap.Backlog = info.NumPending + uint64(info.NumAckPending)
+			snap.BacklogKnown = true
+		}
+	}
+	return snap, nil
+}

@@ -25,8 +25,18 @@ var ErrSlotLost = errors.New("replication slot lost")
 // ErrSlotActive is returned when another connection streams the slot.
 var ErrSlotActive = errors.New("replication slot active")
 
+// fatalError is an error that is ErrFatal without saying so in its text.
+type fatalError struct {
+	msg string
+	err error // a more specific sentinel, or nil
+}
+
+func (e *fatalError) Error() string        { return e.msg }
+func (e *fatalError) Is(target error) bool { return target == ErrFatal }
+func (e *fatalError) Unwrap() error        { return e.err }
+
 func fatalf(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", ErrFatal, fmt.Sprintf(format, args...))
+	return &fatalError{msg: fmt.Sprintf(format, args...)}
 }
 
 // ConnConfig parses a libpq connection string (URL or key=value; PG*

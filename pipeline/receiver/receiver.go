@@ -7,6 +7,7 @@ package receiver
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -83,6 +84,9 @@ type Receiver struct {
 	serverEnd pipeline.LSN  // owned by the replication loop
 	received  atomic.Uint64 // end of WAL received; read by housekeeping
 	serverLSN atomic.Uint64 // serverEnd, for housekeeping
+	written   atomic.Uint64 // spool fsync position, for housekeeping
+	connected atomic.Bool
+	standby   atomic.Bool
 }
 
 // New builds a receiver.
@@ -276,7 +280,7 @@ func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotStat
 			slot.WALStatus = q.WALStatus
 		}
 		if slot.WALStatus == "lost" {
-			return slot, fmt.Errorf("%w: %w: PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup and recreate the slot", ErrFatal, ErrSlotLost, r.cfg.Slot)
+			return slot, &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup and recreate the slot", r.cfg.Slot)}
 		}
 	}
 	return slot, nil
@@ -411,7 +415,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 			return fmt.Errorf("%w: replication slot %q: %s: another walship receiver or pg_receivewal is streaming it; stop it or choose another --slot", ErrSlotActive, r.cfg.Slot, pgErr.Message)
 		}
 		if errors.As(err, &pgErr) && pgErr.Code == "58P01" {
-			return fmt.Errorf("%w: %w: %s: WAL the archive needs is gone from the server; take a new base backup and recreate the slot", ErrFatal, ErrSlotLost, pgErr.Message)
+			return &fatalError{err: ErrSlotLost, msg: pgErr.Message + ": WAL the archive needs is gone from the server; take a new base backup and recreate the slot"}
 		}
 		return fmt.Errorf("start replication at %s: %w", r.size.Start(start), err)
 	}
@@ -422,7 +426,8 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 	}
 	r.received.Store(uint64(r.spool.written))
 	r.m.connected.Set(1)
-	defer r.m.connected.Set(0)
+	r.connected.Store(true)
+	defer func() { r.m.connected.Set(0); r.connected.Store(false) }()
 	r.log.Info("streaming", "lsn", r.spool.written.String(), "timeline", r.tli)
 
 	var sentFlush pipeline.LSN
@@ -443,6 +448,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 		}
 		sentFlush = flush
 		nextStatus = time.Now().Add(r.cfg.StatusInterval)
+		r.written.Store(uint64(r.spool.synced))
 		r.m.written.Set(float64(r.spool.synced))
 		r.m.flush.Set(float64(flush))
 		return nil
@@ -641,11 +647,18 @@ func (r *Receiver) housekeeping(ctx context.Context) error {
 			} else {
 				r.m.lagBytes.Set(0)
 			}
-			r.m.lagSeconds.Set(r.tr.lagSeconds(now, received))
+			lagSecs := r.tr.lagSeconds(now, received)
+			r.m.lagSeconds.Set(lagSecs)
 			if now.Sub(lastState) >= r.cfg.StatusInterval {
 				lastState = now
-				state := fmt.Sprintf(`{"server":%q,"system_id":%q,"timeline":%d,"server_lsn":%q,"received_lsn":%q,"published_lsn":%q,"archived_lsn":%q,"flush_lsn":%q,"updated":%q}`,
-					r.server, r.sysID, r.tli, pipeline.LSN(r.serverLSN.Load()), received, published, archived, flush, now.UTC().Format(time.RFC3339Nano))
+				st := pipeline.ServerState{V: 1, Server: r.server, SystemID: r.sysID, Slot: r.cfg.Slot, Timeline: r.tli,
+					ServerLSN: pipeline.LSN(r.serverLSN.Load()), ReceivedLSN: received, WrittenLSN: pipeline.LSN(r.written.Load()),
+					PublishedLSN: published, ArchivedLSN: archived, FlushLSN: flush,
+					LagSeconds: lagSecs, Connected: r.connected.Load(), Standby: r.standby.Load(), Updated: now.UTC()}
+				if received > flush {
+					st.LagBytes = uint64(received - flush)
+				}
+				state, _ := json.Marshal(st)
 				select {
 				case states <- []byte(state):
 				default: // the previous one is still on its way; skip this one

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/bus"
+	"github.com/walship/walship/pipeline/receiver"
+)
+
+// serverStatus is one server's line in `walship status`.
+type serverStatus struct {
+	pipeline.ServerState
+	Receiver        string    `json:"receiver"` // streaming, standby, disconnected, stale
+	StateAge        float64   `json:"state_age_seconds"`
+	LastArchived    string    `json:"last_archived,omitempty"`
+	LastArchivedAt  time.Time `json:"last_archived_at,omitempty"`
+	ArchiverBacklog *uint64   `json:"archiver_backlog,omitempty"`
+	Slot            *slotInfo `json:"slot_state,omitempty"`
+}
+
+type slotInfo struct {
+	Exists     bool   `json:"exists"`
+	WALStatus  string `json:"wal_status"`
+	RestartLSN string `json:"restart_lsn"`
+	Active     bool   `json:"active"`
+	// What pg_stat_replication says of walship's connection.
+	ReplWrite string `json:"replication_write_lsn,omitempty"`
+	ReplFlush string `json:"replication_flush_lsn,omitempty"`
+}
+
+func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
+	c := &config{}
+	fs := newFlagSet("status", c, gPG|gNATS)
+	asJSON := fs.Bool("json", false, "print as JSON")
+	server := fs.String("server", "", "only this server")
+	rest, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, rest[0])
+	}
+	if c.NATS == "" {
+		return fmt.Errorf("%w: status needs --nats (the embedded server of 'walship run' listens on 127.0.0.1:4222)", errUsage)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	snap, err := bus.ReadSnapshot(ctx, c.NATS, bus.DefaultNames())
+	if err != nil {
+		return err
+	}
+	var out []serverStatus
+	now := time.Now()
+	for _, st := range snap.States {
+		if *server != "" && st.Server != *server {
+			continue
+		}
+		s := serverStatus{ServerState: st, StateAge: now.Sub(st.Updated).Seconds()}
+		switch {
+		case s.StateAge > 60:
+			s.Receiver = "stale"
+		case st.Standby:
+			s.Receiver = "standby"
+		case st.Connected:
+			s.Receiver = "streaming"
+		default:
+			s.Receiver = "disconnected"
+		}
+		if ev := snap.LastArchived[st.Server]; ev != nil {
+			s.LastArchived, s.LastArchivedAt = ev.File, snap.ArchivedAt[st.Server]
+		}
+		if snap.BacklogKnown {
+			b := snap.Backlog
+			s.ArchiverBacklog = &b
+		}
+		if c.PG != "" {
+			s.Slot = pgSlotInfo(ctx, c, st.Slot)
+		}
+		out = append(out, s)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	if len(out) == 0 {
+		fmt.Fprintln(stdout, "no servers recorded in NATS yet")
+	}
+	for _, s := range out {
+		fmt.Fprintf(stdout, "server %s (system %s), timeline %d, receiver %s (state %.0fs old)\n", s.Server, s.SystemID, s.Timeline, s.Receiver, s.StateAge)
+		fmt.Fprintf(stdout, "  positions: server %s  received %s  written %s  published %s  archived %s  flush %s\n",
+			s.ServerLSN, s.ReceivedLSN, s.WrittenLSN, s.PublishedLSN, s.ArchivedLSN, s.FlushLSN)
+		fmt.Fprintf(stdout, "  archive lag: %d bytes, %.1f s\n", s.LagBytes, s.LagSeconds)
+		if s.LastArchived != "" {
+			fmt.Fprintf(stdout, "  last archived: %s at %s\n", s.LastArchived, s.LastArchivedAt.Format(time.RFC3339))
+		}
+		if s.ArchiverBacklog != nil {
+			fmt.Fprintf(stdout, "  archiver backlog: %d events\n", *s.ArchiverBacklog)
+		}
+		if s.Slot != nil {
+			fmt.Fprintf(stdout, "  slot %s: exists %v, wal_status %s, restart_lsn %s, active %v\n", s.ServerState.Slot, s.Slot.Exists, s.Slot.WALStatus, s.Slot.RestartLSN, s.Slot.Active)
+		}
+	}
+	return nil
+}
+
+func pgSlotInfo(ctx context.Context, c *config, slot string) *slotInfo {
+	cfg, err := receiver.ConnConfig(c.PG, c.AppName+"-status", "")
+	if err != nil {
+		return nil
+	}
+	conn, err := receiver.Connect(ctx, cfg)
+	if err != nil {
+		return nil
+	}
+	defer conn.Close(context.Background())
+	st, err := receiver.QuerySlot(ctx, conn, slot)
+	if err != nil {
+		return nil
+	}
+	info := &slotInfo{Exists: st.Exists, WALStatus: st.WALStatus, RestartLSN: st.RestartLSN.String(), Active: st.ActivePID != 0}
+	res := conn.ExecParams(ctx, `SELECT write_lsn::text, flush_lsn::text FROM pg_stat_replication r
+		JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1`, [][]byte{[]byte(slot)}, nil, nil, nil).Read()
+	if res.Err == nil && len(res.Rows) == 1 {
+		info.ReplWrite, info.ReplFlush = string(res.Rows[0][0]), string(res.Rows[0][1])
+	}
+	return info
+}
