@@ -59,6 +59,7 @@ type Archiver struct {
 
 	mu         sync.Mutex
 	identities map[string]error // server → result of the identity check
+	seen       map[string]bool  // servers whose series exist
 }
 
 // New builds an archiver pool.
@@ -76,7 +77,7 @@ func New(cfg Config, bus Bus, sink sinks.Sink) (*Archiver, error) {
 		return nil, err
 	}
 	return &Archiver{cfg: cfg, bus: bus, sink: sink, log: cfg.Log, rl: ratelog.New(cfg.Log, 30*time.Second),
-		identities: map[string]error{}}, nil
+		identities: map[string]error{}, seen: map[string]bool{}}, nil
 }
 
 // Run runs the workers until ctx is done. Each finishes the event it holds
@@ -175,6 +176,7 @@ func (a *Archiver) handle(ctx context.Context, w *worker, msg jetstream.Msg) {
 		msg.Term()
 		return
 	}
+	a.initSeries(ev.Server)
 	// Tell JetStream we are alive while we work, so long uploads are not
 	// redelivered to another worker.
 	stop := keepAlive(ctx, msg, 15*time.Second)
@@ -221,6 +223,26 @@ func (a *Archiver) handle(ctx context.Context, w *worker, msg jetstream.Msg) {
 	m.Upload.WithLabelValues(ev.Server).Observe(res.UploadSeconds)
 	a.rl.Reset("archive/" + ev.Server)
 	a.log.Debug("archived", "server", ev.Server, "segment", ev.File, "key", res.Key, "existed", res.Existed)
+}
+
+// initSeries creates a server's series at zero the first time it is seen,
+// so alerts on increases work from the first error rather than the second.
+func (a *Archiver) initSeries(server string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.seen[server] {
+		return
+	}
+	a.seen[server] = true
+	m := a.cfg.Metrics
+	for _, stage := range []string{"archive", "upload", "confirm", "ack", "cleanup"} {
+		m.Errors.WithLabelValues(server, stage).Add(0)
+	}
+	m.Conflicts.WithLabelValues(server).Add(0)
+	m.Corrupt.WithLabelValues(server).Add(0)
+	m.Segments.WithLabelValues(server).Add(0)
+	m.RawBytes.WithLabelValues(server).Add(0)
+	m.CompressedBytes.WithLabelValues(server).Add(0)
 }
 
 var errConflict = errors.New("archive conflict")

@@ -679,6 +679,10 @@ type gauges struct {
 }
 
 func newGauges(m *Metrics, server string) gauges {
+	for _, stage := range []string{"receive", "publish"} {
+		m.Errors.WithLabelValues(server, stage).Add(0)
+	}
+	m.Republished.WithLabelValues(server).Add(0)
 	return gauges{
 		server: m.ServerLSN.WithLabelValues(server), received: m.ReceivedLSN.WithLabelValues(server),
 		written: m.WrittenLSN.WithLabelValues(server), published: m.PublishedLSN.WithLabelValues(server),
