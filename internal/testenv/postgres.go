@@ -281,7 +281,9 @@ func (p *Postgres) Restored(backup string, conf ...string) *Postgres {
 	p.chown(dir)
 	r := &Postgres{t: p.t, Bin: p.Bin, Dir: dir, DataDir: filepath.Join(dir, "data"), Port: FreePort(p.t), cred: p.cred}
 	r.run("cp", "-a", backup, r.DataDir)
-	r.SetConf(append([]string{"port = " + strconv.Itoa(r.Port), "unix_socket_directories = '" + dir + "'"}, conf...)...)
+	// A backup of a standby is itself a standby: make it recover and open.
+	os.Remove(filepath.Join(r.DataDir, "standby.signal"))
+	r.SetConf(append([]string{"port = " + strconv.Itoa(r.Port), "unix_socket_directories = '" + dir + "'", "primary_conninfo = ''"}, conf...)...)
 	r.writeFile("recovery.signal", "")
 	p.t.Cleanup(func() { r.Stop("immediate") })
 	return r
@@ -305,4 +307,28 @@ func (p *Postgres) Running() bool {
 	cmd := exec.Command(filepath.Join(p.Bin, "pg_ctl"), "-D", p.DataDir, "status")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
 	return cmd.Run() == nil
+}
+
+// StartStandby makes a streaming standby of p with pg_basebackup -R and
+// starts it.
+func (p *Postgres) StartStandby(conf ...string) *Postgres {
+	p.t.Helper()
+	dir, err := os.MkdirTemp("", "walship-standby-")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() { os.RemoveAll(dir) })
+	p.chown(dir)
+	s := &Postgres{t: p.t, Bin: p.Bin, Dir: dir, DataDir: filepath.Join(dir, "data"), Port: FreePort(p.t), cred: p.cred}
+	p.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(p.Port), "-U", "postgres", "-D", s.DataDir, "-X", "stream", "-R", "-c", "fast", "--no-sync")
+	s.SetConf(append([]string{"port = " + strconv.Itoa(s.Port), "unix_socket_directories = '" + dir + "'", "hot_standby = on"}, conf...)...)
+	s.Start()
+	p.t.Cleanup(func() { s.Stop("immediate") })
+	return s
+}
+
+// Promote promotes a standby and waits until it accepts writes.
+func (p *Postgres) Promote() {
+	p.t.Helper()
+	p.run("pg_ctl", "-D", p.DataDir, "-w", "promote")
 }

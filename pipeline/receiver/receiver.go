@@ -7,6 +7,7 @@ package receiver
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -78,7 +79,8 @@ type Receiver struct {
 	server string
 	spool  *spool
 	tr     *tracker
-	start  pipeline.LSN
+	start  pipeline.LSN // where the first session starts
+	resume pipeline.LSN // where the next session starts (segment-aligned on use)
 	m      gauges
 
 	serverEnd pipeline.LSN  // owned by the replication loop
@@ -145,6 +147,10 @@ func (r *Receiver) streamLoop(ctx context.Context, conn *pgconn.PgConn) error {
 	for {
 		began := time.Now()
 		err := r.stream(ctx, conn, first)
+		if errors.Is(err, errTimelineSwitched) && ctx.Err() == nil {
+			first = false
+			continue // same connection, new timeline
+		}
 		closeConn(conn)
 		if ctx.Err() != nil {
 			return nil
@@ -280,7 +286,7 @@ func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotStat
 			slot.WALStatus = q.WALStatus
 		}
 		if slot.WALStatus == "lost" {
-			return slot, &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup and recreate the slot", r.cfg.Slot)}
+			return slot, r.lostError()
 		}
 	}
 	return slot, nil
@@ -314,13 +320,19 @@ func (r *Receiver) querySlot(ctx context.Context) (SlotState, error) {
 // plan decides where streaming starts and what the spool still owes the
 // archive. Complete spool segments wholly before the slot's restart_lsn
 // are archived (the slot moves only after archiving) and are removed; the
-// others are published again. Streaming starts at the later of the slot's
-// segment and the end of the newest complete spool segment, always on a
-// segment boundary, so a .partial is streamed again from its start.
+// others, and ended-timeline segments and history files, are published
+// again. Streaming starts on the slot's timeline at the later of the
+// slot's segment and the end of the newest complete spool segment, always
+// on a segment boundary, so a .partial is streamed again from its start.
 func (r *Receiver) plan(slot SlotState, serverPos pipeline.LSN) error {
 	restart := slot.RestartLSN
 	if restart == 0 {
 		restart = serverPos
+	}
+	if slot.Timeline != 0 && slot.Timeline < r.tli {
+		// The slot still holds WAL of an older timeline: stream it from
+		// there; the server ends that timeline and walship follows.
+		r.tli = slot.Timeline
 	}
 	r.start = r.size.Start(restart)
 	_, complete, err := r.spool.scan()
@@ -334,8 +346,8 @@ func (r *Receiver) plan(slot SlotState, serverPos pipeline.LSN) error {
 			continue
 		}
 		keep = append(keep, seg)
-		if seg.Timeline == r.tli && seg.EndLSN(r.size) > r.start {
-			r.start = seg.EndLSN(r.size)
+		if seg.Timeline >= r.tli && seg.EndLSN(r.size) > r.start {
+			r.tli, r.start = seg.Timeline, seg.EndLSN(r.size)
 		}
 	}
 	first := pipeline.SegmentOf(r.tli, r.start, r.size)
@@ -344,7 +356,7 @@ func (r *Receiver) plan(slot SlotState, serverPos pipeline.LSN) error {
 			first = seg
 		}
 	}
-	r.tr = newTracker(r.size, r.spool, first, slot.RestartLSN)
+	r.tr = newTracker(r.size, first, slot.RestartLSN)
 	for _, seg := range keep {
 		path := r.spool.path(seg)
 		sum, n, err := hashFile(path)
@@ -361,6 +373,28 @@ func (r *Receiver) plan(slot SlotState, serverPos pipeline.LSN) error {
 		}
 		r.tr.add(r.event(seg, sum))
 	}
+	ended, histories, err := r.spool.ended()
+	if err != nil {
+		return err
+	}
+	for _, h := range histories {
+		data, err := os.ReadFile(filepath.Join(r.spool.dir, h))
+		if err != nil {
+			return err
+		}
+		var tli uint32
+		fmt.Sscanf(h, "%08X.history", &tli)
+		r.tr.add(r.historyEvent(tli, filepath.Join(r.spool.dir, h), data))
+	}
+	for _, seg := range ended {
+		path := r.spool.path(seg) + endedSuffix
+		sum, _, err := hashFile(path)
+		if err != nil {
+			return err
+		}
+		r.tr.add(r.partialEvent(completed{seg: seg, path: path, sha256: sum}, 0))
+	}
+	r.resume = r.start
 	r.received.Store(uint64(r.start))
 	return nil
 }
@@ -380,6 +414,72 @@ func (r *Receiver) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent
 	return ev
 }
 
+// partialEvent announces the last segment of an ended timeline, archived
+// as <segment>.partial. end is the switch point (0 when unknown, after a
+// restart).
+func (r *Receiver) partialEvent(c completed, end pipeline.LSN) pipeline.SegmentEvent {
+	ev := r.event(c.seg, c.sha256)
+	ev.Kind = pipeline.KindPartial
+	ev.Spool = c.path
+	if end != 0 {
+		ev.EndLSN = end
+	}
+	if r.cfg.StageObjects {
+		ev.Object = r.server + "/" + ev.File + ".partial"
+	}
+	return ev
+}
+
+// historyEvent announces a timeline history file.
+func (r *Receiver) historyEvent(tli uint32, path string, data []byte) pipeline.SegmentEvent {
+	sum := sha256.Sum256(data)
+	ev := pipeline.SegmentEvent{
+		V: pipeline.EventVersion, Server: r.server, SystemID: r.sysID, Timeline: tli,
+		File: pipeline.HistoryFileName(tli), Kind: pipeline.KindHistory,
+		Size: int64(len(data)), SegSize: uint64(r.size), SHA256: pipeline.SHA256Hex(sum[:]), Spool: path,
+	}
+	if r.cfg.StageObjects {
+		ev.Object = r.server + "/" + ev.File
+	}
+	return ev
+}
+
+// switchTimeline follows the server to the next timeline: it archives the
+// new timeline's history file and the old timeline's last segment (as
+// .partial), and moves the watermark to the new timeline. Streaming
+// resumes at the start of the segment that holds the switch point, on the
+// new timeline, whose first bytes are the old timeline's.
+func (r *Receiver) switchTimeline(ctx context.Context, conn *pgconn.PgConn, next uint32, at pipeline.LSN) error {
+	if next <= r.tli {
+		return fmt.Errorf("server ended timeline %d and named timeline %d next", r.tli, next)
+	}
+	hist, err := pglogrepl.TimelineHistory(ctx, conn, int32(next))
+	if err != nil {
+		return fmt.Errorf("timeline history %d: %w", next, err)
+	}
+	path, err := r.spool.writeFile(pipeline.HistoryFileName(next), hist.Content)
+	if err != nil {
+		return fatalf("%v", err)
+	}
+	r.tr.add(r.historyEvent(next, path, hist.Content))
+	if r.spool.f != nil && r.spool.written > r.spool.seg.StartLSN(r.size) {
+		c, err := r.spool.endTimeline(at)
+		if err != nil {
+			return err
+		}
+		r.tr.add(r.partialEvent(c, at))
+	} else if r.spool.f != nil {
+		// The timeline ended on a segment boundary: no partial segment.
+		r.spool.discardCurrent()
+	}
+	r.log.Info("timeline switch", "timeline", next, "previous_timeline", r.tli, "lsn", at.String())
+	r.tli = next
+	r.resume = r.size.Start(at)
+	r.tr.switchTimeline(pipeline.SegmentOf(next, at, r.size))
+	r.m.timeline.Set(float64(next))
+	return nil
+}
+
 // reconnect opens a new replication connection after a drop and checks it
 // is still the same cluster.
 func (r *Receiver) reconnect(ctx context.Context) (*pgconn.PgConn, error) {
@@ -391,24 +491,62 @@ func (r *Receiver) reconnect(ctx context.Context) (*pgconn.PgConn, error) {
 		closeConn(conn)
 		return nil, fatalf("server's system identifier changed from %s to %s: this is another cluster; point walship at a new --server or spool", r.sysID, id.SystemID)
 	}
-	if uint32(id.Timeline) != r.tli {
+	if uint32(id.Timeline) < r.tli {
 		closeConn(conn)
-		return nil, fatalf("server moved from timeline %d to %d; following timeline switches is not supported yet: restart walship after archiving the new timeline's history", r.tli, id.Timeline)
+		return nil, fatalf("server is on timeline %d, older than the %d walship streamed: is this another server? point walship at the right one", id.Timeline, r.tli)
+	}
+	// A newer timeline is fine: streaming resumes on the old one and the
+	// server ends it at the switch point, which walship follows.
+	if err := r.checkSlotLost(ctx, conn); err != nil {
+		closeConn(conn)
+		return nil, err
 	}
 	return conn, nil
 }
 
-// stream runs one START_REPLICATION session until it ends or ctx is done.
-func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) error {
-	start := r.start
-	if !first {
-		start = r.spool.written // resume at the first byte not in the spool
-		if r.spool.f == nil {
-			start = r.start
+// checkSlotLost stops the receiver when PostgreSQL has invalidated the slot.
+func (r *Receiver) checkSlotLost(ctx context.Context, conn *pgconn.PgConn) error {
+	slot, err := r.readSlot(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if !slot.Exists {
+		return fatalf("replication slot %q disappeared: someone dropped it; the archive may have a gap: take a new base backup, then recreate the slot with 'walship slot create --recreate'", r.cfg.Slot)
+	}
+	if slot.RestartLSN == 0 {
+		q, err := r.querySlot(ctx)
+		if err == nil && q.WALStatus == "lost" {
+			return r.lostError()
 		}
 	}
-	err := pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, pglogrepl.LSN(r.size.Start(start)),
+	return nil
+}
+
+func (r *Receiver) lostError() error {
+	return &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup, then run 'walship slot create --recreate' to record the gap and start again", r.cfg.Slot)}
+}
+
+// errTimelineSwitched ends a session after a timeline switch; the next one
+// starts at once on the new timeline.
+var errTimelineSwitched = errors.New("timeline switched")
+
+// stream runs one START_REPLICATION session until it ends or ctx is done.
+// It resumes at the start of the segment holding the first byte not yet in
+// the spool.
+func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) error {
+	start := r.size.Start(r.resume)
+	if !first && r.spool.f != nil {
+		start = r.size.Start(r.spool.written)
+	}
+	err := pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, pglogrepl.LSN(start),
 		pglogrepl.StartReplicationOptions{Timeline: int32(r.tli), Mode: pglogrepl.PhysicalReplication})
+	if tli, at, ok := pglogrepl.IsErrEndTimeline(err); ok {
+		// Nothing left on this timeline from here: it ended at or before start.
+		if err := r.switchTimeline(ctx, conn, uint32(tli), pipeline.LSN(at)); err != nil {
+			return err
+		}
+		return errTimelineSwitched
+	}
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "55006" {
@@ -502,7 +640,22 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 				}
 			}
 		case *pgproto3.CopyDone:
-			return fmt.Errorf("server ended the stream on timeline %d (a promotion or timeline switch)", r.tli)
+			// The server ended this timeline (a promotion); it tells the
+			// next one and where it starts.
+			if err := status(); err != nil {
+				return err
+			}
+			cdr, err := pglogrepl.SendStandbyCopyDone(ctx, conn)
+			if err != nil {
+				return fmt.Errorf("end of timeline %d: %w", r.tli, err)
+			}
+			if cdr == nil {
+				return fmt.Errorf("server ended the stream on timeline %d without naming the next timeline", r.tli)
+			}
+			if err := r.switchTimeline(ctx, conn, uint32(cdr.Timeline), pipeline.LSN(cdr.LSN)); err != nil {
+				return err
+			}
+			return errTimelineSwitched
 		case *pgproto3.ErrorResponse:
 			return fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(msg))
 		}

@@ -49,6 +49,84 @@ func (s *spool) path(seg pipeline.Segment) string {
 	return filepath.Join(s.dir, seg.Name(s.size))
 }
 
+// Spool file names besides <segment> and <segment>.partial: the last
+// segment of an ended timeline, kept until archived as <segment>.partial,
+// and timeline history files.
+const endedSuffix = ".partial.ended"
+
+// ended lists the ended-timeline segments and history files waiting in the
+// spool.
+func (s *spool) ended() (segs []pipeline.Segment, histories []string, err error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read spool: %w", err)
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if base, ok := strings.CutSuffix(name, endedSuffix); ok && pipeline.IsSegmentName(base) {
+			if seg, err := pipeline.ParseSegmentName(base, s.size); err == nil {
+				segs = append(segs, seg)
+			}
+		}
+		if strings.HasSuffix(name, ".history") && len(name) == 16 {
+			histories = append(histories, name)
+		}
+	}
+	return segs, histories, nil
+}
+
+// endTimeline closes the open segment at the switch point: it is fsynced
+// and renamed <segment>.partial.ended, to be archived as <segment>.partial.
+func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
+	if s.f == nil || s.written != at {
+		return completed{}, fmt.Errorf("spool: timeline ended at %s but the spool holds WAL to %s", at, s.written)
+	}
+	name := s.seg.Name(s.size)
+	if err := s.f.Sync(); err != nil {
+		return completed{}, fmt.Errorf("fsync spool segment %s: %w", name, err)
+	}
+	s.synced = s.written
+	s.f.Close()
+	s.f = nil
+	final := s.path(s.seg) + endedSuffix
+	if err := os.Rename(s.path(s.seg)+".partial", final); err != nil {
+		return completed{}, fmt.Errorf("rename spool segment %s: %w", name, err)
+	}
+	if err := syncDir(s.dir); err != nil {
+		return completed{}, err
+	}
+	sum, _, err := hashFile(final)
+	if err != nil {
+		return completed{}, err
+	}
+	return completed{seg: s.seg, path: final, sha256: sum}, nil
+}
+
+// writeFile stores a small file (a timeline history) durably in the spool.
+func (s *spool) writeFile(name string, data []byte) (string, error) {
+	path := filepath.Join(s.dir, name)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return "", err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	f.Close()
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(s.dir)
+	}
+	if err != nil {
+		return "", fmt.Errorf("spool %s: %w", name, err)
+	}
+	return path, nil
+}
+
 // scan lists the partial and complete segments in the spool, oldest first.
 func (s *spool) scan() (partials, complete []pipeline.Segment, err error) {
 	entries, err := os.ReadDir(s.dir)
@@ -188,6 +266,19 @@ func hashFile(path string) (string, int64, error) {
 
 func (s *spool) remove(seg pipeline.Segment) {
 	os.Remove(s.path(seg))
+}
+
+// position is where the next byte goes: the end of what the open segment
+// holds, or the start of the next one.
+func (s *spool) position() pipeline.LSN { return s.written }
+
+// discardCurrent closes and removes the open segment, which holds nothing.
+func (s *spool) discardCurrent() {
+	if s.f != nil {
+		s.f.Close()
+		s.f = nil
+		os.Remove(s.path(s.seg) + ".partial")
+	}
 }
 
 func (s *spool) closeCurrent() {

@@ -2,6 +2,7 @@ package receiver
 
 import (
 	"context"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -9,20 +10,24 @@ import (
 	"github.com/walship/walship/pipeline"
 )
 
-// tracker holds the segments between "complete in the spool" and
+// tracker holds the WAL files between "durable in the spool" and
 // "confirmed archived": the publish queue, the watermark and the times the
 // lag metrics need. The replication loop adds to it, the publisher drains
 // its queue, the confirmation watcher confirms; flush is read lock-free by
 // the replication loop.
 type tracker struct {
 	size  pipeline.SegmentSize
-	spool *spool
 	floor pipeline.LSN // slot restart_lsn at start: never report a flush below it
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// wm tracks the current timeline. prev, when set, is the previous
+	// timeline's watermark, which must reach prevEnd (the start of the
+	// segment holding the switch point) before wm counts.
 	wm        *pipeline.Watermark
-	pending   map[pipeline.Segment]*entry
-	queue     []pipeline.Segment
+	prev      *pipeline.Watermark
+	prevEnd   pipeline.LSN
+	pending   map[string]*entry // by event MsgID
+	queue     []string
 	firstSeen map[pipeline.Segment]time.Time
 	archived  pipeline.LSN // end of the newest confirmed segment
 	published pipeline.LSN // end of the newest published segment
@@ -37,25 +42,52 @@ type entry struct {
 	queued    bool
 }
 
-func newTracker(size pipeline.SegmentSize, sp *spool, first pipeline.Segment, floor pipeline.LSN) *tracker {
+func newTracker(size pipeline.SegmentSize, first pipeline.Segment, floor pipeline.LSN) *tracker {
 	t := &tracker{
-		size: size, spool: sp, floor: floor,
+		size: size, floor: floor,
 		wm:        pipeline.NewWatermark(first, size),
-		pending:   map[pipeline.Segment]*entry{},
+		pending:   map[string]*entry{},
 		firstSeen: map[pipeline.Segment]time.Time{},
 		wake:      make(chan struct{}, 1),
 	}
-	t.flush.Store(uint64(max(t.wm.Flush(), floor)))
+	t.flush.Store(uint64(t.flushLocked()))
 	return t
 }
 
-// add queues a segment that is durable in the spool for publishing.
-func (t *tracker) add(ev pipeline.SegmentEvent) {
-	seg := pipeline.Segment{Timeline: ev.Timeline, No: uint64(ev.StartLSN) / uint64(t.size)}
+// flushLocked is the contiguous archived position across the timeline
+// chain, never below the floor.
+func (t *tracker) flushLocked() pipeline.LSN {
+	f := t.wm.Flush()
+	if t.prev != nil {
+		if pf := t.prev.Flush(); pf < t.prevEnd {
+			f = pf
+		} else {
+			t.prev = nil
+		}
+	}
+	return max(f, t.floor)
+}
+
+// switchTimeline starts tracking a new timeline whose first segment is
+// first; the old timeline must still be archived up to first's start.
+func (t *tracker) switchTimeline(first pipeline.Segment) {
 	t.mu.Lock()
-	if _, ok := t.pending[seg]; !ok {
-		t.pending[seg] = &entry{ev: ev, queued: true}
-		t.queue = append(t.queue, seg)
+	defer t.mu.Unlock()
+	if t.prev == nil || t.prev.Flush() >= t.prevEnd {
+		t.prev = t.wm
+	}
+	t.prevEnd = first.StartLSN(t.size)
+	t.wm = pipeline.NewWatermark(first, t.size)
+	t.flush.Store(uint64(t.flushLocked()))
+}
+
+// add queues a WAL file that is durable in the spool for publishing.
+func (t *tracker) add(ev pipeline.SegmentEvent) {
+	id := ev.MsgID()
+	t.mu.Lock()
+	if _, ok := t.pending[id]; !ok {
+		t.pending[id] = &entry{ev: ev, queued: true}
+		t.queue = append(t.queue, id)
 	}
 	t.mu.Unlock()
 	t.signal()
@@ -68,14 +100,14 @@ func (t *tracker) signal() {
 	}
 }
 
-// next blocks until a segment is queued and returns its event.
+// next blocks until a file is queued and returns its event.
 func (t *tracker) next(ctx context.Context) (pipeline.SegmentEvent, bool) {
 	for {
 		t.mu.Lock()
 		for len(t.queue) > 0 {
-			seg := t.queue[0]
+			id := t.queue[0]
 			t.queue = t.queue[1:]
-			if e, ok := t.pending[seg]; ok {
+			if e, ok := t.pending[id]; ok {
 				e.queued = false
 				t.mu.Unlock()
 				return e.ev, true
@@ -90,36 +122,34 @@ func (t *tracker) next(ctx context.Context) (pipeline.SegmentEvent, bool) {
 	}
 }
 
-// isPending reports whether seg still waits for its confirmation.
+// isPending reports whether ev still waits for its confirmation.
 func (t *tracker) isPending(ev pipeline.SegmentEvent) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	_, ok := t.pending[t.segOf(ev)]
+	_, ok := t.pending[ev.MsgID()]
 	return ok
-}
-
-func (t *tracker) segOf(ev pipeline.SegmentEvent) pipeline.Segment {
-	return pipeline.Segment{Timeline: ev.Timeline, No: uint64(ev.StartLSN) / uint64(t.size)}
 }
 
 func (t *tracker) markPublished(ev pipeline.SegmentEvent, at time.Time) {
 	t.mu.Lock()
-	if e, ok := t.pending[t.segOf(ev)]; ok {
+	if e, ok := t.pending[ev.MsgID()]; ok {
 		e.published = at
 	}
-	t.published = max(t.published, ev.EndLSN)
+	if ev.Kind == pipeline.KindSegment {
+		t.published = max(t.published, ev.EndLSN)
+	}
 	t.mu.Unlock()
 }
 
-// requeueStale queues again every published segment whose confirmation has
+// requeueStale queues again every published file whose confirmation has
 // not come within after, and returns how many.
 func (t *tracker) requeueStale(now time.Time, after time.Duration) int {
 	t.mu.Lock()
 	n := 0
-	for seg, e := range t.pending {
+	for id, e := range t.pending {
 		if !e.queued && !e.published.IsZero() && now.Sub(e.published) >= after {
 			e.queued = true
-			t.queue = append(t.queue, seg)
+			t.queue = append(t.queue, id)
 			n++
 		}
 	}
@@ -130,30 +160,37 @@ func (t *tracker) requeueStale(now time.Time, after time.Duration) int {
 	return n
 }
 
-// confirm records an archived event. It removes the spool copy and reports
-// whether the flush position moved.
+// confirm records an archived event: it removes the spool copy and, for a
+// segment, reports whether the flush position moved.
 func (t *tracker) confirm(ev pipeline.ArchivedEvent) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if e, ok := t.pending[ev.MsgID()]; ok {
+		delete(t.pending, ev.MsgID())
+		if e.ev.Spool != "" {
+			os.Remove(e.ev.Spool)
+		}
+	}
 	if ev.Kind != pipeline.KindSegment {
 		return false
 	}
-	seg := t.segOf(ev.SegmentEvent)
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if _, ok := t.pending[seg]; ok {
-		delete(t.pending, seg)
-		t.spool.remove(seg)
-	}
+	seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
 	t.archived = max(t.archived, ev.EndLSN)
-	moved := t.wm.Confirm(seg)
-	if moved {
+	before := t.flushLocked()
+	t.wm.Confirm(seg)
+	if t.prev != nil {
+		t.prev.Confirm(seg)
+	}
+	after := t.flushLocked()
+	if after != before {
 		for s := range t.firstSeen {
-			if s.No < t.wm.Next().No {
+			if s.StartLSN(t.size) < after {
 				delete(t.firstSeen, s)
 			}
 		}
-		t.flush.Store(uint64(max(t.wm.Flush(), t.floor)))
+		t.flush.Store(uint64(after))
 	}
-	return moved
+	return after != before
 }
 
 // seen notes when the first byte of a segment arrived, for the lag in
@@ -170,13 +207,20 @@ func (t *tracker) seen(seg pipeline.Segment, at time.Time) {
 func (t *tracker) lagSeconds(now time.Time, received pipeline.LSN) float64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if received <= t.wm.Flush() {
+	flush := t.flushLocked()
+	if received <= flush {
 		return 0
 	}
-	if at, ok := t.firstSeen[t.wm.Next()]; ok {
-		return now.Sub(at).Seconds()
+	oldest := time.Time{}
+	for s, at := range t.firstSeen {
+		if s.EndLSN(t.size) > flush && (oldest.IsZero() || at.Before(oldest)) {
+			oldest = at
+		}
 	}
-	return 0
+	if oldest.IsZero() {
+		return 0
+	}
+	return now.Sub(oldest).Seconds()
 }
 
 // positions returns the published and archived ends and the bytes waiting

@@ -1,0 +1,177 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/walship/walship/pipeline"
+)
+
+// archivedFiles maps every WAL file name in the bucket (without the
+// compression extension) to its key.
+func (st *stack) archivedFiles() map[string]string {
+	out := map[string]string{}
+	p := s3.NewListObjectsV2Paginator(st.s3.Client(), &s3.ListObjectsV2Input{
+		Bucket: aws.String(st.s3.Bucket), Prefix: aws.String(st.prefix + "/" + st.server + "/wals/"),
+	})
+	for p.HasMorePages() {
+		page, err := p.NextPage(context.Background())
+		if err != nil {
+			st.t.Fatal(err)
+		}
+		for _, o := range page.Contents {
+			name := path.Base(*o.Key)
+			for _, ext := range []string{".zst", ".gz", ".snappy"} {
+				name = strings.TrimSuffix(name, ext)
+			}
+			out[name] = *o.Key
+		}
+	}
+	return out
+}
+
+// Promotion of the standby walship streams from: walship follows it to
+// timeline 2, archives 00000002.history and the timeline-1 segment that
+// holds the switch point as .partial, every archived segment matches the
+// promoted server's pg_wal, and point-in-time recovery through the switch
+// has every row.
+func TestPromotion(t *testing.T) {
+	st := newStack(t)
+	primary := st.pg
+	primary.Exec(`CREATE TABLE ledger (id serial primary key, phase text)`)
+	if err := primary.Pgbench(context.Background(), "-i", "-s", "1", "-q"); err != nil {
+		t.Fatal(err)
+	}
+	standby := primary.StartStandby()
+	st.pg = standby
+	w := startWalship(t, st.env(), st.args("run", "--create-slot")...)
+	waitFor(t, 30*time.Second, "streaming from the standby", func() bool { return st.walsenderPID() != "" })
+	firstSeg := uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
+	backup := standby.BaseBackup()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	bench := make(chan error, 1)
+	go func() { bench <- primary.Pgbench(ctx, "-c", "2", "-T", "600", "-n") }()
+	for i := 0; i < 300; i++ {
+		primary.Exec(`INSERT INTO ledger (phase) VALUES ('timeline 1')`)
+	}
+	primary.Exec(`SELECT pg_switch_wal()`)
+	waitFor(t, 30*time.Second, "the standby to replay timeline 1's rows", func() bool {
+		return standby.QueryString(`SELECT count(*)::text FROM ledger`) == "300"
+	})
+	cancel()
+	<-bench
+	primary.Stop("fast")
+	standby.Promote()
+	waitFor(t, 30*time.Second, "promotion", func() bool { return standby.QueryString(`SELECT pg_is_in_recovery()::text`) == "false" })
+
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	if err := standby.Pgbench(ctx, "-c", "2", "-T", "600", "-n"); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	for i := 0; i < 200; i++ {
+		standby.Exec(`INSERT INTO ledger (phase) VALUES ('timeline 2')`)
+	}
+	end := st.switchWAL()
+	waitFor(t, 90*time.Second, "walship to archive timeline 2", func() bool {
+		return st.replFlush() >= end && st.pg.QueryString(`SELECT timeline_id::text FROM pg_control_checkpoint()`) != ""
+	})
+	if err := w.stop(t); err != nil {
+		t.Fatalf("walship exit: %v", err)
+	}
+
+	files := st.archivedFiles()
+	hist, ok := files["00000002.history"]
+	if !ok {
+		t.Fatalf("00000002.history not archived; have %v", keysOf(files))
+	}
+	got, _ := st.object(hist)
+	want, _ := os.ReadFile(filepath.Join(standby.WALDir(), "00000002.history"))
+	if !bytes.Equal(got, want) {
+		t.Errorf("archived history %q, server's %q", got, want)
+	}
+	entries := strings.Fields(string(want))
+	switchAt, err := pipeline.ParseLSN(entries[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	switchSeg := pipeline.SegmentOf(1, switchAt, segSize)
+	if segSize.Offset(switchAt) != 0 {
+		partial, ok := files[switchSeg.Name(segSize)+".partial"]
+		if !ok {
+			t.Fatalf("timeline 1's last segment %s.partial not archived; have %v", switchSeg.Name(segSize), keysOf(files))
+		}
+		got, _ := st.object(partial)
+		// PostgreSQL keeps the old timeline's last segment as .partial when
+		// archiving is on, else under its own name.
+		want, err := os.ReadFile(filepath.Join(standby.WALDir(), switchSeg.Name(segSize)+".partial"))
+		if err != nil {
+			want, err = os.ReadFile(filepath.Join(standby.WALDir(), switchSeg.Name(segSize)))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := segSize.Offset(switchAt)
+		if len(got) != int(segSize) || !bytes.Equal(got[:n], want[:n]) {
+			t.Errorf("archived %s.partial differs from the server's up to the switch point", switchSeg.Name(segSize))
+		}
+	}
+	// Every segment, timeline 1 before the switch and timeline 2 after it.
+	compared := 0
+	for no := firstSeg; no < uint64(end)/uint64(segSize); no++ {
+		tli := uint32(1)
+		if no >= switchSeg.No {
+			tli = 2
+		}
+		name := pipeline.Segment{Timeline: tli, No: no}.Name(segSize)
+		key, ok := files[name]
+		if !ok {
+			t.Errorf("segment %s missing from the bucket", name)
+			continue
+		}
+		got, meta := st.object(key)
+		want, err := os.ReadFile(filepath.Join(standby.WALDir(), name))
+		if err != nil {
+			t.Fatalf("read pg_wal: %v", err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("segment %s differs from the promoted server's pg_wal", name)
+		}
+		if meta["walship-timeline"] != map[uint32]string{1: "1", 2: "2"}[tli] {
+			t.Errorf("segment %s metadata timeline %s", name, meta["walship-timeline"])
+		}
+		compared++
+	}
+	t.Logf("switch at %s; %d segments compared; partial and history archived", switchAt, compared)
+
+	// Point-in-time recovery through the switch, from the archive alone.
+	r := standby.Restored(backup, "restore_command = '"+st.restoreCommand("barman-cloud")+"'")
+	if err := r.TryStart(120 * time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, r.Log())
+	}
+	waitPromoted(t, r)
+	if got := count(r, `SELECT count(*)::text FROM ledger`); got != 500 {
+		t.Errorf("recovery through the timeline switch: %d rows, want 500", got)
+	}
+	if got := r.QueryString(`SELECT count(*)::text FROM ledger WHERE phase = 'timeline 2'`); got != "200" {
+		t.Errorf("%s rows from timeline 2, want 200", got)
+	}
+}
+
+func keysOf(m map[string]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
