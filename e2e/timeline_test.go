@@ -175,3 +175,7 @@ func keysOf(m map[string]string) []string {
 	}
 	return out
 }
+
+func listInput(bucket, prefix string) *s3.ListObjectsV2Input {
+	return &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String(prefix)}
+}

@@ -229,4 +229,3 @@ func checkSpool(dir string) error {
 	}
 	return nil
 }
-

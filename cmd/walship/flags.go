@@ -36,6 +36,8 @@ type config struct {
 	Level          int
 	Workers        int
 	StatusInterval time.Duration
+	Standby        bool
+	Synchronous    bool
 	RepublishAfter time.Duration
 	MetricsAddr    string
 	LogFormat      string
@@ -77,6 +79,8 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.SpoolDir, "spool-dir", "", "local spool directory (default <data-dir>/spool)")
 		fs.DurationVar(&c.StatusInterval, "status-interval", 10*time.Second, "standby status update interval")
 		fs.DurationVar(&c.RepublishAfter, "republish-after", 5*time.Minute, "publish a segment again when not confirmed archived within this time")
+		fs.BoolVar(&c.Standby, "standby", false, "when another receiver streams the slot, wait and take over when it stops (instead of exiting)")
+		fs.BoolVar(&c.Synchronous, "synchronous", false, "fsync and report the write position as soon as caught up, for synchronous_commit = remote_write")
 	}
 	if has(gNATS) {
 		fs.StringVar(&c.NATS, "nats", "", "NATS server URL (run: empty starts an embedded JetStream server)")

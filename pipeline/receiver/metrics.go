@@ -24,6 +24,7 @@ type Metrics struct {
 	SlotSafeWALSize *prometheus.GaugeVec
 	SlotRetained    *prometheus.GaugeVec
 	SlotExists      *prometheus.GaugeVec
+	Standby         *prometheus.GaugeVec
 }
 
 // NewMetrics builds the receiver's metrics and registers them on reg.
@@ -62,7 +63,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.SlotSafeWALSize = g("walship_slot_safe_wal_size_bytes", "WAL that can still be written before PostgreSQL invalidates the slot (safe_wal_size), in bytes; absent without max_slot_wal_keep_size.")
 	m.SlotRetained = g("walship_slot_retained_bytes", "WAL the slot holds on the server: current WAL position minus restart_lsn, in bytes.")
 	m.SlotExists = g("walship_slot_exists", "1 when the replication slot exists on the server.")
-	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists)
+	m.Standby = g("walship_receiver_standby", "1 while this receiver waits for a slot another receiver streams.")
+	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
 		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished)
 	return m

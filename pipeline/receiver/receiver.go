@@ -60,6 +60,8 @@ type Config struct {
 	StatusInterval time.Duration // standby status update interval
 	RepublishAfter time.Duration // publish a segment again when unconfirmed this long
 	StageObjects   bool          // put segment bytes in the object store (false: archivers read the spool)
+	Standby        bool          // wait while the slot is streamed elsewhere, then take over
+	Synchronous    bool          // fsync and report write at once when caught up (synchronous_commit = remote_write)
 	Log            *slog.Logger
 	Metrics        *Metrics
 }
@@ -115,11 +117,62 @@ func (r *Receiver) Server() string { return r.server }
 // back-off when the connection drops after a successful start; a failure
 // before the first successful start is returned, so a misconfiguration
 // exits at once with its reason.
+//
+// With Config.Standby, a slot streamed by another receiver is not an error:
+// Run waits, reporting standby, and takes over when the slot is released.
 func (r *Receiver) Run(ctx context.Context) error {
+	for {
+		if r.cfg.Standby {
+			if err := r.awaitSlot(ctx); err != nil {
+				return err
+			}
+		}
+		err := r.runOnce(ctx)
+		if r.cfg.Standby && errors.Is(err, ErrSlotActive) && ctx.Err() == nil {
+			continue // lost the race for the slot: wait again
+		}
+		return err
+	}
+}
+
+// awaitSlot waits while another connection streams the slot.
+func (r *Receiver) awaitSlot(ctx context.Context) error {
+	logged := false
+	for {
+		slot, err := r.querySlot(ctx)
+		if err != nil {
+			return err
+		}
+		if slot.ActivePID == 0 {
+			r.setStandby(false)
+			return nil
+		}
+		r.setStandby(true)
+		if !logged {
+			r.log.Info("standby: the slot is streamed by another connection; waiting to take over", "slot", r.cfg.Slot, "pid", slot.ActivePID)
+			logged = true
+		}
+		if !backoff.Sleep(ctx, time.Second) {
+			return ctx.Err()
+		}
+	}
+}
+
+func (r *Receiver) setStandby(on bool) {
+	r.standby.Store(on)
+	v := 0.0
+	if on {
+		v = 1
+	}
+	r.cfg.Metrics.Standby.WithLabelValues(r.cfg.Server).Set(v)
+}
+
+func (r *Receiver) runOnce(ctx context.Context) error {
 	conn, err := r.prepare(ctx)
 	if err != nil {
 		return err
 	}
+	defer r.spool.unlock()
 	bgCtx, stopBg := context.WithCancel(ctx)
 	defer stopBg()
 	bg, bgCtx := errgroup.WithContext(bgCtx)
@@ -128,7 +181,7 @@ func (r *Receiver) Run(ctx context.Context) error {
 		return r.conf.WatchArchived(bgCtx, r.server, time.Now().Add(-10*time.Minute), r.onArchived)
 	})
 	bg.Go(func() error { return r.housekeeping(bgCtx) })
-	bg.Go(func() error { return r.slotPoll(bgCtx, 5*time.Second) })
+	bg.Go(func() error { return r.slotPoll(bgCtx, time.Second) })
 
 	err = r.streamLoop(ctx, conn)
 	r.m.connected.Set(0)
@@ -219,6 +272,9 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 	defer func() {
 		if !ok {
 			closeConn(conn)
+			if r.spool != nil {
+				r.spool.unlock()
+			}
 		}
 	}()
 	r.sysID = id.SystemID
@@ -234,7 +290,9 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 		return nil, fatalf("--server: %v", err)
 	}
 	r.m = newGauges(r.cfg.Metrics, r.server)
-	r.log = r.log.With("server", r.server)
+	if r.log == r.cfg.Log {
+		r.log = r.log.With("server", r.server)
+	}
 
 	slot, err := r.slotState(ctx, conn)
 	if err != nil {
@@ -242,6 +300,9 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 	}
 	if r.spool, err = newSpool(filepath.Join(r.cfg.SpoolDir, r.server), r.size); err != nil {
 		return nil, fatalf("%v: fix --spool-dir", err)
+	}
+	if err := r.spool.lock(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSlotActive, err)
 	}
 	if err := r.plan(slot, pipeline.LSN(id.XLogPos)); err != nil {
 		return nil, err
@@ -523,7 +584,39 @@ func (r *Receiver) checkSlotLost(ctx context.Context, conn *pgconn.PgConn) error
 }
 
 func (r *Receiver) lostError() error {
+	if r.server != "" {
+		for _, st := range walStatuses {
+			v := 0.0
+			if st == "lost" {
+				v = 1
+			}
+			r.cfg.Metrics.SlotWALStatus.WithLabelValues(r.server, st).Set(v)
+		}
+	}
 	return &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup, then run 'walship slot create --recreate' to record the gap and start again", r.cfg.Slot)}
+}
+
+// errServerStopping ends a session whose walsender is shutting down.
+var errServerStopping = errors.New("server shutting down")
+
+// shutdownDetector recognises a walsender in shutdown: it has sent
+// everything and asks for replies again and again, waiting for a flush
+// position that only archiving moves.
+type shutdownDetector struct {
+	pings []time.Time
+}
+
+func (d *shutdownDetector) ping(replyRequested bool, serverEnd, received, flush pipeline.LSN) bool {
+	if !replyRequested || serverEnd > received || flush >= received {
+		d.pings = d.pings[:0]
+		return false
+	}
+	now := time.Now()
+	d.pings = append(d.pings, now)
+	for len(d.pings) > 0 && now.Sub(d.pings[0]) > time.Second {
+		d.pings = d.pings[1:]
+	}
+	return len(d.pings) >= 5
 }
 
 // errTimelineSwitched ends a session after a timeline switch; the next one
@@ -550,7 +643,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "55006" {
-			return fmt.Errorf("%w: replication slot %q: %s: another walship receiver or pg_receivewal is streaming it; stop it or choose another --slot", ErrSlotActive, r.cfg.Slot, pgErr.Message)
+			return fmt.Errorf("%w: replication slot %q: %s: another walship receiver or pg_receivewal is streaming it; stop it, choose another --slot, or pass --standby to take over when it stops", ErrSlotActive, r.cfg.Slot, pgErr.Message)
 		}
 		if errors.As(err, &pgErr) && pgErr.Code == "58P01" {
 			return &fatalError{err: ErrSlotLost, msg: pgErr.Message + ": WAL the archive needs is gone from the server; take a new base backup and recreate the slot"}
@@ -569,6 +662,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 	r.log.Info("streaming", "lsn", r.spool.written.String(), "timeline", r.tli)
 
 	var sentFlush pipeline.LSN
+	var stopping shutdownDetector
 	nextStatus := time.Now()
 	status := func() error {
 		if err := r.spool.sync(); err != nil {
@@ -624,6 +718,14 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 				}
 				r.serverEnd = max(r.serverEnd, pipeline.LSN(ka.ServerWALEnd))
 				r.m.server.Set(float64(r.serverEnd))
+				if stopping.ping(ka.ReplyRequested, pipeline.LSN(ka.ServerWALEnd), r.spool.written, pipeline.LSN(r.tr.flush.Load())) {
+					// A shutting-down walsender waits for flush to reach
+					// the end of WAL, which walship reports only once it is
+					// archived: let go, so PostgreSQL can stop, and come back.
+					r.log.Info("server is shutting down; disconnecting so it can", "lsn", r.spool.written.String())
+					status()
+					return errServerStopping
+				}
 				r.serverLSN.Store(uint64(r.serverEnd))
 				if ka.ReplyRequested {
 					if err := status(); err != nil {
@@ -637,6 +739,13 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 				}
 				if err := r.onWAL(pipeline.LSN(xld.WALStart), xld.WALData, pipeline.LSN(xld.ServerWALEnd)); err != nil {
 					return err
+				}
+				// Synchronous: once caught up with the server, fsync and
+				// report at once, so a remote_write commit waits only for this.
+				if r.cfg.Synchronous && pipeline.LSN(xld.WALStart)+pipeline.LSN(len(xld.WALData)) >= pipeline.LSN(xld.ServerWALEnd) {
+					if err := status(); err != nil {
+						return err
+					}
 				}
 			}
 		case *pgproto3.CopyDone:

@@ -23,6 +23,7 @@ import (
 type spool struct {
 	dir  string
 	size pipeline.SegmentSize
+	lk   *os.File // holds the directory's lock
 
 	f       *os.File
 	seg     pipeline.Segment
@@ -271,6 +272,28 @@ func (s *spool) remove(seg pipeline.Segment) {
 // position is where the next byte goes: the end of what the open segment
 // holds, or the start of the next one.
 func (s *spool) position() pipeline.LSN { return s.written }
+
+// lock takes the spool directory for this process: two receivers on one
+// host must never write the same spool.
+func (s *spool) lock() error {
+	f, err := os.OpenFile(filepath.Join(s.dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o640)
+	if err != nil {
+		return fmt.Errorf("lock spool: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return fmt.Errorf("spool %s is in use by another walship process: stop it, or give this one another --spool-dir", s.dir)
+	}
+	s.lk = f
+	return nil
+}
+
+func (s *spool) unlock() {
+	if s.lk != nil {
+		s.lk.Close()
+		s.lk = nil
+	}
+}
 
 // discardCurrent closes and removes the open segment, which holds nothing.
 func (s *spool) discardCurrent() {
