@@ -198,6 +198,8 @@ func TestCheck(t *testing.T) {
 	expectFail("no replication", base("--pg", st.pg.URL("norep")), "postgres replication", "ALTER ROLE norep REPLICATION")
 	expectFail("nats", base("--nats", "nats://127.0.0.1:"+strconv.Itoa(testenv.FreePort(t))), "nats", "cannot reach NATS")
 	expectFail("bucket", base("--dest", "s3://no-such-bucket/x"), "bucket", "does not exist")
+	ro := st.s3.ReadOnly(t)
+	expectFail("read-only bucket", base("--s3-endpoint", ro.Endpoint()), "bucket", "cannot write to the destination")
 	st.pg.Exec(`SELECT pg_create_logical_replication_slot('walship', 'test_decoding')`)
 	expectFail("logical", base(), "slot", "logical slot")
 	st.pg.Exec(`SELECT pg_drop_replication_slot('walship')`)

@@ -101,18 +101,28 @@ func TestRestarts(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}()
+	// After each disruption: archiving catches up, and every segment so far
+	// is in the bucket and equals pg_wal.
+	settle := func(what string) {
+		end := st.switchWAL()
+		waitFor(t, 90*time.Second, "archiving to catch up after "+what, func() bool { return st.replFlush() >= end })
+		n := st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+		t.Logf("after %s: %d segments compared", what, n)
+	}
 	for _, mode := range []string{"fast", "immediate"} {
 		time.Sleep(2 * time.Second)
 		st.pg.Stop(mode)
 		time.Sleep(time.Second)
 		st.pg.Start()
 		waitFor(t, 60*time.Second, "walship to reconnect after a "+mode+" restart", func() bool { return st.walsenderPID() != "" })
+		settle("a " + mode + " restart")
 	}
 	time.Sleep(2 * time.Second)
 	w.cmd.Process.Kill()
 	<-w.done
 	w = startWalship(t, st.env(), args...)
 	waitFor(t, 30*time.Second, "the restarted receiver", func() bool { return st.walsenderPID() != "" })
+	settle("kill -9 of the receiver")
 	time.Sleep(2 * time.Second)
 	cancel()
 	wg.Wait()
@@ -134,6 +144,12 @@ func TestSlotInvalidation(t *testing.T) {
 	args := st.receiverArgs(t.TempDir(), port)
 	w := startWalship(t, st.env(), args...) // no archiver: nothing is confirmed
 	waitFor(t, 30*time.Second, "streaming", func() bool { return st.walsenderPID() != "" })
+	// max_slot_wal_keep_size is 4MB: safe_wal_size is under the warning
+	// threshold (1GB by default) from the start.
+	waitFor(t, 15*time.Second, "the safe_wal_size warning", func() bool {
+		v, ok := metricAt(port, "walship_slot_safe_wal_size_low")
+		return ok && v == 1
+	})
 	// Past max_slot_wal_keep_size the slot is "unreserved" until the next
 	// checkpoint removes its WAL and invalidates it.
 	sawBad := false

@@ -150,7 +150,7 @@ func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registe
 	return receiver.New(receiver.Config{
 		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
 		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
-		StageObjects: stage, Standby: c.Standby, Synchronous: c.Synchronous, Log: log, Metrics: receiver.NewMetrics(reg),
+		StageObjects: stage, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn, Log: log, Metrics: receiver.NewMetrics(reg),
 	}, b, b)
 }
 

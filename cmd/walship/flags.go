@@ -38,6 +38,7 @@ type config struct {
 	StatusInterval time.Duration
 	Standby        bool
 	Synchronous    bool
+	SafeWALWarn    int64
 	RepublishAfter time.Duration
 	MetricsAddr    string
 	LogFormat      string
@@ -80,6 +81,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.DurationVar(&c.StatusInterval, "status-interval", 10*time.Second, "standby status update interval")
 		fs.DurationVar(&c.RepublishAfter, "republish-after", 5*time.Minute, "publish a segment again when not confirmed archived within this time")
 		fs.BoolVar(&c.Standby, "standby", false, "when another receiver streams the slot, wait and take over when it stops (instead of exiting)")
+		fs.Int64Var(&c.SafeWALWarn, "safe-wal-size-warn", 1<<30, "warn (log and walship_slot_safe_wal_size_low) when the slot's safe_wal_size falls under this many bytes")
 		fs.BoolVar(&c.Synchronous, "synchronous", false, "fsync and report the write position as soon as caught up, for synchronous_commit = remote_write")
 	}
 	if has(gNATS) {

@@ -29,6 +29,7 @@ type S3 struct {
 	Bucket string
 	cmd    *exec.Cmd
 	bin    string
+	flags  []string // extra gateway flags
 }
 
 // VersityGW finds the versitygw binary: $WALSHIP_VERSITYGW, PATH, or
@@ -91,8 +92,9 @@ func (s *S3) SetEnv(t testing.TB) {
 // Start starts (or restarts) the gateway and waits for its port.
 func (s *S3) Start() {
 	s.t.Helper()
-	cmd := exec.Command(s.bin, "--access", S3AccessKey, "--secret", S3SecretKey,
-		"--port", "127.0.0.1:"+strconv.Itoa(s.Port), "--quiet", "posix", s.Root)
+	args := append([]string{"--access", S3AccessKey, "--secret", S3SecretKey,
+		"--port", "127.0.0.1:" + strconv.Itoa(s.Port), "--quiet"}, s.flags...)
+	cmd := exec.Command(s.bin, append(args, "posix", s.Root)...)
 	log, _ := os.Create(filepath.Join(os.TempDir(), "walship-versitygw-"+strconv.Itoa(s.Port)+".log"))
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -145,4 +147,13 @@ func (s *S3) PID() int {
 		return 0
 	}
 	return s.cmd.Process.Pid
+}
+
+// ReadOnly starts a second gateway over the same directory that allows
+// only reads: a bucket that denies writes.
+func (s *S3) ReadOnly(t testing.TB) *S3 {
+	ro := &S3{t: t, Root: s.Root, Port: FreePort(t), Bucket: s.Bucket, bin: s.bin, flags: []string{"--readonly"}}
+	ro.Start()
+	t.Cleanup(ro.Stop)
+	return ro
 }

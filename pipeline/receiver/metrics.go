@@ -25,6 +25,7 @@ type Metrics struct {
 	SlotRetained    *prometheus.GaugeVec
 	SlotExists      *prometheus.GaugeVec
 	Standby         *prometheus.GaugeVec
+	SlotSafeWALLow  *prometheus.GaugeVec
 }
 
 // NewMetrics builds the receiver's metrics and registers them on reg.
@@ -64,7 +65,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.SlotRetained = g("walship_slot_retained_bytes", "WAL the slot holds on the server: current WAL position minus restart_lsn, in bytes.")
 	m.SlotExists = g("walship_slot_exists", "1 when the replication slot exists on the server.")
 	m.Standby = g("walship_receiver_standby", "1 while this receiver waits for a slot another receiver streams.")
-	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby)
+	m.SlotSafeWALLow = g("walship_slot_safe_wal_size_low", "1 while safe_wal_size is under the --safe-wal-size-warn threshold.")
+	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby, m.SlotSafeWALLow)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
 		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished)
 	return m

@@ -62,6 +62,7 @@ type Config struct {
 	StageObjects   bool          // put segment bytes in the object store (false: archivers read the spool)
 	Standby        bool          // wait while the slot is streamed elsewhere, then take over
 	Synchronous    bool          // fsync and report write at once when caught up (synchronous_commit = remote_write)
+	SafeWALWarn    int64         // warn when the slot's safe_wal_size falls under this many bytes (0: never)
 	Log            *slog.Logger
 	Metrics        *Metrics
 }

@@ -66,9 +66,16 @@ func (r *Receiver) pollOnce(ctx context.Context, conn *pgconn.PgConn, m *Metrics
 			}
 			m.SlotWALStatus.With(prometheus.Labels{"server": r.server, "wal_status": s}).Set(val)
 		}
+		low := 0.0
 		if safe := parseInt(string(v[1])); safe >= 0 {
 			m.SlotSafeWALSize.WithLabelValues(r.server).Set(float64(safe))
+			if r.cfg.SafeWALWarn > 0 && safe < r.cfg.SafeWALWarn && status != "lost" {
+				low = 1
+				r.rl.Warn("safewal", "the slot is close to invalidation: archive faster or raise max_slot_wal_keep_size",
+					"slot", r.cfg.Slot, "safe_wal_size", safe, "threshold", r.cfg.SafeWALWarn)
+			}
 		}
+		m.SlotSafeWALLow.WithLabelValues(r.server).Set(low)
 		m.SlotRetained.WithLabelValues(r.server).Set(float64(parseInt(string(v[2]))))
 		if status == "lost" {
 			r.rl.Error("slotlost", "PostgreSQL invalidated the replication slot: the archive has a gap; take a new base backup", "slot", r.cfg.Slot)
