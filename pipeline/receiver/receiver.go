@@ -92,6 +92,7 @@ type Receiver struct {
 	written   atomic.Uint64 // spool fsync position, for housekeeping
 	connected atomic.Bool
 	standby   atomic.Bool
+	curTLI    atomic.Uint32 // r.tli, for housekeeping
 }
 
 // New builds a receiver.
@@ -309,6 +310,7 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 		return nil, err
 	}
 	r.m.timeline.Set(float64(r.tli))
+	r.curTLI.Store(r.tli)
 	r.log.Info("receiver ready", "system_id", r.sysID, "timeline", r.tli, "segment_size", uint64(r.size),
 		"slot", r.cfg.Slot, "lsn", r.start.String(), "segment", pipeline.SegmentOf(r.tli, r.start, r.size).Name(r.size))
 	ok = true
@@ -536,6 +538,7 @@ func (r *Receiver) switchTimeline(ctx context.Context, conn *pgconn.PgConn, next
 	}
 	r.log.Info("timeline switch", "timeline", next, "previous_timeline", r.tli, "lsn", at.String())
 	r.tli = next
+	r.curTLI.Store(next)
 	r.resume = r.size.Start(at)
 	r.tr.switchTimeline(pipeline.SegmentOf(next, at, r.size))
 	r.m.timeline.Set(float64(next))
@@ -914,7 +917,7 @@ func (r *Receiver) housekeeping(ctx context.Context) error {
 			r.m.lagSeconds.Set(lagSecs)
 			if now.Sub(lastState) >= r.cfg.StatusInterval {
 				lastState = now
-				st := pipeline.ServerState{V: 1, Server: r.server, SystemID: r.sysID, Slot: r.cfg.Slot, Timeline: r.tli,
+				st := pipeline.ServerState{V: 1, Server: r.server, SystemID: r.sysID, Slot: r.cfg.Slot, Timeline: r.curTLI.Load(),
 					ServerLSN: pipeline.LSN(r.serverLSN.Load()), ReceivedLSN: received, WrittenLSN: pipeline.LSN(r.written.Load()),
 					PublishedLSN: published, ArchivedLSN: archived, FlushLSN: flush,
 					LagSeconds: lagSecs, Connected: r.connected.Load(), Standby: r.standby.Load(), Updated: now.UTC()}
