@@ -158,10 +158,10 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 	isSegment := pipeline.IsSegmentName(name)
 
 	if rf.worker {
-		// Background prefetcher: dest is the size of the segment it follows.
+		// Background prefetcher: dest is the segment size.
 		var size int64
 		fmt.Sscan(dest, &size)
-		return pf.Run(ctx, name, pipeline.SegmentSize(size))
+		return pf.Run(ctx, pipeline.SegmentSize(size))
 	}
 	if isSegment && rf.prefetch > 0 {
 		pf.Clean(name)
@@ -169,7 +169,8 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 		if ok, err := pf.Serve(name, dest); err != nil {
 			return &exitError{exitAbort, err}
 		} else if ok {
-			startPrefetch(name, dest, args)
+			pf.Want(name)
+			startPrefetch(pf, name, dest, args)
 			return nil
 		}
 	}
@@ -180,7 +181,8 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 		switch {
 		case err == nil:
 			if isSegment && rf.prefetch > 0 {
-				startPrefetch(name, dest, args)
+				pf.Want(name)
+				startPrefetch(pf, name, dest, args)
 			}
 			return nil
 		case errors.Is(err, restore.ErrNotFound):
@@ -202,9 +204,12 @@ func abortOnUsage(err error) error {
 	return &exitError{exitAbort, err}
 }
 
-// startPrefetch launches a detached prefetcher for the segments after name
-// and returns at once: restore_command must not wait for it.
-func startPrefetch(name, dest string, args []string) {
+// startPrefetch launches a detached prefetcher, unless one is at work, and
+// returns at once: restore_command must not wait for it.
+func startPrefetch(pf *restore.Prefetch, name, dest string, args []string) {
+	if pf.Running() {
+		return
+	}
 	fi, err := os.Stat(dest)
 	if err != nil {
 		return
@@ -220,8 +225,7 @@ func startPrefetch(name, dest string, args []string) {
 		}
 		flags = append(flags, args[i])
 	}
-	dir := filepath.Join(filepath.Dir(dest), ".walship-prefetch")
-	cmd := exec.Command(self, append(append([]string{"fetch"}, flags...), "--prefetch-dir", dir, "--prefetch-worker", name, fmt.Sprint(fi.Size()))...)
+	cmd := exec.Command(self, append(append([]string{"fetch"}, flags...), "--prefetch-dir", pf.Dir, "--prefetch-worker", name, fmt.Sprint(fi.Size()))...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err == nil {
 		cmd.Process.Release()

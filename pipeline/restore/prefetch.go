@@ -20,10 +20,36 @@ import (
 // rename. Files in it are complete and verified (written through a
 // temporary file and a rename); segments older than the one asked for are
 // removed, so it holds at most Count segments plus those being written.
+//
+// One prefetcher process at a time (a lock file) follows recovery: each
+// fetch records the segment it served in the file .want, and the
+// prefetcher keeps the Count segments after it present until recovery has
+// asked for nothing new for IdleExit.
 type Prefetch struct {
-	Fetcher *Fetcher
-	Dir     string
-	Count   int
+	Fetcher  *Fetcher
+	Dir      string
+	Count    int
+	IdleExit time.Duration // 0: 20s
+}
+
+const (
+	wantFile = ".want"
+	endFile  = ".end" // the first segment found missing from the archive
+	lockFile = ".lock"
+)
+
+// Want records that recovery has reached name.
+func (p *Prefetch) Want(name string) {
+	os.MkdirAll(p.Dir, 0o700)
+	tmp := filepath.Join(p.Dir, wantFile+".tmp")
+	if os.WriteFile(tmp, []byte(name), 0o600) == nil {
+		os.Rename(tmp, filepath.Join(p.Dir, wantFile))
+	}
+}
+
+func (p *Prefetch) read(file string) string {
+	b, _ := os.ReadFile(filepath.Join(p.Dir, file))
+	return strings.TrimSpace(string(b))
 }
 
 // Serve moves a prefetched copy of name into dest and reports whether
@@ -41,7 +67,8 @@ func (p *Prefetch) Serve(name, dest string) (bool, error) {
 
 // Await waits, up to limit, while a prefetcher is at work and name has not
 // appeared, so the caller does not download a segment a prefetcher is
-// already downloading. It reports whether the segment is now there.
+// already downloading. It returns at once when the prefetcher found the
+// archive ends before name. It reports whether the segment is there.
 func (p *Prefetch) Await(name string, limit time.Duration) bool {
 	path := filepath.Join(p.Dir, name)
 	deadline := time.Now().Add(limit)
@@ -49,17 +76,20 @@ func (p *Prefetch) Await(name string, limit time.Duration) bool {
 		if _, err := os.Stat(path); err == nil {
 			return true
 		}
+		if end := p.read(endFile); end != "" && end <= name {
+			return false
+		}
 		if !p.busy() || time.Now().After(deadline) {
 			_, err := os.Stat(path)
 			return err == nil
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
 // busy reports whether a prefetcher holds the directory's lock.
 func (p *Prefetch) busy() bool {
-	f, err := os.Open(filepath.Join(p.Dir, ".lock"))
+	f, err := os.Open(filepath.Join(p.Dir, lockFile))
 	if err != nil {
 		return false
 	}
@@ -70,6 +100,9 @@ func (p *Prefetch) busy() bool {
 	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	return false
 }
+
+// Running reports whether a prefetcher is at work.
+func (p *Prefetch) Running() bool { return p.busy() }
 
 // Clean removes prefetched segments older than name (recovery has moved
 // past them) and temporary files left by an interrupted prefetch.
@@ -105,14 +138,15 @@ func (p *Prefetch) Next(name string, size pipeline.SegmentSize) []string {
 	return out
 }
 
-// Run downloads the segments after name that are not yet in the directory,
-// several at a time. Only one Run works on a directory at once; another
-// returns at once. Segments not in the archive end the run quietly.
-func (p *Prefetch) Run(ctx context.Context, name string, size pipeline.SegmentSize) error {
+// Run follows recovery: it keeps the Count segments after the wanted one
+// downloaded, several at a time, in order, until nothing new is wanted for
+// IdleExit. Only one Run works on a directory at once; another returns at
+// once.
+func (p *Prefetch) Run(ctx context.Context, size pipeline.SegmentSize) error {
 	if err := os.MkdirAll(p.Dir, 0o700); err != nil {
 		return err
 	}
-	lock, err := os.OpenFile(filepath.Join(p.Dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := os.OpenFile(filepath.Join(p.Dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return err
 	}
@@ -120,29 +154,73 @@ func (p *Prefetch) Run(ctx context.Context, name string, size pipeline.SegmentSi
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return nil // another prefetcher is at work
 	}
-	var wg sync.WaitGroup
-	// Two cores decode and hash; more goroutines only add memory.
-	sem := make(chan struct{}, min(p.Count, max(runtime.NumCPU(), 2)))
-	for _, n := range p.Next(name, size) {
-		if _, err := os.Stat(filepath.Join(p.Dir, n)); err == nil {
+	idle := p.IdleExit
+	if idle == 0 {
+		idle = 20 * time.Second
+	}
+	par := min(p.Count, max(runtime.NumCPU(), 2))
+	lastWant, lastChange := "", time.Now()
+	for ctx.Err() == nil && time.Since(lastChange) < idle {
+		want := p.read(wantFile)
+		if want != lastWant {
+			lastWant, lastChange = want, time.Now()
+		}
+		if !pipeline.IsSegmentName(want) {
+			time.Sleep(20 * time.Millisecond)
 			continue
 		}
+		var missing []string
+		for _, n := range p.Next(want, size) {
+			if end := p.read(endFile); end != "" && end <= n {
+				break
+			}
+			if _, err := os.Stat(filepath.Join(p.Dir, n)); err != nil {
+				missing = append(missing, n)
+			}
+		}
+		if len(missing) == 0 {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		p.download(ctx, missing[:min(len(missing), par)])
+	}
+	return nil
+}
+
+// download fetches names in parallel. A name not in the archive is
+// recorded in .end, so nobody waits for it, and retried after a pause (a
+// standby's archive grows).
+func (p *Prefetch) download(ctx context.Context, names []string) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	firstMissing := ""
+	for _, n := range names {
 		wg.Add(1)
-		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
 			fo, err := p.Fetcher.Locate(ctx, n)
-			if err != nil {
-				return
+			if err == nil {
+				var raw []byte
+				if raw, err = p.Fetcher.Download(ctx, n, fo); err == nil {
+					err = WriteFile(filepath.Join(p.Dir, n), raw)
+				}
 			}
-			raw, err := p.Fetcher.Download(ctx, n, fo)
-			if err != nil {
-				return // the foreground fetch will report it
+			if errors.Is(err, ErrNotFound) {
+				mu.Lock()
+				if firstMissing == "" || n < firstMissing {
+					firstMissing = n
+				}
+				mu.Unlock()
 			}
-			WriteFile(filepath.Join(p.Dir, n), raw)
 		}()
 	}
 	wg.Wait()
-	return nil
+	if firstMissing != "" {
+		tmp := filepath.Join(p.Dir, endFile+".tmp")
+		if os.WriteFile(tmp, []byte(firstMissing), 0o600) == nil {
+			os.Rename(tmp, filepath.Join(p.Dir, endFile))
+		}
+		time.Sleep(time.Second)
+		os.Remove(filepath.Join(p.Dir, endFile))
+	}
 }
