@@ -36,6 +36,8 @@ const (
 	wantFile = ".want"
 	endFile  = ".end" // the first segment found missing from the archive
 	lockFile = ".lock"
+	// windowFile holds "first last": the segments the prefetcher is after.
+	windowFile = ".window"
 )
 
 // Want records that recovery has reached name.
@@ -77,6 +79,11 @@ func (p *Prefetch) Await(name string, limit time.Duration) bool {
 			return true
 		}
 		if end := p.read(endFile); end != "" && end <= name {
+			return false
+		}
+		// Only segments in the prefetcher's window are coming: not one
+		// asked for again, nor one on another timeline.
+		if first, last, ok := strings.Cut(p.read(windowFile), " "); !ok || name < first || name > last {
 			return false
 		}
 		if !p.busy() || time.Now().After(deadline) {
@@ -159,7 +166,7 @@ func (p *Prefetch) Run(ctx context.Context, size pipeline.SegmentSize) error {
 		idle = 20 * time.Second
 	}
 	par := min(p.Count, max(runtime.NumCPU(), 2))
-	lastWant, lastChange := "", time.Now()
+	lastWant, lastChange, lastWindow := "", time.Now(), ""
 	for ctx.Err() == nil && time.Since(lastChange) < idle {
 		want := p.read(wantFile)
 		if want != lastWant {
@@ -169,8 +176,20 @@ func (p *Prefetch) Run(ctx context.Context, size pipeline.SegmentSize) error {
 			time.Sleep(20 * time.Millisecond)
 			continue
 		}
+		// The recorded end of the archive is a hint: look again every second.
+		if fi, err := os.Stat(filepath.Join(p.Dir, endFile)); err == nil && time.Since(fi.ModTime()) > time.Second {
+			os.Remove(filepath.Join(p.Dir, endFile))
+		}
+		next := p.Next(want, size)
+		if len(next) > 0 && want != lastWindow {
+			lastWindow = want
+			tmp := filepath.Join(p.Dir, windowFile+".tmp")
+			if os.WriteFile(tmp, []byte(next[0]+" "+next[len(next)-1]), 0o600) == nil {
+				os.Rename(tmp, filepath.Join(p.Dir, windowFile))
+			}
+		}
 		var missing []string
-		for _, n := range p.Next(want, size) {
+		for _, n := range next {
 			if end := p.read(endFile); end != "" && end <= n {
 				break
 			}
@@ -188,8 +207,8 @@ func (p *Prefetch) Run(ctx context.Context, size pipeline.SegmentSize) error {
 }
 
 // download fetches names in parallel. A name not in the archive is
-// recorded in .end, so nobody waits for it, and retried after a pause (a
-// standby's archive grows).
+// recorded in .end, so nobody waits for it; Run looks again a second later
+// (a standby's archive grows).
 func (p *Prefetch) download(ctx context.Context, names []string) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -220,7 +239,5 @@ func (p *Prefetch) download(ctx context.Context, names []string) {
 		if os.WriteFile(tmp, []byte(firstMissing), 0o600) == nil {
 			os.Rename(tmp, filepath.Join(p.Dir, endFile))
 		}
-		time.Sleep(time.Second)
-		os.Remove(filepath.Join(p.Dir, endFile))
 	}
 }
