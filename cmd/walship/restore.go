@@ -166,10 +166,10 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 	if isSegment && rf.prefetch > 0 {
 		pf.Clean(name)
 		pf.Await(name, time.Minute)
+		pf.Want(name) // first, so the prefetcher's window moves past name before it leaves
 		if ok, err := pf.Serve(name, dest); err != nil {
 			return &exitError{exitAbort, err}
 		} else if ok {
-			pf.Want(name)
 			startPrefetch(pf, name, dest, args)
 			return nil
 		}

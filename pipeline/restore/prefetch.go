@@ -83,7 +83,7 @@ func (p *Prefetch) Await(name string, limit time.Duration) bool {
 		}
 		// Only segments in the prefetcher's window are coming: not one
 		// asked for again, nor one on another timeline.
-		if first, last, ok := strings.Cut(p.read(windowFile), " "); !ok || name < first || name > last {
+		if first, last, ok := strings.Cut(p.read(windowFile), " "); !ok || name < first || name > last || name <= p.read(wantFile) {
 			return false
 		}
 		if !p.busy() || time.Now().After(deadline) {
