@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -128,5 +127,4 @@ func TestBadInput(t *testing.T) {
 	if err := w.stop(t); err != nil {
 		t.Fatalf("walship exit: %v", err)
 	}
-	_ = os.Getenv
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -163,5 +162,4 @@ func TestEmbeddedDefaults(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(home, ".walship", "nats")); err != nil {
 		t.Errorf("embedded NATS store missing: %v", err)
 	}
-	_ = context.Background
 }

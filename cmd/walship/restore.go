@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -309,5 +308,4 @@ func printReport(w io.Writer, r *restore.Report, listOnly bool) {
 	if r.OK() {
 		fmt.Fprintf(w, "OK: no gaps, no problems (%d objects verified byte for byte)\n", r.Checked)
 	}
-	_ = strings.TrimSpace
 }
