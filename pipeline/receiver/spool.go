@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/pipeline"
 )
 
@@ -93,7 +94,7 @@ func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
 	if err := os.Rename(s.path(s.seg)+".partial", final); err != nil {
 		return completed{}, fmt.Errorf("rename spool segment %s: %w", name, err)
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := fsutil.SyncDir(s.dir); err != nil {
 		return completed{}, err
 	}
 	sum, _, err := hashFile(final)
@@ -120,7 +121,7 @@ func (s *spool) writeFile(name string, data []byte) (string, error) {
 		err = os.Rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(s.dir)
+		err = fsutil.SyncDir(s.dir)
 	}
 	if err != nil {
 		return "", fmt.Errorf("spool %s: %w", name, err)
@@ -243,7 +244,7 @@ func (s *spool) complete() (completed, error) {
 	if err := os.Rename(final+".partial", final); err != nil {
 		return completed{}, fmt.Errorf("rename spool segment %s: %w", name, err)
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := fsutil.SyncDir(s.dir); err != nil {
 		return completed{}, err
 	}
 	return completed{seg: s.seg, path: final, sha256: pipeline.SHA256Hex(s.sum.Sum(nil))}, nil
@@ -310,16 +311,4 @@ func (s *spool) closeCurrent() {
 		s.f.Close()
 		s.f = nil
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open spool directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync spool directory: %w", err)
-	}
-	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
 )
@@ -173,14 +174,5 @@ func WriteFile(path string, data []byte) error {
 		os.Remove(tmp.Name())
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsutil.SyncDir(dir)
 }

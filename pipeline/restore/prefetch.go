@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/pipeline"
 )
 
@@ -64,7 +65,7 @@ func (p *Prefetch) Serve(name, dest string) (bool, error) {
 		}
 		return false, fmt.Errorf("serve prefetched %s: %w", name, err)
 	}
-	return true, syncDir(filepath.Dir(dest))
+	return true, fsutil.SyncDir(filepath.Dir(dest))
 }
 
 // Await waits, up to limit, while a prefetcher is at work and name has not

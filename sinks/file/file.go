@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/sinks"
 )
 
@@ -55,8 +56,18 @@ func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Meta
 		return err
 	}
 	dir := filepath.Dir(p)
+	_, statErr := os.Stat(dir)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
+	}
+	if statErr != nil {
+		// New directories must survive a crash too: fsync each parent up
+		// to the root.
+		for d := dir; d != s.root && strings.HasPrefix(d, s.root); d = filepath.Dir(d) {
+			if err := fsutil.SyncDir(filepath.Dir(d)); err != nil {
+				return fmt.Errorf("put %s: %w", key, err)
+			}
+		}
 	}
 	if _, err := os.Lstat(p); err == nil {
 		return fmt.Errorf("put %s: %w", key, sinks.ErrExists)
@@ -84,7 +95,7 @@ func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Meta
 		os.Remove(mt)
 		return fmt.Errorf("put %s metadata: %w", key, err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
 	return nil
@@ -157,15 +168,6 @@ func writeTemp(dir string, body []byte) (string, error) {
 		return "", err
 	}
 	return f.Name(), nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // List implements sinks.Lister. Sidecars and temporary files are not
