@@ -600,6 +600,32 @@ func (r *Receiver) lostError() error {
 	return &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup, then run 'walship slot create --recreate' to record the gap and start again", r.cfg.Slot)}
 }
 
+// recvDeadline is the receive loop's deadline context. One serves many
+// messages: a new context (and timer) only when it has passed or a status
+// update falls due before it, not one per WAL message.
+type recvDeadline struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	at     time.Time
+}
+
+// get returns a context that ends at the next status update or within
+// 200 ms, whichever is first, so flush changes are noticed promptly.
+func (d *recvDeadline) get(parent context.Context, nextStatus time.Time) context.Context {
+	if d.ctx == nil || d.ctx.Err() != nil || nextStatus.Before(d.at) {
+		d.stop()
+		d.at = time.Now().Add(min(time.Until(nextStatus), 200*time.Millisecond))
+		d.ctx, d.cancel = context.WithDeadline(parent, d.at)
+	}
+	return d.ctx
+}
+
+func (d *recvDeadline) stop() {
+	if d.cancel != nil {
+		d.cancel()
+	}
+}
+
 // errServerStopping ends a session whose walsender is shutting down.
 var errServerStopping = errors.New("server shutting down")
 
@@ -667,6 +693,8 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 
 	var sentFlush pipeline.LSN
 	var stopping shutdownDetector
+	var rd recvDeadline
+	defer rd.stop()
 	nextStatus := time.Now()
 	status := func() error {
 		if err := r.spool.sync(); err != nil {
@@ -699,10 +727,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn, first bool) 
 				return err
 			}
 		}
-		deadline := min(time.Until(nextStatus), 200*time.Millisecond)
-		rctx, cancel := context.WithTimeout(ctx, deadline)
-		msg, err := conn.ReceiveMessage(rctx)
-		cancel()
+		msg, err := conn.ReceiveMessage(rd.get(ctx, nextStatus))
 		if err != nil {
 			if pgconn.Timeout(err) || ctx.Err() != nil {
 				continue
