@@ -25,6 +25,10 @@ const (
 	Snappy Codec = "snappy"
 )
 
+// Codecs lists every codec, the default first: the order restore tries
+// extensions in when it does not know which one an object has.
+func Codecs() []Codec { return []Codec{Zstd, Gzip, Snappy, None} }
+
 // ParseCodec validates a codec name from the command line.
 func ParseCodec(s string) (Codec, error) {
 	switch c := Codec(s); c {
@@ -49,7 +53,7 @@ func (c Codec) Ext() string {
 
 // CodecForExt is the codec whose extension ext is ("" for none).
 func CodecForExt(ext string) (Codec, bool) {
-	for _, c := range []Codec{Zstd, Gzip, Snappy, None} {
+	for _, c := range Codecs() {
 		if c.Ext() == ext {
 			return c, true
 		}

@@ -42,6 +42,23 @@ func New(dir string) (*Sink, error) {
 	return &Sink{root: dir}, nil
 }
 
+// Open opens an existing file sink for reading; unlike New it never creates
+// the directory, so an archive path that is not mounted is an error rather
+// than an empty archive.
+func Open(dir string) (*Sink, error) {
+	if !filepath.IsAbs(dir) {
+		return nil, fmt.Errorf("file destination %q: use an absolute path, file:///path", dir)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("file destination %s: %w: is the archive mounted?", dir, err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("file destination %s is not a directory", dir)
+	}
+	return &Sink{root: dir}, nil
+}
+
 func (s *Sink) path(key string) (string, error) {
 	if key == "" || strings.Contains(key, "..") || strings.HasPrefix(key, "/") {
 		return "", fmt.Errorf("object key %q is not a clean relative path", key)
