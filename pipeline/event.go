@@ -41,6 +41,10 @@ type SegmentEvent struct {
 	SHA256   string `json:"sha256"`           // hex SHA-256 of the raw bytes
 	Object   string `json:"object,omitempty"` // object-store name; empty when only the local spool holds it
 	Spool    string `json:"spool,omitempty"`  // path in the receiver's spool, for archivers in the same process
+	// Attempt counts how often the receiver published this file before:
+	// 0 the first time; more after a restart or when no confirmation came.
+	// An archiver looks in the sink first when it is not 0.
+	Attempt int `json:"attempt,omitempty"`
 }
 
 // ArchivedEvent confirms that a WAL file is durably in the sink. It is
@@ -49,6 +53,7 @@ type SegmentEvent struct {
 type ArchivedEvent struct {
 	SegmentEvent
 	Key            string  `json:"key"`             // object key in the sink
+	Dest           string  `json:"dest"`            // the sink written to (sinks ID: s3://bucket/prefix or file:///path)
 	Codec          string  `json:"codec"`           // compression codec name
 	CompressedSize int64   `json:"compressed_size"` // bytes stored
 	UploadSeconds  float64 `json:"upload_seconds"`  // time spent in the sink's Put
@@ -100,6 +105,9 @@ func (e *SegmentEvent) Validate() error {
 	if !sha256RE.MatchString(e.SHA256) {
 		return bad("sha256 %q is not 64 lower-case hex digits", e.SHA256)
 	}
+	if e.Attempt < 0 {
+		return bad("attempt %d", e.Attempt)
+	}
 	if e.Size < 0 || e.EndLSN < e.StartLSN {
 		return bad("size %d, lsn %s-%s", e.Size, e.StartLSN, e.EndLSN)
 	}
@@ -116,8 +124,11 @@ func (e *SegmentEvent) Validate() error {
 		if seg.Timeline != e.Timeline || seg.StartLSN(size) != e.StartLSN {
 			return bad("file %s does not match timeline %d, start %s", e.File, e.Timeline, e.StartLSN)
 		}
-		if e.Kind == KindSegment && (uint64(e.Size) != e.SegSize || e.EndLSN != seg.EndLSN(size)) {
-			return bad("segment %s has size %d, end %s", e.File, e.Size, e.EndLSN)
+		if uint64(e.Size) != e.SegSize {
+			return bad("%s %s has size %d, segment size %d", e.Kind, e.File, e.Size, e.SegSize)
+		}
+		if e.Kind == KindSegment && e.EndLSN != seg.EndLSN(size) || e.EndLSN > seg.EndLSN(size) {
+			return bad("%s %s ends at %s", e.Kind, e.File, e.EndLSN)
 		}
 	case KindHistory:
 		if !historyRE.MatchString(e.File) || e.File != HistoryFileName(e.Timeline) {

@@ -14,10 +14,32 @@ const (
 	longPageHeaderLen  = 40 // XLogLongPageHeaderData
 )
 
-// walMagics are XLOG_PAGE_MAGIC for PostgreSQL 12 to 17; a page with
-// another magic is from an unknown version or is not WAL at all.
-var walMagics = map[uint16]string{
-	0xD101: "12", 0xD106: "13", 0xD10D: "14", 0xD110: "15", 0xD113: "16", 0xD116: "17",
+// walMagics are XLOG_PAGE_MAGIC for PostgreSQL 12 to 18 (from each
+// release's src/include/access/xlog_internal.h); a page with another magic
+// is from an unknown version or is not WAL at all.
+var walMagics = map[uint16]int{
+	0xD101: 12, 0xD106: 13, 0xD10D: 14, 0xD110: 15, 0xD113: 16, 0xD116: 17, 0xD118: 18,
+}
+
+// The PostgreSQL major versions walship reads the WAL of.
+const (
+	MinPGMajor = 12
+	MaxPGMajor = 18
+)
+
+// SupportedPGMajor reports whether walship knows the WAL format of a
+// PostgreSQL major version, and says which ones it knows when not.
+func SupportedPGMajor(major int) error {
+	if major < MinPGMajor || major > MaxPGMajor {
+		return fmt.Errorf("PostgreSQL %d is not supported: walship reads the WAL of PostgreSQL %d to %d", major, MinPGMajor, MaxPGMajor)
+	}
+	return nil
+}
+
+// PageMagicMajor is the PostgreSQL major version whose WAL pages carry magic.
+func PageMagicMajor(magic uint16) (int, bool) {
+	v, ok := walMagics[magic]
+	return v, ok
 }
 
 // CheckSegmentPages verifies the page headers of a complete WAL segment: each
@@ -47,7 +69,7 @@ func CheckSegmentPages(data []byte, seg Segment, size SegmentSize) error {
 			return nil
 		}
 		if _, ok := walMagics[m]; !ok {
-			return fmt.Errorf("segment %s: page at offset %d has magic %#04x, not a PostgreSQL 12-17 WAL page", seg.Name(size), off, m)
+			return fmt.Errorf("segment %s: page at offset %d has magic %#04x, not a PostgreSQL 12-18 WAL page", seg.Name(size), off, m)
 		}
 		if off == 0 {
 			magic = m

@@ -24,6 +24,10 @@ type Identity struct {
 // server name or layout is wrong.
 var ErrNoIdentity = errors.New("no walship archive here (no identity object)")
 
+// ErrBadIdentity is returned by ReadIdentity when the object at the
+// identity key is not a walship identity: something else lives there.
+var ErrBadIdentity = errors.New("not a walship identity object")
+
 // ReadIdentity reads the identity object under layout. A missing object is
 // ErrNoIdentity (which also wraps os.ErrNotExist); an unreadable or
 // malformed one is another error.
@@ -48,7 +52,7 @@ func ReadIdentity(ctx context.Context, s Sink, layout Layout) (Identity, error) 
 func ParseIdentity(key string, data []byte) (Identity, error) {
 	var id Identity
 	if err := json.Unmarshal(data, &id); err != nil || id.SystemID == "" {
-		return Identity{}, fmt.Errorf("%s is not a walship identity object", key)
+		return Identity{}, fmt.Errorf("%s: %w", key, ErrBadIdentity)
 	}
 	return id, nil
 }

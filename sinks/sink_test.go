@@ -38,3 +38,24 @@ func TestMetadataRoundTrip(t *testing.T) {
 		t.Errorf("round trip %+v, want %+v", got, m)
 	}
 }
+
+func TestDestID(t *testing.T) {
+	cases := []struct{ dest, endpoint, want string }{
+		{"s3://b/p/", "", "s3://b/p"},
+		{"s3://b//p/q", "", "s3://b/p/q"},
+		{"s3://b", "", "s3://b"},
+		{"s3://b/p", "http://User:Secret@127.0.0.1:7070/", "s3://b/p?endpoint=http://127.0.0.1:7070"},
+		{"file:///srv/wal/", "", "file:///srv/wal"},
+	}
+	for _, c := range cases {
+		got, err := DestID(c.dest, c.endpoint)
+		if err != nil || got != c.want {
+			t.Errorf("DestID(%q, %q) = %q, %v; want %q", c.dest, c.endpoint, got, err, c.want)
+		}
+	}
+	for _, bad := range []string{"", "bucket", "s3:///p", "ftp://x/y", "file://"} {
+		if _, err := DestID(bad, ""); err == nil {
+			t.Errorf("DestID(%q) accepted", bad)
+		}
+	}
+}

@@ -132,8 +132,12 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 		l, _ := sinks.NewLayout(c.Layout, prefix, server)
 		return l
 	}
+	dest, err := sinks.DestID(c.Dest, c.S3Endpoint)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
+	}
 	a, err := archiver.New(archiver.Config{
-		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, ReadSpool: readSpool,
+		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool,
 		Log: log, Metrics: archiver.NewMetrics(reg),
 	}, b, sink)
 	if err != nil {
@@ -142,21 +146,43 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	return a, nil
 }
 
-func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) *receiver.Receiver {
+func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) (*receiver.Receiver, error) {
 	spool := c.SpoolDir
 	if spool == "" {
 		spool = filepath.Join(c.DataDir, "spool")
 	}
+	var dest string
+	if c.Dest != "" {
+		var err error
+		if dest, err = sinks.DestID(c.Dest, c.S3Endpoint); err != nil {
+			return nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
+		}
+	}
 	return receiver.New(receiver.Config{
 		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
 		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
-		StageObjects: stage, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn, Log: log, Metrics: receiver.NewMetrics(reg),
-	}, b, b)
+		StageObjects: stage, Dest: dest, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn,
+		Log: log, Metrics: receiver.NewMetrics(reg),
+	}, b, b), nil
+}
+
+// source feeds the archivers from the bus.
+func source(b *bus.Bus) archiver.Source {
+	return archiver.SourceFunc(func(ctx context.Context) (archiver.Delivery, error) {
+		d, err := b.Next(ctx, 5*time.Second)
+		if d == nil {
+			return nil, err
+		}
+		return d, err
+	})
 }
 
 func connectBus(ctx context.Context, c *config, url string, log *slog.Logger) (*bus.Bus, error) {
 	opts := bus.DefaultOptions()
 	opts.Replicas = c.NATSReplicas
+	if c.AckWait > 0 {
+		opts.AckWait = c.AckWait
+	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	return bus.Connect(cctx, url, opts, log)
@@ -258,7 +284,10 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	recv := newReceiver(c, b, log, reg, stage)
+	recv, err := newReceiver(c, b, log, reg, stage)
+	if err != nil {
+		return err
+	}
 	return runAll(ctx, c, reg, log, b, recv, arch)
 }
 
@@ -275,7 +304,11 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	defer b.Close()
-	return runAll(ctx, c, reg, log, b, newReceiver(c, b, log, reg, true), nil)
+	recv, err := newReceiver(c, b, log, reg, true)
+	if err != nil {
+		return err
+	}
+	return runAll(ctx, c, reg, log, b, recv, nil)
 }
 
 func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -321,7 +354,7 @@ func runAll(ctx context.Context, c *config, reg *prometheus.Registry, log *slog.
 	g.Go(serve)
 	if arch != nil {
 		g.Go(func() error {
-			err := arch.Run(archCtx)
+			err := arch.Run(archCtx, source(b))
 			if err != nil {
 				return fmt.Errorf("archiver: %w", err)
 			}

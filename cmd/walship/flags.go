@@ -40,6 +40,7 @@ type config struct {
 	Synchronous    bool
 	SafeWALWarn    int64
 	RepublishAfter time.Duration
+	AckWait        time.Duration
 	MetricsAddr    string
 	LogFormat      string
 	LogLevel       string
@@ -87,9 +88,15 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 	if has(gNATS) {
 		fs.StringVar(&c.NATS, "nats", "", "NATS server URL (run: empty starts an embedded JetStream server)")
 		fs.IntVar(&c.NATSReplicas, "nats-replicas", 1, "JetStream replicas for walship's streams (1 for one node, 3 in a cluster)")
+		fs.DurationVar(&c.AckWait, "ack-wait", time.Minute, "how long an archiver may hold a segment event without a progress signal before JetStream delivers it to another")
 	}
 	if has(gEmbedded) {
 		fs.StringVar(&c.NATSListen, "embedded-nats-listen", "127.0.0.1:4222", "listen address of the embedded NATS server")
+	}
+	if has(gReceive) && !has(gSink) {
+		// receive: the destination only names the archive confirmations must come from.
+		fs.StringVar(&c.Dest, "dest", "", "the archivers' destination; confirmations naming another are ignored (empty: accept any)")
+		fs.StringVar(&c.S3Endpoint, "s3-endpoint", "", "the archivers' S3 endpoint, part of the destination's name")
 	}
 	if has(gSink) {
 		fs.StringVar(&c.Dest, "dest", "", "archive destination: s3://bucket/prefix or file:///path (run: default file://<data-dir>/archive)")

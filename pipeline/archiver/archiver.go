@@ -2,13 +2,19 @@
 // JetStream, verifies the bytes, compresses them, stores them in the sink
 // with put-if-absent, and confirms with an archived event. An event is
 // acknowledged only after the object is durable and the confirmation is
-// acknowledged by JetStream; a failed upload is retried forever.
+// acknowledged by JetStream.
+//
+// Every delivery ends in exactly one of: Ack (archived and confirmed); Nak
+// with a delay (a transient failure: the sink, NATS, or a conflict an
+// operator must resolve; it is retried forever); Term (the event is
+// malformed, or its bytes are gone or corrupt: the receiver, which still
+// holds the file, publishes it again). Handle makes the decision; Run
+// feeds it deliveries.
 package archiver
 
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,7 +24,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
@@ -29,24 +34,70 @@ import (
 	"github.com/walship/walship/sinks"
 )
 
-// Bus is what the archiver needs from JetStream.
+// Delivery is one segment event handed to an archiver and the answers
+// JetStream takes for it.
+type Delivery interface {
+	Data() []byte
+	// NumDelivered counts deliveries of the event, this one included.
+	NumDelivered() uint64
+	// Ack acknowledges the event and waits for the server to confirm.
+	Ack(ctx context.Context) error
+	// Nak hands the event back, to be delivered again after delay.
+	Nak(delay time.Duration) error
+	// Term removes the event for good.
+	Term(reason string) error
+	// InProgress resets the event's acknowledgement timer.
+	InProgress() error
+}
+
+// Source hands out deliveries: Next waits a few seconds for one and
+// returns nil, nil when none came.
+type Source interface {
+	Next(ctx context.Context) (Delivery, error)
+}
+
+// SourceFunc adapts a function to Source.
+type SourceFunc func(ctx context.Context) (Delivery, error)
+
+// Next implements Source.
+func (f SourceFunc) Next(ctx context.Context) (Delivery, error) { return f(ctx) }
+
+// Bus is what the archiver needs from JetStream besides deliveries.
 type Bus interface {
-	Consumer(ctx context.Context) (jetstream.Consumer, error)
+	// GetObject reads a staged object into buf (reused when large
+	// enough); a missing object wraps os.ErrNotExist.
 	GetObject(ctx context.Context, name string, buf []byte) ([]byte, error)
 	DeleteObject(ctx context.Context, name string) error
+	// PublishArchived publishes a confirmation and waits for the server's
+	// acknowledgement.
 	PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) error
+}
+
+// BacklogReader is an optional capability of a Bus: the events waiting for
+// or held by the pool.
+type BacklogReader interface {
 	Pending(ctx context.Context) (uint64, error)
 }
 
 // Config configures the pool.
 type Config struct {
-	Workers   int
-	Codec     compress.Codec
-	Level     int
-	Layout    func(server string) sinks.Layout
-	ReadSpool bool // read segments from the receiver's spool path when present (same host)
-	Log       *slog.Logger
-	Metrics   *Metrics
+	Workers int
+	Codec   compress.Codec
+	Level   int
+	Layout  func(server string) sinks.Layout
+	Dest    string // the sink's ID (sinks.DestID), named in every confirmation
+	// ReadSpool reads segments from the receiver's spool path when present
+	// (archivers in the receiver's process); OpenSpool opens it (nil: os.Open).
+	ReadSpool bool
+	OpenSpool func(path string) (io.ReadCloser, error)
+	// KeepAlive is how often InProgress is sent while an event is being
+	// archived (0: 15s; negative: never).
+	KeepAlive time.Duration
+	// ConflictRetry is how long a conflicting event waits before it is
+	// tried again (0: 5 minutes).
+	ConflictRetry time.Duration
+	Log           *slog.Logger
+	Metrics       *Metrics
 }
 
 // Archiver is a pool of workers sharing one durable consumer.
@@ -58,8 +109,9 @@ type Archiver struct {
 	rl   *ratelog.Limiter
 
 	mu         sync.Mutex
-	identities map[string]error // server → result of the identity check
+	identities map[string]error // server → refusal, once an identity conflict is found
 	seen       map[string]bool  // servers whose series exist
+	conflicts  map[string]bool  // keys whose conflict was logged
 }
 
 // New builds an archiver pool.
@@ -73,32 +125,43 @@ func New(cfg Config, bus Bus, sink sinks.Sink) (*Archiver, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(prometheus.NewRegistry())
 	}
+	if cfg.OpenSpool == nil {
+		cfg.OpenSpool = func(p string) (io.ReadCloser, error) { return os.Open(p) }
+	}
+	if cfg.KeepAlive == 0 {
+		cfg.KeepAlive = 15 * time.Second
+	}
+	if cfg.ConflictRetry <= 0 {
+		cfg.ConflictRetry = 5 * time.Minute
+	}
 	if _, err := compress.NewEncoder(cfg.Codec, cfg.Level); err != nil {
 		return nil, err
 	}
 	return &Archiver{cfg: cfg, bus: bus, sink: sink, log: cfg.Log, rl: ratelog.New(cfg.Log, 30*time.Second),
-		identities: map[string]error{}, seen: map[string]bool{}}, nil
+		identities: map[string]error{}, seen: map[string]bool{}, conflicts: map[string]bool{}}, nil
 }
 
 // Run runs the workers until ctx is done. Each finishes the event it holds
 // before returning, unless ctx cancellation interrupts a network call; an
-// interrupted event is simply redelivered.
-func (a *Archiver) Run(ctx context.Context) error {
+// interrupted event is handed back and redelivered.
+func (a *Archiver) Run(ctx context.Context, src Source) error {
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return a.watchBacklog(ctx, 10*time.Second) })
+	if br, ok := a.bus.(BacklogReader); ok {
+		g.Go(func() error { return a.watchBacklog(ctx, br, 10*time.Second) })
+	}
 	for i := 0; i < a.cfg.Workers; i++ {
-		g.Go(func() error { return a.worker(ctx) })
+		g.Go(func() error { return a.worker(ctx, src) })
 	}
 	return g.Wait()
 }
 
 // watchBacklog publishes the consumer's backlog (events waiting plus in
 // flight) as a gauge.
-func (a *Archiver) watchBacklog(ctx context.Context, every time.Duration) error {
+func (a *Archiver) watchBacklog(ctx context.Context, br BacklogReader, every time.Duration) error {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
-		if n, err := a.bus.Pending(ctx); err == nil {
+		if n, err := br.Pending(ctx); err == nil {
 			a.cfg.Metrics.Backlog.Set(float64(n))
 		}
 		select {
@@ -109,53 +172,36 @@ func (a *Archiver) watchBacklog(ctx context.Context, every time.Duration) error 
 	}
 }
 
-type worker struct {
+// Worker is one worker's reusable state: an encoder and a buffer.
+type Worker struct {
 	enc *compress.Encoder
 	raw []byte
 }
 
-func (a *Archiver) worker(ctx context.Context) error {
-	enc, err := compress.NewEncoder(a.cfg.Codec, a.cfg.Level)
-	if err != nil {
-		return err
-	}
-	w := &worker{enc: enc}
+// NewWorker builds a worker's state.
+func (a *Archiver) NewWorker() *Worker {
+	enc, _ := compress.NewEncoder(a.cfg.Codec, a.cfg.Level) // checked in New
+	return &Worker{enc: enc}
+}
+
+func (a *Archiver) worker(ctx context.Context, src Source) error {
+	w := a.NewWorker()
 	bo := backoff.New(500*time.Millisecond, 15*time.Second)
-	var cons jetstream.Consumer
 	for ctx.Err() == nil {
-		if cons == nil {
-			if cons, err = a.bus.Consumer(ctx); err != nil {
-				cons = nil
-				a.fail("consume", "cannot reach the archiver consumer; retrying", "", err)
-				bo.Wait(ctx)
-				continue
-			}
-		}
-		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
+		d, err := src.Next(ctx)
 		if err != nil {
-			cancel()
 			if ctx.Err() != nil {
 				return nil
 			}
 			a.fail("consume", "cannot fetch segment events; retrying", "", err)
-			cons = nil
-			bo.Wait(ctx)
-			continue
-		}
-		for msg := range batch.Messages() {
-			a.handle(ctx, w, msg)
-		}
-		cancel()
-		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) &&
-			!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
-			a.fail("consume", "fetch failed; retrying", "", err)
-			cons = nil
 			bo.Wait(ctx)
 			continue
 		}
 		bo.Reset()
-		a.rl.Reset("consume")
+		a.rl.Reset("consume/")
+		if d != nil {
+			a.Handle(ctx, w, d)
+		}
 	}
 	return nil
 }
@@ -165,51 +211,85 @@ func (a *Archiver) fail(stage, msg, server string, err error, args ...any) {
 	a.rl.Warn(stage+"/"+server, msg, append([]any{"server", server, "stage", stage, "error", err}, args...)...)
 }
 
-// handle processes one event. Every path ends in exactly one of: ack
-// (archived and confirmed), nak with delay (try again later), or term
-// (malformed, never processable).
-func (a *Archiver) handle(ctx context.Context, w *worker, msg jetstream.Msg) {
-	ev, err := pipeline.DecodeSegmentEvent(msg.Data())
+// Outcome is how Handle answered a delivery.
+type Outcome int
+
+// The outcomes of Handle.
+const (
+	Acked     Outcome = iota // archived and confirmed
+	Naked                    // handed back, to be retried after a delay
+	Termed                   // removed: malformed, or bytes gone or corrupt
+	Abandoned                // ctx ended: handed back at once
+)
+
+func (o Outcome) String() string {
+	return [...]string{"ack", "nak", "term", "abandoned"}[o]
+}
+
+// errUnavailable marks a file whose bytes this archiver cannot get or
+// cannot trust: the receiver, which holds the file, must publish it again.
+var errUnavailable = errors.New("bytes unavailable")
+
+// errConflict marks a key that holds something else: only an operator can
+// resolve it; the event waits meanwhile and the slot holds.
+var errConflict = errors.New("archive conflict")
+
+// RetryDelay is how long a failed event waits before its next delivery:
+// doubling from one second with each delivery, up to 30 seconds.
+func RetryDelay(delivered uint64) time.Duration {
+	d := time.Second
+	for i := uint64(1); i < delivered && d < 30*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 30*time.Second)
+}
+
+// Handle processes one delivery and answers it exactly once.
+func (a *Archiver) Handle(ctx context.Context, w *Worker, d Delivery) Outcome {
+	ev, err := pipeline.DecodeSegmentEvent(d.Data())
 	if err != nil {
 		a.cfg.Metrics.Malformed.Inc()
-		a.log.Error("terminating malformed segment event", "error", err, "subject", msg.Subject())
-		msg.Term()
-		return
+		a.log.Error("terminating malformed segment event", "error", err)
+		d.Term("malformed: " + err.Error())
+		return Termed
 	}
 	a.initSeries(ev.Server)
 	// Tell JetStream we are alive while we work, so long uploads are not
 	// redelivered to another worker.
-	stop := keepAlive(ctx, msg, 15*time.Second)
+	stop := keepAlive(ctx, d, a.cfg.KeepAlive)
 	defer stop()
 
-	res, err := a.archive(ctx, w, &ev)
-	if err != nil {
-		if ctx.Err() != nil {
-			msg.Nak()
-			return
-		}
-		var delay time.Duration = 30 * time.Second
-		if errors.Is(err, errConflict) {
-			delay = 5 * time.Minute
-		}
+	res, err := a.archive(ctx, w, &ev, d.NumDelivered() > 1)
+	switch {
+	case ctx.Err() != nil:
+		d.Nak(0)
+		return Abandoned
+	case errors.Is(err, errUnavailable):
+		a.cfg.Metrics.Unavailable.WithLabelValues(ev.Server).Inc()
+		a.log.Warn("handing a segment event back to the receiver, which publishes the file again", "server", ev.Server, "segment", ev.File, "error", err)
+		d.Term(err.Error())
+		return Termed
+	case errors.Is(err, errConflict):
+		d.Nak(a.cfg.ConflictRetry)
+		return Naked
+	case err != nil:
 		a.fail("archive", "cannot archive segment; it will be retried", ev.Server, err, "segment", ev.File)
-		msg.NakWithDelay(delay)
-		return
+		d.Nak(RetryDelay(d.NumDelivered()))
+		return Naked
 	}
-	bo := backoff.New(250*time.Millisecond, 10*time.Second)
-	for {
-		err := a.bus.PublishArchived(ctx, res)
-		if err == nil {
-			break
-		}
+	if err := a.bus.PublishArchived(ctx, res); err != nil {
 		if ctx.Err() != nil {
-			return // not acked: redelivered, and the upload is idempotent
+			d.Nak(0)
+			return Abandoned
 		}
-		a.fail("confirm", "cannot publish archived event; retrying", ev.Server, err, "segment", ev.File)
-		bo.Wait(ctx)
+		// The object is in the sink; the redelivery finds it there and
+		// confirms without uploading again.
+		a.fail("confirm", "cannot publish archived event; it will be retried", ev.Server, err, "segment", ev.File)
+		d.Nak(RetryDelay(d.NumDelivered()))
+		return Naked
 	}
-	if err := msg.DoubleAck(ctx); err != nil {
-		a.fail("ack", "cannot acknowledge segment event; it may be redelivered", ev.Server, err, "segment", ev.File)
+	if err := d.Ack(ctx); err != nil {
+		a.fail("ack", "cannot acknowledge segment event; it may be redelivered, which is harmless", ev.Server, err, "segment", ev.File)
 	}
 	if ev.Object != "" {
 		if err := a.bus.DeleteObject(ctx, ev.Object); err != nil {
@@ -220,9 +300,12 @@ func (a *Archiver) handle(ctx context.Context, w *worker, msg jetstream.Msg) {
 	m.Segments.WithLabelValues(ev.Server).Inc()
 	m.RawBytes.WithLabelValues(ev.Server).Add(float64(ev.Size))
 	m.CompressedBytes.WithLabelValues(ev.Server).Add(float64(res.CompressedSize))
-	m.Upload.WithLabelValues(ev.Server).Observe(res.UploadSeconds)
+	if !res.Existed {
+		m.Upload.WithLabelValues(ev.Server).Observe(res.UploadSeconds)
+	}
 	a.rl.Reset("archive/" + ev.Server)
 	a.log.Debug("archived", "server", ev.Server, "segment", ev.File, "key", res.Key, "existed", res.Existed)
+	return Acked
 }
 
 // initSeries creates a server's series at zero the first time it is seen,
@@ -240,37 +323,47 @@ func (a *Archiver) initSeries(server string) {
 	}
 	m.Conflicts.WithLabelValues(server).Add(0)
 	m.Corrupt.WithLabelValues(server).Add(0)
+	m.Unavailable.WithLabelValues(server).Add(0)
 	m.Segments.WithLabelValues(server).Add(0)
 	m.RawBytes.WithLabelValues(server).Add(0)
 	m.CompressedBytes.WithLabelValues(server).Add(0)
 }
 
-var errConflict = errors.New("archive conflict")
-
-// archive reads, verifies, compresses and uploads one WAL file, retrying
-// the upload until it succeeds or ctx ends.
-func (a *Archiver) archive(ctx context.Context, w *worker, ev *pipeline.SegmentEvent) (*pipeline.ArchivedEvent, error) {
+// archive reads, verifies, compresses and uploads one WAL file. A file
+// that may be archived already (a redelivery, or one the receiver
+// published again) is looked up in the sink first.
+func (a *Archiver) archive(ctx context.Context, w *Worker, ev *pipeline.SegmentEvent, redelivered bool) (*pipeline.ArchivedEvent, error) {
 	layout := a.cfg.Layout(ev.Server)
 	if err := a.checkIdentity(ctx, layout, ev); err != nil {
 		return nil, err
 	}
 	key := layout.Key(archiveName(ev), a.cfg.Codec.Ext())
-	raw, err := a.read(ctx, w, ev)
-	if errors.Is(err, os.ErrNotExist) || errors.Is(err, jetstream.ErrObjectNotFound) {
-		// The bytes are gone from the spool and the object store: most
-		// likely a redelivery of an event already archived. The sink says.
-		meta, herr := a.sink.Head(ctx, key)
-		if herr == nil && meta.SHA256 == ev.SHA256 {
+	if redelivered || ev.Attempt > 0 {
+		switch found, err := a.inSink(ctx, key, ev); {
+		case err != nil && !errors.Is(err, os.ErrNotExist):
+			return nil, err
+		case found:
 			return a.result(ev, key, 0, 0, true), nil
 		}
-		return nil, fmt.Errorf("segment %s: bytes not available (%v); the receiver will publish it again", ev.File, err)
+	}
+	raw, err := a.read(ctx, w, ev)
+	if errors.Is(err, os.ErrNotExist) {
+		// The bytes are gone from the spool and the object store: the file
+		// was confirmed and removed, or NATS lost it. The sink says which.
+		if found, herr := a.inSink(ctx, key, ev); herr == nil && found {
+			return a.result(ev, key, 0, 0, true), nil
+		} else if herr != nil && !errors.Is(herr, os.ErrNotExist) {
+			return nil, herr
+		}
+		return nil, fmt.Errorf("%w: segment %s: %v", errUnavailable, ev.File, err)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if err := verify(raw, ev); err != nil {
 		a.cfg.Metrics.Corrupt.WithLabelValues(ev.Server).Inc()
-		return nil, err
+		a.log.Error("segment bytes fail verification", "server", ev.Server, "segment", ev.File, "error", err)
+		return nil, fmt.Errorf("%w: %v", errUnavailable, err)
 	}
 	body, err := w.enc.Encode(raw)
 	if err != nil {
@@ -280,36 +373,57 @@ func (a *Archiver) archive(ctx context.Context, w *worker, ev *pipeline.SegmentE
 		SHA256: ev.SHA256, StartLSN: ev.StartLSN.String(), EndLSN: ev.EndLSN.String(),
 		Timeline: ev.Timeline, SystemID: ev.SystemID, Codec: string(a.cfg.Codec), RawSize: ev.Size,
 	}
-	bo := backoff.New(500*time.Millisecond, 30*time.Second)
-	for {
-		began := time.Now()
-		err := a.sink.Put(ctx, key, body, meta)
-		took := time.Since(began).Seconds()
-		if err == nil {
-			return a.result(ev, key, int64(len(body)), took, false), nil
+	began := time.Now()
+	err = a.sink.Put(ctx, key, body, meta)
+	took := time.Since(began).Seconds()
+	if errors.Is(err, sinks.ErrExists) {
+		found, herr := a.inSink(ctx, key, ev)
+		if herr != nil {
+			return nil, herr
 		}
-		if errors.Is(err, sinks.ErrExists) {
-			same, err := a.sameObject(ctx, key, ev)
-			if err == nil && same {
-				return a.result(ev, key, int64(len(body)), took, true), nil
-			}
-			if err == nil {
-				a.cfg.Metrics.Conflicts.WithLabelValues(ev.Server).Inc()
-				a.log.Error("archive conflict: the sink holds different bytes under this key; refusing to overwrite",
-					"server", ev.Server, "segment", ev.File, "key", key)
-				return nil, fmt.Errorf("%w: %s holds different bytes than segment %s", errConflict, key, ev.File)
-			}
+		if !found {
+			return nil, fmt.Errorf("%w: %s appeared and then vanished", errConflict, key)
 		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		a.fail("upload", "upload failed; retrying", ev.Server, err, "segment", ev.File, "key", key)
-		bo.Wait(ctx)
+		return a.result(ev, key, int64(len(body)), took, true), nil
 	}
+	if err != nil {
+		a.fail("upload", "upload failed; the event will be retried", ev.Server, err, "segment", ev.File, "key", key)
+		return nil, err
+	}
+	return a.result(ev, key, int64(len(body)), took, false), nil
+}
+
+// inSink reports whether the sink holds ev's bytes at key, by the SHA-256
+// in the object's metadata. An object with other bytes, or without
+// walship's metadata (which restore needs to verify it), is a conflict: it
+// is never overwritten and never confirmed. A missing object wraps
+// os.ErrNotExist.
+func (a *Archiver) inSink(ctx context.Context, key string, ev *pipeline.SegmentEvent) (bool, error) {
+	meta, err := a.sink.Head(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	if meta.SHA256 == ev.SHA256 {
+		return true, nil
+	}
+	a.cfg.Metrics.Conflicts.WithLabelValues(ev.Server).Inc()
+	a.mu.Lock()
+	logged := a.conflicts[key]
+	a.conflicts[key] = true
+	a.mu.Unlock()
+	why := "different bytes (sha256 " + meta.SHA256 + ")"
+	if meta.SHA256 == "" {
+		why = "an object without walship's sha256 metadata, which restore could not verify"
+	}
+	if !logged {
+		a.log.Error("archive conflict: the sink holds "+why+" under this key; refusing to overwrite it or confirm it, so the slot holds here until an operator removes it",
+			"server", ev.Server, "segment", ev.File, "key", key, "sha256", ev.SHA256)
+	}
+	return false, fmt.Errorf("%w: %s holds %s, not segment %s", errConflict, key, why, ev.File)
 }
 
 func (a *Archiver) result(ev *pipeline.SegmentEvent, key string, compressed int64, took float64, existed bool) *pipeline.ArchivedEvent {
-	return &pipeline.ArchivedEvent{SegmentEvent: *ev, Key: key, Codec: string(a.cfg.Codec),
+	return &pipeline.ArchivedEvent{SegmentEvent: *ev, Key: key, Dest: a.cfg.Dest, Codec: string(a.cfg.Codec),
 		CompressedSize: compressed, UploadSeconds: took, Existed: existed}
 }
 
@@ -323,10 +437,10 @@ func archiveName(ev *pipeline.SegmentEvent) string {
 }
 
 // read loads the raw bytes: from the local spool when allowed and present,
-// else from the object store.
-func (a *Archiver) read(ctx context.Context, w *worker, ev *pipeline.SegmentEvent) ([]byte, error) {
+// else from the object store. Bytes that are nowhere wrap os.ErrNotExist.
+func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEvent) ([]byte, error) {
 	if a.cfg.ReadSpool && ev.Spool != "" {
-		f, err := os.Open(ev.Spool)
+		f, err := a.cfg.OpenSpool(ev.Spool)
 		if err == nil {
 			defer f.Close()
 			if cap(w.raw) < int(ev.Size) {
@@ -355,8 +469,9 @@ func (a *Archiver) read(ctx context.Context, w *worker, ev *pipeline.SegmentEven
 	return data, nil
 }
 
-// verify checks the bytes against the event: size, SHA-256, and for
-// segments the WAL page headers and the system identifier.
+// verify checks the bytes against the event: size, SHA-256, and for whole
+// and ended-timeline segments the WAL page headers up to the event's end
+// and the system identifier.
 func verify(raw []byte, ev *pipeline.SegmentEvent) error {
 	if int64(len(raw)) != ev.Size {
 		return fmt.Errorf("segment %s: %d bytes, event says %d", ev.File, len(raw), ev.Size)
@@ -365,7 +480,10 @@ func verify(raw []byte, ev *pipeline.SegmentEvent) error {
 	if got := pipeline.SHA256Hex(sum[:]); got != ev.SHA256 {
 		return fmt.Errorf("segment %s: sha256 %s, event says %s", ev.File, got, ev.SHA256)
 	}
-	if ev.Kind != pipeline.KindSegment {
+	if ev.Kind == pipeline.KindHistory {
+		if _, err := pipeline.ParseHistory(raw); err != nil {
+			return fmt.Errorf("history %s: %w", ev.File, err)
+		}
 		return nil
 	}
 	size := pipeline.SegmentSize(ev.SegSize)
@@ -382,44 +500,6 @@ func verify(raw []byte, ev *pipeline.SegmentEvent) error {
 	return nil
 }
 
-// sameObject reports whether the object at key holds the event's bytes:
-// by its metadata, or, when that is missing, by downloading it.
-func (a *Archiver) sameObject(ctx context.Context, key string, ev *pipeline.SegmentEvent) (bool, error) {
-	meta, err := a.sink.Head(ctx, key)
-	if err != nil {
-		return false, err
-	}
-	if meta.SHA256 != "" {
-		return meta.SHA256 == ev.SHA256, nil
-	}
-	rc, meta, err := a.sink.Get(ctx, key)
-	if err != nil {
-		return false, err
-	}
-	defer rc.Close()
-	codec, ok := compress.CodecForExt(a.cfg.Codec.Ext())
-	if !ok {
-		codec = compress.None
-	}
-	dr, err := compress.NewReader(codec, rc)
-	if err != nil {
-		return false, err
-	}
-	defer dr.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, dr); err != nil {
-		return false, fmt.Errorf("read existing %s: %w", key, err)
-	}
-	return pipeline.SHA256Hex(h.Sum(nil)) == ev.SHA256, nil
-}
-
-// Identity is the small object that ties an archive prefix to one cluster.
-type Identity struct {
-	SystemID    string `json:"system_id"`
-	SegmentSize uint64 `json:"wal_segment_size"`
-	Server      string `json:"server"`
-}
-
 // checkIdentity writes the server's identity object on first use and
 // refuses to archive into a prefix that belongs to another cluster.
 func (a *Archiver) checkIdentity(ctx context.Context, layout sinks.Layout, ev *pipeline.SegmentEvent) error {
@@ -429,12 +509,12 @@ func (a *Archiver) checkIdentity(ctx context.Context, layout sinks.Layout, ev *p
 	if done {
 		return err
 	}
-	want := Identity{SystemID: ev.SystemID, SegmentSize: ev.SegSize, Server: ev.Server}
-	body, _ := json.Marshal(want)
+	want := sinks.Identity{SystemID: ev.SystemID, SegmentSize: ev.SegSize, Server: ev.Server}
 	key := layout.IdentityKey()
-	err = a.sink.Put(ctx, key, body, sinks.Metadata{SystemID: ev.SystemID, Codec: "none", RawSize: int64(len(body))})
+	body := want.Body()
+	err = a.sink.Put(ctx, key, body, sinks.Metadata{SHA256: sha256Hex(body), SystemID: ev.SystemID, Codec: "none", RawSize: int64(len(body))})
 	if errors.Is(err, sinks.ErrExists) {
-		err = a.compareIdentity(ctx, key, want)
+		err = a.compareIdentity(ctx, layout, want)
 	}
 	if err != nil && !errors.Is(err, errConflict) {
 		return err // transient: try again with the next delivery
@@ -449,29 +529,32 @@ func (a *Archiver) checkIdentity(ctx context.Context, layout sinks.Layout, ev *p
 	return err
 }
 
-func (a *Archiver) compareIdentity(ctx context.Context, key string, want Identity) error {
-	rc, _, err := a.sink.Get(ctx, key)
-	if err != nil {
-		return err
+func (a *Archiver) compareIdentity(ctx context.Context, layout sinks.Layout, want sinks.Identity) error {
+	have, err := sinks.ReadIdentity(ctx, a.sink, layout)
+	if errors.Is(err, sinks.ErrBadIdentity) {
+		return fmt.Errorf("%w: %v: choose another --dest prefix", errConflict, err)
 	}
-	defer rc.Close()
-	var have Identity
-	data, err := io.ReadAll(io.LimitReader(rc, 1<<16))
 	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal(data, &have); err != nil {
-		return fmt.Errorf("%w: %s is not a walship identity object: choose another --dest prefix", errConflict, key)
+		return err // transient (a missing one existed a moment ago)
 	}
 	if have.SystemID != want.SystemID || have.SegmentSize != want.SegmentSize {
 		return fmt.Errorf("%w: %s belongs to system %s (segment size %d), not %s (segment size %d): another cluster archives here; use another --server or --dest prefix",
-			errConflict, key, have.SystemID, have.SegmentSize, want.SystemID, want.SegmentSize)
+			errConflict, layout.IdentityKey(), have.SystemID, have.SegmentSize, want.SystemID, want.SegmentSize)
 	}
 	return nil
 }
 
-// keepAlive sends InProgress every interval until stopped.
-func keepAlive(ctx context.Context, msg jetstream.Msg, every time.Duration) func() {
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return pipeline.SHA256Hex(sum[:])
+}
+
+// keepAlive sends InProgress every interval until stopped; a negative
+// interval sends nothing.
+func keepAlive(ctx context.Context, d Delivery, every time.Duration) func() {
+	if every < 0 {
+		return func() {}
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
@@ -483,7 +566,7 @@ func keepAlive(ctx context.Context, msg jetstream.Msg, every time.Duration) func
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				msg.InProgress()
+				d.InProgress()
 			}
 		}
 	}()

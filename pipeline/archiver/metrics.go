@@ -12,6 +12,7 @@ type Metrics struct {
 	Conflicts       *prometheus.CounterVec
 	Corrupt         *prometheus.CounterVec
 	Malformed       prometheus.Counter
+	Unavailable     *prometheus.CounterVec
 	Backlog         prometheus.Gauge
 }
 
@@ -43,11 +44,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Malformed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "walship_malformed_events_total", Help: "Segment events terminated because they cannot be parsed or are inconsistent.",
 		}),
+		Unavailable: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_archiver_unavailable_total",
+			Help: "Segment events handed back to the receiver (terminated) because their bytes were gone or corrupt; the receiver publishes the file again.",
+		}, []string{"server"}),
 	}
 	m.Backlog = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "walship_archiver_backlog", Help: "Segment events waiting for or held by the archiver pool (JetStream consumer pending plus unacknowledged).",
 	})
 	reg.MustRegister(m.Backlog)
-	reg.MustRegister(m.Segments, m.RawBytes, m.CompressedBytes, m.Upload, m.Errors, m.Conflicts, m.Corrupt, m.Malformed)
+	reg.MustRegister(m.Segments, m.RawBytes, m.CompressedBytes, m.Upload, m.Errors, m.Conflicts, m.Corrupt, m.Malformed, m.Unavailable)
 	return m
 }

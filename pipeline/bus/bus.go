@@ -4,18 +4,25 @@
 package bus
 
 import (
+	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/walship/walship/internal/backoff"
+	"github.com/walship/walship/internal/ratelog"
 	"github.com/walship/walship/pipeline"
 )
 
@@ -62,6 +69,11 @@ type Bus struct {
 	opts Options
 	obj  jetstream.ObjectStore
 	kv   jetstream.KeyValue
+	log  *slog.Logger
+	rl   *ratelog.Limiter
+
+	consMu sync.Mutex
+	cons   jetstream.Consumer // the archivers' consumer, looked up on first use
 }
 
 // SegmentSubject is the subject of a server's segment events.
@@ -95,7 +107,7 @@ func Connect(ctx context.Context, url string, opts Options, log *slog.Logger, ex
 		nc.Close()
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
-	b := &Bus{nc: nc, js: js, opts: opts}
+	b := &Bus{nc: nc, js: js, opts: opts, log: log, rl: ratelog.New(log, 30*time.Second)}
 	if err := b.setup(ctx); err != nil {
 		nc.Close()
 		return nil, err
@@ -187,9 +199,12 @@ func (b *Bus) PutObject(ctx context.Context, name string, r io.Reader) error {
 }
 
 // GetObject reads a staged object fully into buf (reused when large
-// enough) and returns the bytes. A missing object wraps jetstream.ErrObjectNotFound.
+// enough) and returns the bytes. A missing object wraps os.ErrNotExist.
 func (b *Bus) GetObject(ctx context.Context, name string, buf []byte) ([]byte, error) {
 	res, err := b.obj.Get(ctx, name)
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return nil, fmt.Errorf("get staged object %s: %w", name, os.ErrNotExist)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("get staged object %s: %w", name, err)
 	}
@@ -217,16 +232,57 @@ func (b *Bus) DeleteObject(ctx context.Context, name string) error {
 	return nil
 }
 
-// PublishSegment publishes a segment event and waits for JetStream's ack.
-func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) error {
+// HasObject reports whether the object store holds name with the given
+// SHA-256 (hex), so a republish needs no new copy of the bytes.
+func (b *Bus) HasObject(ctx context.Context, name, sha256 string) (bool, error) {
+	info, err := b.obj.GetInfo(ctx, name)
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("staged object %s: %w", name, err)
+	}
+	if info.Deleted {
+		return false, nil
+	}
+	got, err := jetstream.DecodeObjectDigest(info.Digest)
+	if err != nil {
+		return false, nil
+	}
+	want, err := hex.DecodeString(sha256)
+	return err == nil && bytes.Equal(got, want), nil
+}
+
+// PublishSegment publishes a segment event, waits for JetStream's ack and
+// returns the event's stream sequence.
+func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) (uint64, error) {
 	data, err := json.Marshal(ev)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	if _, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID())); err != nil {
-		return fmt.Errorf("publish segment event %s: %w", ev.File, err)
+	ack, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()))
+	if err != nil {
+		return 0, fmt.Errorf("publish segment event %s: %w", ev.File, err)
 	}
-	return nil
+	return ack.Sequence, nil
+}
+
+// Queued reports whether the segment event with stream sequence seq and
+// message ID msgID is still in the work queue: not yet acknowledged or
+// terminated by an archiver.
+func (b *Bus) Queued(ctx context.Context, seq uint64, msgID string) (bool, error) {
+	s, err := b.js.Stream(ctx, b.opts.Names.Segments)
+	if err != nil {
+		return false, fmt.Errorf("stream %s: %w", b.opts.Names.Segments, err)
+	}
+	m, err := s.GetMsg(ctx, seq)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("stream %s message %d: %w", b.opts.Names.Segments, seq, err)
+	}
+	return m.Header.Get(jetstream.MsgIDHeader) == msgID, nil
 }
 
 // PublishArchived publishes an archived confirmation and waits for
@@ -243,7 +299,7 @@ func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) e
 }
 
 // Consumer is the archiver pool's durable consumer.
-func (b *Bus) Consumer(ctx context.Context) (jetstream.Consumer, error) {
+func (b *Bus) consumer(ctx context.Context) (jetstream.Consumer, error) {
 	c, err := b.js.Consumer(ctx, b.opts.Names.Segments, b.opts.Names.Consumer)
 	if err != nil {
 		return nil, fmt.Errorf("consumer %s: %w", b.opts.Names.Consumer, err)
@@ -252,29 +308,51 @@ func (b *Bus) Consumer(ctx context.Context) (jetstream.Consumer, error) {
 }
 
 // WatchArchived calls fn for every archived confirmation of server stored
-// since the given time, then for each new one, until ctx is done. It uses an
-// ordered consumer, which recreates itself across NATS outages.
-func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time, fn func(pipeline.ArchivedEvent)) error {
-	c, err := b.js.OrderedConsumer(ctx, b.opts.Names.Archived, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{ArchivedSubject(server)},
-		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
-		OptStartTime:   &since,
-	})
-	if err != nil {
-		return fmt.Errorf("watch %s: %w", ArchivedSubject(server), err)
-	}
-	cc, err := c.Consume(func(m jetstream.Msg) {
-		ev, err := pipeline.DecodeArchivedEvent(m.Data())
-		if err != nil {
-			return // not ours to judge; the archiver validated what it sent
+// since the given time, then for each new one, one at a time, until ctx is
+// done. It uses an ordered consumer, which recreates itself across NATS
+// outages; when the consumer cannot be created at all (NATS unreachable at
+// that moment) it retries with back-off, so it returns only when ctx is
+// done. After a recreation it resumes after the last event it delivered.
+// Events it cannot decode go to bad.
+func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time, fn func(pipeline.ArchivedEvent), bad func(error)) error {
+	subject := ArchivedSubject(server)
+	bo := backoff.New(250*time.Millisecond, 10*time.Second)
+	var last atomic.Uint64 // stream sequence of the last event delivered
+	for ctx.Err() == nil {
+		cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}}
+		if seq := last.Load(); seq == 0 {
+			cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &since
+		} else {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, seq+1
 		}
-		fn(ev)
-	})
-	if err != nil {
-		return fmt.Errorf("watch %s: %w", ArchivedSubject(server), err)
+		c, err := b.js.OrderedConsumer(ctx, b.opts.Names.Archived, cfg)
+		var cc jetstream.ConsumeContext
+		if err == nil {
+			cc, err = c.Consume(func(m jetstream.Msg) {
+				if md, err := m.Metadata(); err == nil {
+					last.Store(md.Sequence.Stream)
+				}
+				ev, err := pipeline.DecodeArchivedEvent(m.Data())
+				if err != nil {
+					bad(err)
+					return
+				}
+				fn(ev)
+			})
+		}
+		if err != nil {
+			b.rl.Warn("watch/"+server, "cannot watch confirmations; retrying", "server", server, "subject", subject, "error", err)
+			bo.Wait(ctx)
+			continue
+		}
+		b.rl.Reset("watch/" + server)
+		bo.Reset()
+		select {
+		case <-ctx.Done():
+		case <-cc.Closed():
+		}
+		cc.Stop()
 	}
-	<-ctx.Done()
-	cc.Stop()
 	return nil
 }
 
@@ -289,7 +367,7 @@ func (b *Bus) PutState(ctx context.Context, server string, state []byte) error {
 // Pending is the number of segment events not yet acknowledged by the
 // archiver pool: waiting plus in flight.
 func (b *Bus) Pending(ctx context.Context) (uint64, error) {
-	c, err := b.Consumer(ctx)
+	c, err := b.consumer(ctx)
 	if err != nil {
 		return 0, err
 	}

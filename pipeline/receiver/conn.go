@@ -28,7 +28,7 @@ var ErrSlotActive = errors.New("replication slot active")
 // fatalError is an error that is ErrFatal without saying so in its text.
 type fatalError struct {
 	msg string
-	err error // a more specific sentinel, or nil
+	err error // its cause, or a more specific sentinel; may be nil
 }
 
 func (e *fatalError) Error() string        { return e.msg }
@@ -37,6 +37,11 @@ func (e *fatalError) Unwrap() error        { return e.err }
 
 func fatalf(format string, args ...any) error {
 	return &fatalError{msg: fmt.Sprintf(format, args...)}
+}
+
+// wrapFatal is fatalf that keeps cause for errors.Is and errors.As.
+func wrapFatal(cause error, format string, args ...any) error {
+	return &fatalError{msg: fmt.Sprintf(format, args...), err: cause}
 }
 
 // ConnConfig parses a libpq connection string (URL or key=value; PG*
@@ -73,15 +78,15 @@ func explainConnectError(cfg *pgconn.Config, err error) error {
 	if errors.As(err, &pgErr) {
 		switch {
 		case pgErr.Code == "28P01":
-			return fatalf("password authentication failed for user %q at %s: fix the password in --pg, PGPASSWORD or ~/.pgpass", cfg.User, where)
+			return wrapFatal(pgErr, "password authentication failed for user %q at %s: fix the password in --pg, PGPASSWORD or ~/.pgpass", cfg.User, where)
 		case pgErr.Code == "28000" && strings.Contains(pgErr.Message, "pg_hba.conf"):
-			return fatalf("PostgreSQL at %s refused user %q: %s: add a 'host replication %s <address> scram-sha-256' line to pg_hba.conf and reload", where, cfg.User, pgErr.Message, cfg.User)
+			return wrapFatal(pgErr, "PostgreSQL at %s refused user %q: %s: add a 'host replication %s <address> scram-sha-256' line to pg_hba.conf and reload", where, cfg.User, pgErr.Message, cfg.User)
 		case pgErr.Code == "42501":
-			return fatalf("role %q may not open a replication connection (%s): run ALTER ROLE %s REPLICATION, or use a role that has it", cfg.User, pgErr.Message, cfg.User)
+			return wrapFatal(pgErr, "role %q may not open a replication connection (%s): run ALTER ROLE %s REPLICATION, or use a role that has it", cfg.User, pgErr.Message, cfg.User)
 		case pgErr.Code == "53300" && strings.Contains(pgErr.Message, "max_wal_senders"):
-			return fatalf("PostgreSQL at %s accepts no replication connection (%s): set wal_level = replica and max_wal_senders > 0, then restart PostgreSQL", where, pgErr.Message)
+			return wrapFatal(pgErr, "PostgreSQL at %s accepts no replication connection (%s): set wal_level = replica and max_wal_senders > 0, then restart PostgreSQL", where, pgErr.Message)
 		case pgErr.Code == "3D000":
-			return fatalf("%s: fix the database in --pg", pgErr.Message)
+			return wrapFatal(pgErr, "%s: fix the database in --pg", pgErr.Message)
 		}
 		return fmt.Errorf("connect to PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
 	}

@@ -19,6 +19,8 @@ type Metrics struct {
 	Timeline     *prometheus.GaugeVec
 	SpoolBytes   *prometheus.GaugeVec
 	Republished  *prometheus.CounterVec
+	Ignored      *prometheus.CounterVec
+	PendingFiles *prometheus.GaugeVec
 
 	SlotWALStatus   *prometheus.GaugeVec
 	SlotSafeWALSize *prometheus.GaugeVec
@@ -57,7 +59,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Republished: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "walship_republished_segments_total", Help: "Segments published again because no confirmation arrived in time.",
 		}, []string{"server"}),
+		Ignored: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_confirmations_ignored_total",
+			Help: "Archived events ignored because they do not match the pending file (reason sha256 or dest) or cannot be decoded (undecodable).",
+		}, []string{"server", "reason"}),
 	}
+	m.PendingFiles = g("walship_spool_pending_files", "WAL files in the spool the bucket is not yet known to hold (segments, ended-timeline segments, history files).")
 	m.SlotWALStatus = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "walship_slot_wal_status", Help: "1 for the replication slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others.",
 	}, []string{"server", "wal_status"})
@@ -68,6 +75,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.SlotSafeWALLow = g("walship_slot_safe_wal_size_low", "1 while safe_wal_size is under the --safe-wal-size-warn threshold.")
 	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby, m.SlotSafeWALLow)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
-		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished)
+		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished,
+		m.Ignored, m.PendingFiles)
 	return m
 }

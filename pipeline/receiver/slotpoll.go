@@ -2,6 +2,7 @@ package receiver
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -11,9 +12,14 @@ import (
 // walStatuses are the values pg_replication_slots.wal_status can take.
 var walStatuses = []string{"reserved", "extended", "unreserved", "lost"}
 
-// slotPoll reads the slot's health over a normal SQL connection every
-// interval: wal_status, safe_wal_size and the WAL it retains. These are
-// what warn before PostgreSQL invalidates the slot.
+// slotPoll reads the slot's health every interval: wal_status,
+// safe_wal_size and the WAL it retains, over a normal SQL connection. These
+// are what warn before PostgreSQL invalidates the slot. When no SQL
+// connection can be had (a pg_hba.conf that allows only replication
+// connections), it reads the slot over a short replication connection
+// every ten intervals instead (READ_REPLICATION_SLOT: a NULL restart_lsn
+// is a lost slot), and says so; when neither works, every failure is
+// counted (walship_errors_total{stage="slotpoll"}) and logged.
 func (r *Receiver) slotPoll(ctx context.Context, every time.Duration) error {
 	m := r.cfg.Metrics
 	var conn *pgconn.PgConn
@@ -24,18 +30,33 @@ func (r *Receiver) slotPoll(ctx context.Context, every time.Duration) error {
 	}()
 	tick := time.NewTicker(every)
 	defer tick.Stop()
-	for {
+	for n := 0; ; n++ {
+		var err error
 		if conn == nil {
-			if cfg, err := ConnConfig(r.cfg.ConnString, r.cfg.AppName+"-monitor", ""); err == nil {
-				conn, _ = Connect(ctx, cfg)
+			var cfg *pgconn.Config
+			if cfg, err = ConnConfig(r.cfg.ConnString, r.cfg.AppName+"-monitor", ""); err == nil {
+				conn, err = Connect(ctx, cfg)
 			}
 		}
 		if conn != nil {
-			if err := r.pollOnce(ctx, conn, m); err != nil {
-				r.rl.Warn("slotpoll", "cannot read the slot's state", "error", err)
+			if err = r.pollOnce(ctx, conn, m); err != nil {
 				closeConn(conn)
 				conn = nil
 			}
+		}
+		if err != nil && ctx.Err() == nil {
+			if n%10 == 0 {
+				if rerr := r.pollReplication(ctx, m); rerr != nil {
+					r.m.errors.WithLabelValues("slotpoll").Inc()
+					r.rl.Warn("slotpoll", "cannot read the slot's state, so a lost slot would go unnoticed until the next reconnect",
+						"slot", r.cfg.Slot, "error", err, "replication_error", rerr)
+				} else {
+					r.rl.Warn("slotpoll-sql", "cannot read pg_replication_slots; watching the slot over a replication connection instead (no wal_status or safe_wal_size): allow walship a normal connection in pg_hba.conf",
+						"slot", r.cfg.Slot, "error", err)
+				}
+			}
+		} else {
+			r.rl.Reset("slotpoll")
 		}
 		select {
 		case <-ctx.Done():
@@ -43,6 +64,37 @@ func (r *Receiver) slotPoll(ctx context.Context, every time.Duration) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// pollReplication reads the slot with READ_REPLICATION_SLOT over a
+// replication connection it opens and closes.
+func (r *Receiver) pollReplication(ctx context.Context, m *Metrics) error {
+	cfg, err := ConnConfig(r.cfg.ConnString, r.cfg.AppName+"-monitor", "true")
+	if err != nil {
+		return err
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := Connect(qctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeConn(conn)
+	slot, ok, err := ReadSlot(qctx, conn, r.cfg.Slot)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return errors.New("READ_REPLICATION_SLOT needs PostgreSQL 15 or later")
+	}
+	m.SlotExists.WithLabelValues(r.server).Set(b2f(slot.Exists))
+	if slot.Exists && slot.RestartLSN == 0 {
+		for _, s := range walStatuses {
+			m.SlotWALStatus.With(prometheus.Labels{"server": r.server, "wal_status": s}).Set(b2f(s == "lost"))
+		}
+		r.rl.Error("slotlost", "PostgreSQL invalidated the replication slot (restart_lsn is NULL): the archive has a gap; take a new base backup", "slot", r.cfg.Slot)
+	}
+	return nil
 }
 
 func (r *Receiver) pollOnce(ctx context.Context, conn *pgconn.PgConn, m *Metrics) error {

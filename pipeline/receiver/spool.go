@@ -6,12 +6,8 @@ import (
 	"fmt"
 	"hash"
 	"io"
-	"os"
-	"path/filepath"
-	"sort"
+	"strconv"
 	"strings"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/pipeline"
@@ -20,162 +16,162 @@ import (
 // spool is the receiver's local copy of the WAL, in pg_receivewal's layout:
 // the segment being written is <name>.partial, preallocated to the segment
 // size; a complete segment is fsynced and renamed to <name>. Complete
-// segments stay until the archived event for them arrives.
+// segments stay until the bucket is known to hold them.
+//
+// Besides those, the spool holds the last segment of an ended timeline,
+// <name>.partial.ended.<end LSN as 16 hex digits>, archived as
+// <name>.partial, and timeline history files, <tli>.history.
 type spool struct {
+	fs   FS
 	dir  string
 	size pipeline.SegmentSize
-	lk   *os.File // holds the directory's lock
+	lk   io.Closer
 
-	f       *os.File
+	f       File
 	seg     pipeline.Segment
 	sum     hash.Hash
 	written pipeline.LSN // end of the bytes written to f
 	synced  pipeline.LSN // end of the bytes fsynced
 }
 
-// completed describes a segment that is durable in the spool.
+// completed describes a WAL file that is durable in the spool.
 type completed struct {
 	seg    pipeline.Segment
 	path   string
 	sha256 string
 }
 
-func newSpool(dir string, size pipeline.SegmentSize) (*spool, error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+const (
+	partialSuffix = ".partial"
+	endedInfix    = ".partial.ended"
+	lockName      = ".lock"
+)
+
+func newSpool(fs FS, dir string, size pipeline.SegmentSize) (*spool, error) {
+	if err := fs.MkdirAll(dir); err != nil {
 		return nil, fmt.Errorf("spool directory: %w", err)
 	}
-	return &spool{dir: dir, size: size, sum: sha256.New()}, nil
+	return &spool{fs: fs, dir: dir, size: size, sum: sha256.New()}, nil
 }
 
-func (s *spool) path(seg pipeline.Segment) string {
-	return filepath.Join(s.dir, seg.Name(s.size))
+func (s *spool) path(seg pipeline.Segment) string { return join(s.dir, seg.Name(s.size)) }
+
+// endedName is the spool name of an ended timeline's last segment; the
+// name carries where the timeline ended, which a restart needs.
+func (s *spool) endedName(seg pipeline.Segment, end pipeline.LSN) string {
+	return fmt.Sprintf("%s%s.%016X", seg.Name(s.size), endedInfix, uint64(end))
 }
 
-// Spool file names besides <segment> and <segment>.partial: the last
-// segment of an ended timeline, kept until archived as <segment>.partial,
-// and timeline history files.
-const endedSuffix = ".partial.ended"
-
-// ended lists the ended-timeline segments and history files waiting in the
-// spool.
-func (s *spool) ended() (segs []pipeline.Segment, histories []string, err error) {
-	entries, err := os.ReadDir(s.dir)
+// lock takes the spool directory for this process: two receivers on one
+// host must never write the same spool.
+func (s *spool) lock() error {
+	lk, err := s.fs.Lock(join(s.dir, lockName))
+	if errors.Is(err, fsutil.ErrLocked) {
+		return &spoolLockedError{dir: s.dir}
+	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("read spool: %w", err)
+		return fmt.Errorf("lock spool: %w", err)
 	}
-	for _, e := range entries {
-		name := e.Name()
-		if base, ok := strings.CutSuffix(name, endedSuffix); ok && pipeline.IsSegmentName(base) {
-			if seg, err := pipeline.ParseSegmentName(base, s.size); err == nil {
-				segs = append(segs, seg)
-			}
-		}
-		if strings.HasSuffix(name, ".history") && len(name) == 16 {
-			histories = append(histories, name)
-		}
-	}
-	return segs, histories, nil
+	s.lk = lk
+	return nil
 }
 
-// endTimeline closes the open segment at the switch point: it is fsynced
-// and renamed <segment>.partial.ended, to be archived as <segment>.partial.
-func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
-	if s.f == nil || s.written != at {
-		return completed{}, fmt.Errorf("spool: timeline ended at %s but the spool holds WAL to %s", at, s.written)
+// spoolLockedError is returned when another process holds the spool.
+type spoolLockedError struct{ dir string }
+
+func (e *spoolLockedError) Error() string {
+	return fmt.Sprintf("spool %s is in use by another walship process: stop it, or give this one another --spool-dir", e.dir)
+}
+func (e *spoolLockedError) Unwrap() error { return fsutil.ErrLocked }
+
+func (s *spool) unlock() {
+	if s.lk != nil {
+		s.lk.Close()
+		s.lk = nil
 	}
-	name := s.seg.Name(s.size)
-	if err := s.f.Sync(); err != nil {
-		return completed{}, fmt.Errorf("fsync spool segment %s: %w", name, err)
-	}
-	s.synced = s.written
-	s.f.Close()
-	s.f = nil
-	final := s.path(s.seg) + endedSuffix
-	if err := os.Rename(s.path(s.seg)+".partial", final); err != nil {
-		return completed{}, fmt.Errorf("rename spool segment %s: %w", name, err)
-	}
-	if err := fsutil.SyncDir(s.dir); err != nil {
-		return completed{}, err
-	}
-	sum, _, err := hashFile(final)
-	if err != nil {
-		return completed{}, err
-	}
-	return completed{seg: s.seg, path: final, sha256: sum}, nil
 }
 
-// writeFile stores a small file (a timeline history) durably in the spool.
-func (s *spool) writeFile(name string, data []byte) (string, error) {
-	path := filepath.Join(s.dir, name)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
-	if err != nil {
-		return "", err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	f.Close()
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = fsutil.SyncDir(s.dir)
-	}
-	if err != nil {
-		return "", fmt.Errorf("spool %s: %w", name, err)
-	}
-	return path, nil
+// listing is what the spool holds, by kind.
+type listing struct {
+	complete  []spoolFile // <segment>
+	partials  []spoolFile // <segment>.partial, being written
+	ended     []spoolFile // ended timelines' last segments
+	histories []spoolFile // <tli>.history
+	other     []string    // temporary files and anything unrecognised but ours
 }
 
-// scan lists the partial and complete segments in the spool, oldest first.
-func (s *spool) scan() (partials, complete []pipeline.Segment, err error) {
-	entries, err := os.ReadDir(s.dir)
+// spoolFile is one WAL file found in the spool.
+type spoolFile struct {
+	kind pipeline.Kind // segment, partial (an ended timeline's) or history; "" for .partial
+	name string
+	seg  pipeline.Segment
+	tli  uint32       // history files: their timeline
+	end  pipeline.LSN // ended segments: where the timeline ended (0: unknown)
+	size int64
+	info FileInfo
+}
+
+// list reads the spool directory. Names that are not walship's are left
+// alone and not reported.
+func (s *spool) list() (listing, error) {
+	var l listing
+	files, err := s.fs.ReadDir(s.dir)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read spool: %w", err)
+		return l, fmt.Errorf("read spool: %w", err)
 	}
-	for _, e := range entries {
-		name := e.Name()
-		base, isPartial := strings.CutSuffix(name, ".partial")
-		if !pipeline.IsSegmentName(base) {
+	for _, fi := range files {
+		name := fi.Name
+		f := spoolFile{name: name, size: fi.Size, info: fi}
+		if tli, ok := pipeline.ParseHistoryFileName(name); ok {
+			f.tli, f.kind = tli, pipeline.KindHistory
+			l.histories = append(l.histories, f)
 			continue
 		}
-		seg, err := pipeline.ParseSegmentName(base, s.size)
+		if strings.HasPrefix(name, fsutil.TempPrefix) {
+			l.other = append(l.other, name)
+			continue
+		}
+		if len(name) < 24 || !pipeline.IsSegmentName(name[:24]) {
+			continue
+		}
+		seg, err := pipeline.ParseSegmentName(name[:24], s.size)
 		if err != nil {
 			continue
 		}
-		if isPartial {
-			partials = append(partials, seg)
-		} else {
-			complete = append(complete, seg)
-		}
-	}
-	less := func(l []pipeline.Segment) func(i, j int) bool {
-		return func(i, j int) bool {
-			if l[i].No != l[j].No {
-				return l[i].No < l[j].No
+		f.seg = seg
+		switch rest := name[24:]; {
+		case rest == "":
+			f.kind = pipeline.KindSegment
+			l.complete = append(l.complete, f)
+		case rest == partialSuffix:
+			l.partials = append(l.partials, f)
+		case rest == endedInfix:
+			f.kind = pipeline.KindPartial
+			l.ended = append(l.ended, f) // written by an older walship: end unknown
+		case strings.HasPrefix(rest, endedInfix+"."):
+			end, err := strconv.ParseUint(rest[len(endedInfix)+1:], 16, 64)
+			if err != nil || len(rest) != len(endedInfix)+17 {
+				continue
 			}
-			return l[i].Timeline < l[j].Timeline
+			f.end, f.kind = pipeline.LSN(end), pipeline.KindPartial
+			l.ended = append(l.ended, f)
 		}
 	}
-	sort.Slice(partials, less(partials))
-	sort.Slice(complete, less(complete))
-	return partials, complete, nil
+	return l, nil
 }
 
-// open starts writing seg from its first byte, replacing any .partial.
+// open starts writing seg from its first byte, replacing any .partial. The
+// directory entry is made durable before any write is reported.
 func (s *spool) open(seg pipeline.Segment) error {
 	s.closeCurrent()
-	f, err := os.OpenFile(s.path(seg)+".partial", os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o640)
+	name := s.path(seg) + partialSuffix
+	f, err := s.fs.Create(name, int64(s.size))
 	if err != nil {
 		return fmt.Errorf("open spool segment: %w", err)
 	}
-	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(s.size)); err != nil {
-		if err := f.Truncate(int64(s.size)); err != nil {
-			f.Close()
-			return fmt.Errorf("preallocate spool segment: %w", err)
-		}
+	if err := s.fs.SyncDir(s.dir); err != nil {
+		f.Close()
+		return err
 	}
 	s.f, s.seg = f, seg
 	s.sum.Reset()
@@ -184,9 +180,12 @@ func (s *spool) open(seg pipeline.Segment) error {
 	return nil
 }
 
+// isOpen reports whether a segment is being written.
+func (s *spool) isOpen() bool { return s.f != nil }
+
 // write appends WAL that starts at lsn. It completes every segment the data
-// fills and calls done for each, and opens the next.
-func (s *spool) write(lsn pipeline.LSN, data []byte, done func(completed) error) error {
+// fills, calls done for each, and opens the next.
+func (s *spool) write(lsn pipeline.LSN, data []byte, done func(completed)) error {
 	if s.f == nil {
 		return errors.New("spool: no open segment")
 	}
@@ -207,9 +206,7 @@ func (s *spool) write(lsn pipeline.LSN, data []byte, done func(completed) error)
 			if err != nil {
 				return err
 			}
-			if err := done(c); err != nil {
-				return err
-			}
+			done(c)
 			if err := s.open(s.seg.Next()); err != nil {
 				return err
 			}
@@ -230,30 +227,82 @@ func (s *spool) sync() error {
 	return nil
 }
 
-func (s *spool) complete() (completed, error) {
+// finish fsyncs and closes the open segment and renames it to final.
+func (s *spool) finish(final string) error {
 	name := s.seg.Name(s.size)
 	if err := s.f.Sync(); err != nil {
-		return completed{}, fmt.Errorf("fsync spool segment %s: %w", name, err)
+		return fmt.Errorf("fsync spool segment %s: %w", name, err)
 	}
 	s.synced = s.written
-	if err := s.f.Close(); err != nil {
-		return completed{}, fmt.Errorf("close spool segment %s: %w", name, err)
-	}
+	err := s.f.Close()
 	s.f = nil
-	final := s.path(s.seg)
-	if err := os.Rename(final+".partial", final); err != nil {
-		return completed{}, fmt.Errorf("rename spool segment %s: %w", name, err)
+	if err != nil {
+		return fmt.Errorf("close spool segment %s: %w", name, err)
 	}
-	if err := fsutil.SyncDir(s.dir); err != nil {
+	if err := s.fs.Rename(s.path(s.seg)+partialSuffix, final); err != nil {
+		return fmt.Errorf("rename spool segment %s: %w", name, err)
+	}
+	return s.fs.SyncDir(s.dir)
+}
+
+func (s *spool) complete() (completed, error) {
+	final := s.path(s.seg)
+	if err := s.finish(final); err != nil {
 		return completed{}, err
 	}
 	return completed{seg: s.seg, path: final, sha256: pipeline.SHA256Hex(s.sum.Sum(nil))}, nil
 }
 
-// hashFile computes the SHA-256 of a complete spool segment, for segments
-// found at start-up.
-func hashFile(path string) (string, int64, error) {
-	f, err := os.Open(path)
+// endTimeline closes the open segment at the switch point: it is fsynced
+// and renamed to its ended name, to be archived as <segment>.partial.
+func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
+	if s.f == nil || s.written != at {
+		return completed{}, fmt.Errorf("spool: timeline ended at %s but the spool holds WAL to %s", at, s.written)
+	}
+	final := join(s.dir, s.endedName(s.seg, at))
+	if err := s.finish(final); err != nil {
+		return completed{}, err
+	}
+	sum, _, err := hashFile(s.fs, final)
+	if err != nil {
+		return completed{}, err
+	}
+	return completed{seg: s.seg, path: final, sha256: sum}, nil
+}
+
+// writeFile stores a small file (a timeline history) durably in the spool.
+func (s *spool) writeFile(name string, data []byte) (string, error) {
+	path := join(s.dir, name)
+	if err := s.fs.WriteFile(path, data); err != nil {
+		return "", fmt.Errorf("spool %s: %w", name, err)
+	}
+	return path, nil
+}
+
+// discardCurrent closes and removes the open segment, which holds nothing.
+func (s *spool) discardCurrent() {
+	if s.f != nil {
+		s.f.Close()
+		s.f = nil
+		s.fs.Remove(s.path(s.seg) + partialSuffix)
+	}
+}
+
+// closeCurrent fsyncs and closes the open segment, leaving it a .partial
+// that the next session writes again from its start.
+func (s *spool) closeCurrent() {
+	if s.f != nil {
+		if s.f.Sync() == nil {
+			s.synced = s.written
+		}
+		s.f.Close()
+		s.f = nil
+	}
+}
+
+// hashFile computes the SHA-256 and size of a spool file.
+func hashFile(fs FS, path string) (string, int64, error) {
+	f, err := fs.Open(path)
 	if err != nil {
 		return "", 0, err
 	}
@@ -264,51 +313,4 @@ func hashFile(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	return pipeline.SHA256Hex(h.Sum(nil)), n, nil
-}
-
-func (s *spool) remove(seg pipeline.Segment) {
-	os.Remove(s.path(seg))
-}
-
-// position is where the next byte goes: the end of what the open segment
-// holds, or the start of the next one.
-func (s *spool) position() pipeline.LSN { return s.written }
-
-// lock takes the spool directory for this process: two receivers on one
-// host must never write the same spool.
-func (s *spool) lock() error {
-	f, err := os.OpenFile(filepath.Join(s.dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o640)
-	if err != nil {
-		return fmt.Errorf("lock spool: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return fmt.Errorf("spool %s is in use by another walship process: stop it, or give this one another --spool-dir", s.dir)
-	}
-	s.lk = f
-	return nil
-}
-
-func (s *spool) unlock() {
-	if s.lk != nil {
-		s.lk.Close()
-		s.lk = nil
-	}
-}
-
-// discardCurrent closes and removes the open segment, which holds nothing.
-func (s *spool) discardCurrent() {
-	if s.f != nil {
-		s.f.Close()
-		s.f = nil
-		os.Remove(s.path(s.seg) + ".partial")
-	}
-}
-
-func (s *spool) closeCurrent() {
-	if s.f != nil {
-		s.f.Sync()
-		s.f.Close()
-		s.f = nil
-	}
 }

@@ -1,8 +1,9 @@
 package receiver
 
 import (
+	"container/heap"
 	"context"
-	"os"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -10,23 +11,28 @@ import (
 	"github.com/walship/walship/pipeline"
 )
 
-// tracker holds the WAL files between "durable in the spool" and
-// "confirmed archived": the publish queue, the watermark and the times the
+// tracker holds the WAL files between "durable in the spool" and "the
+// bucket holds it": the publish queue, the flush position and the times the
 // lag metrics need. The replication loop adds to it, the publisher drains
-// its queue, the confirmation watcher confirms; flush is read lock-free by
-// the replication loop.
+// its queue, the confirmation watcher confirms; flush is read lock-free.
+//
+// Flush is one rule, on every timeline at once: the lowest hold of the
+// pending files, or the frontier (the start of the segment being written)
+// when nothing is pending, and never below the floor (the slot's
+// restart_lsn at start). A file's hold is where the WAL it carries starts:
+// a segment's or an ended timeline's last segment's first byte; for a
+// history file, the start of the segment its timeline begins in. A file
+// enters before the frontier passes it and leaves only on a confirmation
+// that matches it, so flush cannot pass WAL the bucket does not hold.
 type tracker struct {
 	size  pipeline.SegmentSize
-	floor pipeline.LSN // slot restart_lsn at start: never report a flush below it
+	floor pipeline.LSN
+	dest  string // confirmations must name this destination ("": any)
 
-	mu sync.Mutex
-	// wm tracks the current timeline. prev, when set, is the previous
-	// timeline's watermark, which must reach prevEnd (the start of the
-	// segment holding the switch point) before wm counts.
-	wm        *pipeline.Watermark
-	prev      *pipeline.Watermark
-	prevEnd   pipeline.LSN
+	mu        sync.Mutex
+	frontier  pipeline.LSN
 	pending   map[string]*entry // by event MsgID
+	holds     holdHeap          // lazily cleaned: entries may be gone
 	queue     []string
 	firstSeen map[pipeline.Segment]time.Time
 	archived  pipeline.LSN // end of the newest confirmed segment
@@ -38,14 +44,23 @@ type tracker struct {
 
 type entry struct {
 	ev        pipeline.SegmentEvent
-	published time.Time // zero until published
-	queued    bool
+	hold      pipeline.LSN
+	published time.Time // last publish; zero until published
+	seq       uint64    // stream sequence of the last publish (0: unknown)
+	queued    bool      // in the queue
+	check     bool      // queued to check: publish again only if the last event is gone
 }
 
-func newTracker(size pipeline.SegmentSize, first pipeline.Segment, floor pipeline.LSN) *tracker {
+// item is one unit of the publisher's work.
+type item struct {
+	ev    pipeline.SegmentEvent
+	check bool   // publish only if the event of seq is no longer queued
+	seq   uint64 // the last publish's stream sequence, for the check
+}
+
+func newTracker(size pipeline.SegmentSize, floor, frontier pipeline.LSN, dest string) *tracker {
 	t := &tracker{
-		size: size, floor: floor,
-		wm:        pipeline.NewWatermark(first, size),
+		size: size, floor: floor, dest: dest, frontier: frontier,
 		pending:   map[string]*entry{},
 		firstSeen: map[pipeline.Segment]time.Time{},
 		wake:      make(chan struct{}, 1),
@@ -54,41 +69,54 @@ func newTracker(size pipeline.SegmentSize, first pipeline.Segment, floor pipelin
 	return t
 }
 
-// flushLocked is the contiguous archived position across the timeline
-// chain, never below the floor.
+// flushLocked is the flush position: the lowest pending hold or the
+// frontier, never below the floor.
 func (t *tracker) flushLocked() pipeline.LSN {
-	f := t.wm.Flush()
-	if t.prev != nil {
-		if pf := t.prev.Flush(); pf < t.prevEnd {
-			f = pf
-		} else {
-			t.prev = nil
+	f := t.frontier
+	for len(t.holds) > 0 {
+		top := t.holds[0]
+		if e, ok := t.pending[top.id]; ok && e.hold == top.hold {
+			f = min(f, top.hold)
+			break
 		}
+		heap.Pop(&t.holds)
 	}
 	return max(f, t.floor)
 }
 
-// switchTimeline starts tracking a new timeline whose first segment is
-// first; the old timeline must still be archived up to first's start.
-func (t *tracker) switchTimeline(first pipeline.Segment) {
+func (t *tracker) update() { t.flush.Store(uint64(t.flushLocked())) }
+
+// setFrontier moves the start of the segment being written.
+func (t *tracker) setFrontier(l pipeline.LSN) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.prev == nil || t.prev.Flush() >= t.prevEnd {
-		t.prev = t.wm
-	}
-	t.prevEnd = first.StartLSN(t.size)
-	t.wm = pipeline.NewWatermark(first, t.size)
-	t.flush.Store(uint64(t.flushLocked()))
+	t.frontier = l
+	t.update()
+	t.mu.Unlock()
 }
 
-// add queues a WAL file that is durable in the spool for publishing.
-func (t *tracker) add(ev pipeline.SegmentEvent) {
+// add queues a WAL file that is durable in the spool for publishing; hold
+// is where its WAL starts. A file already pending with the same bytes is
+// left as it is; with other bytes (the spool file was written again with
+// different WAL) it is replaced and queued again.
+func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
 	id := ev.MsgID()
 	t.mu.Lock()
-	if _, ok := t.pending[id]; !ok {
-		t.pending[id] = &entry{ev: ev, queued: true}
+	e, ok := t.pending[id]
+	if ok && e.ev.SHA256 == ev.SHA256 {
+		t.mu.Unlock()
+		return
+	}
+	if !ok {
+		e = &entry{}
+		t.pending[id] = e
+	}
+	e.ev, e.hold, e.published, e.seq, e.check = ev, hold, time.Time{}, 0, false
+	heap.Push(&t.holds, holdRef{hold: hold, id: id})
+	if !e.queued {
+		e.queued = true
 		t.queue = append(t.queue, id)
 	}
+	t.update()
 	t.mu.Unlock()
 	t.signal()
 }
@@ -100,40 +128,52 @@ func (t *tracker) signal() {
 	}
 }
 
-// next blocks until a file is queued and returns its event.
-func (t *tracker) next(ctx context.Context) (pipeline.SegmentEvent, bool) {
-	for {
-		t.mu.Lock()
-		for len(t.queue) > 0 {
-			id := t.queue[0]
-			t.queue = t.queue[1:]
-			if e, ok := t.pending[id]; ok {
-				e.queued = false
-				t.mu.Unlock()
-				return e.ev, true
-			}
+// tryNext returns the next queued item, if any.
+func (t *tracker) tryNext() (item, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for len(t.queue) > 0 {
+		id := t.queue[0]
+		t.queue = t.queue[1:]
+		if e, ok := t.pending[id]; ok && e.queued {
+			e.queued = false
+			it := item{ev: e.ev, check: e.check, seq: e.seq}
+			e.check = false
+			return it, true
 		}
-		t.mu.Unlock()
+	}
+	return item{}, false
+}
+
+// next blocks until an item is queued and returns it.
+func (t *tracker) next(ctx context.Context) (item, bool) {
+	for {
+		if it, ok := t.tryNext(); ok {
+			return it, true
+		}
 		select {
 		case <-ctx.Done():
-			return pipeline.SegmentEvent{}, false
+			return item{}, false
 		case <-t.wake:
 		}
 	}
 }
 
-// isPending reports whether ev still waits for its confirmation.
+// isPending reports whether the file still waits for its confirmation,
+// with the same bytes.
 func (t *tracker) isPending(ev pipeline.SegmentEvent) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	_, ok := t.pending[ev.MsgID()]
-	return ok
+	e, ok := t.pending[ev.MsgID()]
+	return ok && e.ev.SHA256 == ev.SHA256
 }
 
-func (t *tracker) markPublished(ev pipeline.SegmentEvent, at time.Time) {
+// markPublished records a publish (or a check that found the event still
+// queued): the republish timer starts again from at.
+func (t *tracker) markPublished(ev pipeline.SegmentEvent, seq uint64, at time.Time) {
 	t.mu.Lock()
-	if e, ok := t.pending[ev.MsgID()]; ok {
-		e.published = at
+	if e, ok := t.pending[ev.MsgID()]; ok && e.ev.SHA256 == ev.SHA256 {
+		e.published, e.seq, e.ev.Attempt = at, seq, ev.Attempt
 	}
 	if ev.Kind == pipeline.KindSegment {
 		t.published = max(t.published, ev.EndLSN)
@@ -141,56 +181,86 @@ func (t *tracker) markPublished(ev pipeline.SegmentEvent, at time.Time) {
 	t.mu.Unlock()
 }
 
-// requeueStale queues again every published file whose confirmation has
-// not come within after, and returns how many.
-func (t *tracker) requeueStale(now time.Time, after time.Duration) int {
+// requeue puts an item back at the end of the queue after a failed
+// attempt, unless it was confirmed meanwhile.
+func (t *tracker) requeue(it item) {
 	t.mu.Lock()
-	n := 0
-	for id, e := range t.pending {
-		if !e.queued && !e.published.IsZero() && now.Sub(e.published) >= after {
-			e.queued = true
-			t.queue = append(t.queue, id)
-			n++
-		}
+	if e, ok := t.pending[it.ev.MsgID()]; ok && e.ev.SHA256 == it.ev.SHA256 && !e.queued {
+		e.queued, e.check = true, it.check
+		t.queue = append(t.queue, it.ev.MsgID())
 	}
 	t.mu.Unlock()
-	if n > 0 {
-		t.signal()
-	}
-	return n
+	t.signal()
 }
 
-// confirm records an archived event: it removes the spool copy and, for a
-// segment, reports whether the flush position moved.
-func (t *tracker) confirm(ev pipeline.ArchivedEvent) bool {
+// requeueStale queues a check for every file published at least after ago
+// and not confirmed since, and returns how many. Order is by hold, so runs
+// are reproducible.
+func (t *tracker) requeueStale(now time.Time, after time.Duration) int {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	if e, ok := t.pending[ev.MsgID()]; ok {
-		delete(t.pending, ev.MsgID())
-		if e.ev.Spool != "" {
-			os.Remove(e.ev.Spool)
+	var ids []string
+	for id, e := range t.pending {
+		if !e.queued && !e.published.IsZero() && now.Sub(e.published) >= after {
+			ids = append(ids, id)
 		}
 	}
-	if ev.Kind != pipeline.KindSegment {
-		return false
+	sort.Slice(ids, func(i, j int) bool {
+		a, b := t.pending[ids[i]], t.pending[ids[j]]
+		if a.hold != b.hold {
+			return a.hold < b.hold
+		}
+		return ids[i] < ids[j]
+	})
+	for _, id := range ids {
+		e := t.pending[id]
+		e.queued, e.check = true, true
+		t.queue = append(t.queue, id)
 	}
-	seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
-	t.archived = max(t.archived, ev.EndLSN)
-	before := t.flushLocked()
-	t.wm.Confirm(seg)
-	if t.prev != nil {
-		t.prev.Confirm(seg)
+	t.mu.Unlock()
+	if len(ids) > 0 {
+		t.signal()
 	}
-	after := t.flushLocked()
+	return len(ids)
+}
+
+// confirmation is what a confirmation did.
+type confirmation int
+
+const (
+	confirmStale    confirmation = iota // nothing pending by that name: a duplicate or a replay
+	confirmMismatch                     // pending, but the event's bytes or destination differ
+	confirmOK                           // the file is archived
+)
+
+// confirm matches an archived event with its pending file. On a match the
+// file leaves the tracker and its spool path is returned for removal.
+func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason, path string, moved bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.pending[ev.MsgID()]
+	switch {
+	case !ok:
+		return confirmStale, "", "", false
+	case ev.SHA256 != e.ev.SHA256:
+		return confirmMismatch, "sha256", "", false
+	case t.dest != "" && ev.Dest != t.dest:
+		return confirmMismatch, "dest", "", false
+	}
+	delete(t.pending, ev.MsgID())
+	if ev.Kind == pipeline.KindSegment {
+		t.archived = max(t.archived, ev.EndLSN)
+	}
+	before := pipeline.LSN(t.flush.Load())
+	t.update()
+	after := pipeline.LSN(t.flush.Load())
 	if after != before {
 		for s := range t.firstSeen {
-			if s.StartLSN(t.size) < after {
+			if s.EndLSN(t.size) <= after {
 				delete(t.firstSeen, s)
 			}
 		}
-		t.flush.Store(uint64(after))
 	}
-	return after != before
+	return confirmOK, "", e.ev.Spool, after != before
 }
 
 // seen notes when the first byte of a segment arrived, for the lag in
@@ -207,7 +277,7 @@ func (t *tracker) seen(seg pipeline.Segment, at time.Time) {
 func (t *tracker) lagSeconds(now time.Time, received pipeline.LSN) float64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	flush := t.flushLocked()
+	flush := pipeline.LSN(t.flush.Load())
 	if received <= flush {
 		return 0
 	}
@@ -223,13 +293,49 @@ func (t *tracker) lagSeconds(now time.Time, received pipeline.LSN) float64 {
 	return now.Sub(oldest).Seconds()
 }
 
-// positions returns the published and archived ends and the bytes waiting
-// in the spool.
-func (t *tracker) positions() (published, archived pipeline.LSN, spoolBytes int64) {
+// positions returns the published and archived ends, the bytes waiting in
+// the spool and how many files are pending.
+func (t *tracker) positions() (published, archived pipeline.LSN, spoolBytes int64, files int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, e := range t.pending {
 		spoolBytes += e.ev.Size
 	}
-	return t.published, t.archived, spoolBytes
+	return t.published, t.archived, spoolBytes, len(t.pending)
+}
+
+// oldestPending is the lowest hold of the pending files (ok false when none).
+func (t *tracker) oldestPending() (pipeline.LSN, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.flushLocked() // drops stale heap tops
+	if len(t.holds) == 0 {
+		return 0, false
+	}
+	return t.holds[0].hold, true
+}
+
+// holdRef is a hold in the heap; an entry confirmed or replaced since
+// leaves a stale ref, dropped when it reaches the top.
+type holdRef struct {
+	hold pipeline.LSN
+	id   string
+}
+
+type holdHeap []holdRef
+
+func (h holdHeap) Len() int { return len(h) }
+func (h holdHeap) Less(i, j int) bool {
+	if h[i].hold != h[j].hold {
+		return h[i].hold < h[j].hold
+	}
+	return h[i].id < h[j].id
+}
+func (h holdHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *holdHeap) Push(x any)   { *h = append(*h, x.(holdRef)) }
+func (h *holdHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
 }

@@ -1,8 +1,11 @@
 // Package file is the sink that writes archived WAL to a local directory
 // (file:///path). Each object is a file at its key; its metadata is a JSON
-// sidecar beside it (<key>.meta.json). Put is atomic and put-if-absent: the
-// body is written to a temporary file, fsynced, then hard-linked into place,
-// which fails if the key exists.
+// sidecar beside it (<key>.meta.json). Put is atomic and put-if-absent:
+// under a lock on the object's directory, the sidecar is written first
+// (atomically), then the body is written to a temporary file, fsynced and
+// hard-linked into place, which fails if the key exists. An object that
+// exists therefore always has its sidecar; a crash between the two leaves
+// only a sidecar, which the next Put of that key replaces.
 package file
 
 import (
@@ -17,6 +20,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/sinks"
@@ -29,6 +33,9 @@ var _ sinks.Lister = (*Sink)(nil)
 // Sink stores objects under a root directory.
 type Sink struct {
 	root string
+
+	mu      sync.Mutex
+	durable map[string]bool // directories whose entries up to root are fsynced
 }
 
 // New opens a file sink rooted at dir, creating it if needed.
@@ -39,7 +46,10 @@ func New(dir string) (*Sink, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("file destination: %w", err)
 	}
-	return &Sink{root: dir}, nil
+	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
+		return nil, fmt.Errorf("file destination: %w", err)
+	}
+	return &Sink{root: dir, durable: map[string]bool{}}, nil
 }
 
 // Open opens an existing file sink for reading; unlike New it never creates
@@ -56,7 +66,7 @@ func Open(dir string) (*Sink, error) {
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("file destination %s is not a directory", dir)
 	}
-	return &Sink{root: dir}, nil
+	return &Sink{root: dir, durable: map[string]bool{}}, nil
 }
 
 func (s *Sink) path(key string) (string, error) {
@@ -66,6 +76,9 @@ func (s *Sink) path(key string) (string, error) {
 	return filepath.Join(s.root, filepath.FromSlash(key)), nil
 }
 
+// lockName is the per-directory lock file Put holds.
+const lockName = ".walship-lock"
+
 // Put implements sinks.Sink.
 func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Metadata) error {
 	p, err := s.path(key)
@@ -73,21 +86,21 @@ func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Meta
 		return err
 	}
 	dir := filepath.Dir(p)
-	_, statErr := os.Stat(dir)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := s.mkdirDurable(dir); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
-	if statErr != nil {
-		// New directories must survive a crash too: fsync each parent up
-		// to the root.
-		for d := dir; d != s.root && strings.HasPrefix(d, s.root); d = filepath.Dir(d) {
-			if err := fsutil.SyncDir(filepath.Dir(d)); err != nil {
-				return fmt.Errorf("put %s: %w", key, err)
-			}
-		}
+	lk, err := fsutil.WaitLock(filepath.Join(dir, lockName))
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
 	}
+	defer lk.Unlock()
 	if _, err := os.Lstat(p); err == nil {
 		return fmt.Errorf("put %s: %w", key, sinks.ErrExists)
+	}
+	// The sidecar first: once the object exists, its metadata does too.
+	mb, _ := json.Marshal(meta.Map())
+	if err := fsutil.WriteFile(p+".meta.json", mb, 0o640); err != nil {
+		return fmt.Errorf("put %s metadata: %w", key, err)
 	}
 	tmp, err := writeTemp(dir, body)
 	if err != nil {
@@ -100,21 +113,31 @@ func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Meta
 		}
 		return fmt.Errorf("put %s: %w", key, err)
 	}
-	// The data is in place; the sidecar follows. A crash between the two
-	// leaves an object without metadata, which readers treat as unverified
-	// and check by content.
-	mb, _ := json.Marshal(meta.Map())
-	mt, err := writeTemp(dir, mb)
-	if err != nil {
-		return fmt.Errorf("put %s metadata: %w", key, err)
-	}
-	if err := os.Rename(mt, p+".meta.json"); err != nil {
-		os.Remove(mt)
-		return fmt.Errorf("put %s metadata: %w", key, err)
-	}
 	if err := fsutil.SyncDir(dir); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
+	return nil
+}
+
+// mkdirDurable creates dir and makes its entry, and each parent's up to
+// the root, durable before any object in it is reported stored. Every
+// caller waits for the fsyncs until one of them has done them all, so a
+// second writer cannot skip them while the first is still at work.
+func (s *Sink) mkdirDurable(dir string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.durable[dir] {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return err
+	}
+	for d := dir; d != s.root && strings.HasPrefix(d, s.root); d = filepath.Dir(d) {
+		if err := fsutil.SyncDir(filepath.Dir(d)); err != nil {
+			return err
+		}
+	}
+	s.durable[dir] = true
 	return nil
 }
 
@@ -149,10 +172,11 @@ func (s *Sink) Delete(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	os.Remove(p + ".meta.json")
+	// The object first, then its sidecar: an object never lacks one.
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete %s: %w", key, err)
 	}
+	os.Remove(p + ".meta.json")
 	return nil
 }
 
@@ -169,7 +193,7 @@ func readMeta(p string) sinks.Metadata {
 }
 
 func writeTemp(dir string, body []byte) (string, error) {
-	f, err := os.CreateTemp(dir, ".walship-tmp-*")
+	f, err := os.CreateTemp(dir, fsutil.TempPrefix+"*")
 	if err != nil {
 		return "", err
 	}
@@ -198,7 +222,7 @@ func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) er
 			}
 			return err
 		}
-		if d.IsDir() || strings.HasSuffix(path, ".meta.json") || strings.HasPrefix(d.Name(), ".walship-tmp-") {
+		if d.IsDir() || strings.HasSuffix(path, ".meta.json") || strings.HasPrefix(d.Name(), ".walship-") {
 			return nil
 		}
 		rel, _ := filepath.Rel(s.root, path)

@@ -1,0 +1,84 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Delivery is one segment event handed to an archiver, with the
+// acknowledgements JetStream takes for it. It satisfies the archiver's
+// Delivery interface.
+type Delivery struct {
+	msg jetstream.Msg
+	n   uint64
+}
+
+// Data is the event's body.
+func (d *Delivery) Data() []byte { return d.msg.Data() }
+
+// NumDelivered counts deliveries of this event, this one included.
+func (d *Delivery) NumDelivered() uint64 { return d.n }
+
+// Ack acknowledges the event and waits for JetStream to confirm it.
+func (d *Delivery) Ack(ctx context.Context) error { return d.msg.DoubleAck(ctx) }
+
+// Nak hands the event back, to be delivered again after delay.
+func (d *Delivery) Nak(delay time.Duration) error { return d.msg.NakWithDelay(delay) }
+
+// Term removes the event from the work queue for good.
+func (d *Delivery) Term(reason string) error { return d.msg.TermWithReason(reason) }
+
+// InProgress resets the event's acknowledgement timer.
+func (d *Delivery) InProgress() error { return d.msg.InProgress() }
+
+// Next waits up to expires for the next segment event for the archivers;
+// it returns nil, nil when none came. The consumer is looked up again after
+// an error, so a recreated stream or consumer is picked up.
+func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error) {
+	b.consMu.Lock()
+	cons := b.cons
+	b.consMu.Unlock()
+	if cons == nil {
+		c, err := b.consumer(ctx)
+		if err != nil {
+			return nil, err
+		}
+		cons = c
+		b.consMu.Lock()
+		b.cons = c
+		b.consMu.Unlock()
+	}
+	forget := func() {
+		b.consMu.Lock()
+		b.cons = nil
+		b.consMu.Unlock()
+	}
+	fctx, cancel := context.WithTimeout(ctx, expires)
+	defer cancel()
+	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, nil
+		}
+		forget()
+		return nil, fmt.Errorf("fetch segment events: %w", err)
+	}
+	var d *Delivery
+	for msg := range batch.Messages() {
+		n := uint64(1)
+		if md, err := msg.Metadata(); err == nil {
+			n = md.NumDelivered
+		}
+		d = &Delivery{msg: msg, n: n}
+	}
+	if err := batch.Error(); err != nil && d == nil && !errors.Is(err, jetstream.ErrNoMessages) &&
+		!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
+		forget()
+		return nil, fmt.Errorf("fetch segment events: %w", err)
+	}
+	return d, nil
+}

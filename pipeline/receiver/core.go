@@ -1,0 +1,464 @@
+package receiver
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/walship/walship/internal/ratelog"
+	"github.com/walship/walship/pipeline"
+)
+
+// Core is one server's receiver state machine: the spool, the publish
+// queue, the confirmations and the flush position, with no PostgreSQL or
+// NATS connection of its own. The Receiver drives it from its replication
+// connection and background loops; the deterministic simulation drives the
+// same methods directly, step by step, with simulated neighbours.
+//
+// The replication-side methods (Start, Resume, Open, WAL, Status,
+// EndTimeline, CloseSession) must be called from one goroutine; the others
+// are safe to call concurrently with them.
+type Core struct {
+	cfg   CoreConfig
+	spool *spool
+	tr    *tracker
+	tli   uint32 // timeline being streamed (or to stream next)
+	since time.Time
+	rl    *ratelog.Limiter
+	m     gauges
+}
+
+// CoreConfig configures a Core.
+type CoreConfig struct {
+	Server   string
+	SystemID string
+	Size     pipeline.SegmentSize
+	Dir      string // this server's spool directory
+	FS       FS     // nil: the operating system's
+	Now      func() time.Time
+	// StageObjects puts segment bytes in the object store, for archivers
+	// on other hosts; without it archivers read the spool path.
+	StageObjects bool
+	// Dest is the destination confirmations must name (sinks.DestID);
+	// empty accepts any.
+	Dest    string
+	Log     *slog.Logger
+	Metrics *Metrics
+}
+
+// NewCore opens (creating it) and locks the server's spool directory.
+func NewCore(cfg CoreConfig) (*Core, error) {
+	if cfg.FS == nil {
+		cfg.FS = OSFS{}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(prometheus.NewRegistry())
+	}
+	sp, err := newSpool(cfg.FS, cfg.Dir, cfg.Size)
+	if err != nil {
+		return nil, err
+	}
+	if err := sp.lock(); err != nil {
+		return nil, err
+	}
+	return &Core{cfg: cfg, spool: sp, rl: ratelog.New(cfg.Log, 30*time.Second), m: newGauges(cfg.Metrics, cfg.Server)}, nil
+}
+
+// Release closes the spool and its lock.
+func (c *Core) Release() {
+	c.spool.closeCurrent()
+	c.spool.unlock()
+}
+
+// Start plans the spool against the slot and the server's position (see
+// makePlan): it removes what the bucket holds, queues for publishing what it
+// may not, and decides where streaming starts.
+func (c *Core) Start(slot SlotState, serverTLI uint32, serverPos pipeline.LSN) error {
+	l, err := c.spool.list()
+	if err != nil {
+		return err
+	}
+	p := makePlan(planInput{size: c.cfg.Size, slot: slot, serverTLI: serverTLI, serverPos: serverPos, spool: l})
+	for _, name := range p.remove {
+		if err := c.cfg.FS.Remove(join(c.spool.dir, name)); err != nil {
+			return fmt.Errorf("spool: remove %s: %w", name, err)
+		}
+	}
+	for _, f := range p.invalid {
+		c.cfg.Log.Warn("spool segment has the wrong size; streaming starts there again", "segment", f.name, "bytes", f.size)
+	}
+	c.tli = p.tli
+	c.tr = newTracker(c.cfg.Size, p.floor, p.start, c.cfg.Dest)
+	c.since = c.cfg.Now()
+	for _, f := range p.pending {
+		if err := c.addFound(f); err != nil {
+			return err
+		}
+		c.since = minTime(c.since, f.info.ModTime)
+	}
+	// Confirmations are published after the file they confirm was written;
+	// an hour covers clock differences between hosts. Older ones are not
+	// needed: a file whose confirmation is not replayed is published again,
+	// and the archivers find it in the bucket.
+	c.since = c.since.Add(-time.Hour)
+	c.m.timeline.Set(float64(c.tli))
+	return nil
+}
+
+// addFound queues a file found in the spool at start-up. Each was possibly
+// published before: Attempt 1 makes the archivers look in the bucket first.
+func (c *Core) addFound(f spoolFile) error {
+	path := join(c.spool.dir, f.name)
+	switch f.kind {
+	case pipeline.KindHistory:
+		data, err := readAll(c.cfg.FS, path)
+		if err != nil {
+			return fmt.Errorf("spool %s: %w", f.name, err)
+		}
+		hist, err := pipeline.ParseHistory(data)
+		if err != nil {
+			return fmt.Errorf("spool %s: %w", f.name, err)
+		}
+		_, at, _ := pipeline.SwitchPoint(hist)
+		ev := c.historyEvent(f.tli, path, data)
+		ev.Attempt = 1
+		c.tr.add(ev, c.cfg.Size.Start(at))
+	case pipeline.KindPartial:
+		sum, _, err := hashFile(c.cfg.FS, path)
+		if err != nil {
+			return fmt.Errorf("spool %s: %w", f.name, err)
+		}
+		ev := c.partialEvent(completed{seg: f.seg, path: path, sha256: sum}, f.end)
+		ev.Attempt = 1
+		c.tr.add(ev, f.seg.StartLSN(c.cfg.Size))
+	default:
+		sum, _, err := hashFile(c.cfg.FS, path)
+		if err != nil {
+			return fmt.Errorf("spool %s: %w", f.name, err)
+		}
+		ev := c.event(f.seg, sum)
+		ev.Attempt = 1
+		c.tr.seen(f.seg, f.info.ModTime)
+		c.tr.add(ev, f.seg.StartLSN(c.cfg.Size))
+	}
+	return nil
+}
+
+// ReplaySince is how far back confirmations must be replayed after Start.
+func (c *Core) ReplaySince() time.Time { return c.since }
+
+// Resume is where the next replication session starts: the timeline and
+// the start of the segment holding the first byte not yet complete in the
+// spool.
+func (c *Core) Resume() (uint32, pipeline.LSN) {
+	c.tr.mu.Lock()
+	defer c.tr.mu.Unlock()
+	return c.tli, c.tr.frontier
+}
+
+// Open begins a session that streams from start (a segment boundary, as
+// Resume gave): the spool's segment there is written again from its first
+// byte.
+func (c *Core) Open(start pipeline.LSN) error {
+	seg := pipeline.SegmentOf(c.tli, start, c.cfg.Size)
+	if err := c.spool.open(seg); err != nil {
+		return err
+	}
+	c.tr.setFrontier(seg.StartLSN(c.cfg.Size))
+	c.m.timeline.Set(float64(c.tli))
+	return nil
+}
+
+// WAL writes received WAL to the spool. data is consumed before WAL
+// returns. Every segment it completes is queued for publishing before the
+// frontier moves past it.
+func (c *Core) WAL(at pipeline.LSN, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	if c.cfg.Size.Offset(at) == 0 {
+		c.tr.seen(pipeline.SegmentOf(c.tli, at, c.cfg.Size), c.cfg.Now())
+	}
+	err := c.spool.write(at, data, func(done completed) {
+		c.tr.add(c.event(done.seg, done.sha256), done.seg.StartLSN(c.cfg.Size))
+		next := done.seg.Next()
+		c.tr.seen(next, c.cfg.Now())
+		c.tr.setFrontier(next.StartLSN(c.cfg.Size))
+		c.m.receivedSegs.Inc()
+	})
+	c.m.receivedBytes.Add(float64(len(data)))
+	return err
+}
+
+// Status fsyncs what was written and returns the positions to report to
+// PostgreSQL: write (fsynced in the spool) and flush (the bucket holds
+// everything before it).
+func (c *Core) Status() (write, flush pipeline.LSN, err error) {
+	if err := c.spool.sync(); err != nil {
+		return 0, 0, err
+	}
+	return c.spool.synced, c.Flush(), nil
+}
+
+// Flush is the position below which the bucket holds every byte.
+func (c *Core) Flush() pipeline.LSN { return pipeline.LSN(c.tr.flush.Load()) }
+
+// Written is the end of the WAL fsynced in the spool.
+func (c *Core) Written() pipeline.LSN { return c.spool.synced }
+
+// Timeline is the timeline being streamed.
+func (c *Core) Timeline() uint32 { return c.tli }
+
+// EndTimeline follows the server to the next timeline, which began at at:
+// it stores and queues the new timeline's history file and the old
+// timeline's last segment (archived as <segment>.partial), and moves the
+// frontier to the segment holding the switch point, where streaming
+// resumes on the new timeline.
+func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
+	if next <= c.tli {
+		return fmt.Errorf("server ended timeline %d and named timeline %d next", c.tli, next)
+	}
+	hist, err := pipeline.ParseHistory(history)
+	if err != nil {
+		return fmt.Errorf("timeline %d history: %w", next, err)
+	}
+	if parent, sw, ok := pipeline.SwitchPoint(hist); !ok || parent != c.tli || sw != at {
+		return fmt.Errorf("timeline %d history says it began at %s from timeline %d; the server said %s from timeline %d", next, sw, parent, at, c.tli)
+	}
+	path, err := c.spool.writeFile(pipeline.HistoryFileName(next), history)
+	if err != nil {
+		return err
+	}
+	c.tr.add(c.historyEvent(next, path, history), c.cfg.Size.Start(at))
+	switch {
+	case c.spool.isOpen() && c.spool.written > c.spool.seg.StartLSN(c.cfg.Size):
+		done, err := c.spool.endTimeline(at)
+		if err != nil {
+			return err
+		}
+		c.tr.add(c.partialEvent(done, at), done.seg.StartLSN(c.cfg.Size))
+	case c.spool.isOpen():
+		c.spool.discardCurrent() // the timeline ended on a segment boundary
+	}
+	c.cfg.Log.Info("timeline switch", "timeline", next, "previous_timeline", c.tli, "lsn", at.String())
+	c.tli = next
+	c.tr.setFrontier(c.cfg.Size.Start(at))
+	c.m.timeline.Set(float64(next))
+	return nil
+}
+
+// CloseSession ends a session: the open segment is fsynced and closed; the
+// next session writes it again from its start.
+func (c *Core) CloseSession() { c.spool.closeCurrent() }
+
+// Archived takes a confirmation. Only one that matches a pending file (its
+// bytes' SHA-256 and the configured destination) removes the spool copy and
+// may move flush; others are counted and logged.
+func (c *Core) Archived(ev pipeline.ArchivedEvent) {
+	if ev.SystemID != c.cfg.SystemID || ev.Server != c.cfg.Server {
+		return
+	}
+	res, reason, path, moved := c.tr.confirm(ev)
+	switch res {
+	case confirmMismatch:
+		c.cfg.Metrics.Ignored.WithLabelValues(c.cfg.Server, reason).Inc()
+		c.rl.Warn("mismatch/"+ev.File, "ignoring a confirmation that does not match the spool's file",
+			"segment", ev.File, "reason", reason, "dest", ev.Dest, "key", ev.Key)
+		return
+	case confirmStale:
+		return
+	}
+	if path != "" {
+		if err := c.cfg.FS.Remove(path); err != nil {
+			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
+		}
+	}
+	c.m.archivedSegs.Inc()
+	if moved {
+		c.cfg.Log.Debug("flush moved", "lsn", c.Flush().String())
+	}
+}
+
+// Undecodable counts an archived event that could not be decoded.
+func (c *Core) Undecodable(err error) {
+	c.cfg.Metrics.Ignored.WithLabelValues(c.cfg.Server, "undecodable").Inc()
+	c.rl.Warn("undecodable", "ignoring an archived event that cannot be decoded (an archiver of another version?)", "error", err)
+}
+
+// Next blocks until a file is to be published or checked, or ctx ends.
+func (c *Core) Next(ctx context.Context) (PublishItem, bool) {
+	it, ok := c.tr.next(ctx)
+	return PublishItem{it}, ok
+}
+
+// TryNext returns the next file to publish or check, if any.
+func (c *Core) TryNext() (PublishItem, bool) {
+	it, ok := c.tr.tryNext()
+	return PublishItem{it}, ok
+}
+
+// PublishItem is a unit of the publisher's work.
+type PublishItem struct{ it item }
+
+// Event is the event the item publishes.
+func (p PublishItem) Event() pipeline.SegmentEvent { return p.it.ev }
+
+// Publish makes one attempt at an item: for a check, it asks whether the
+// last event is still queued and publishes again only if not; it stages
+// the bytes unless the object store still has them, then publishes the
+// event. On error the caller retries the same item (Retry) after a pause.
+// A file confirmed meanwhile is not published.
+func (c *Core) Publish(ctx context.Context, pub Publisher, p PublishItem) error {
+	it := p.it
+	if !c.tr.isPending(it.ev) {
+		return nil
+	}
+	if it.check {
+		if qc, ok := pub.(QueueChecker); ok && it.seq != 0 {
+			queued, err := qc.Queued(ctx, it.seq, it.ev.MsgID())
+			if err != nil {
+				return err
+			}
+			if queued {
+				// Still waiting for an archiver (S3 down, a backlog): a new
+				// event would only add work.
+				c.tr.markPublished(it.ev, it.seq, c.cfg.Now())
+				return nil
+			}
+		}
+		it.ev.Attempt++
+		c.m.republished.Inc()
+	}
+	if it.ev.Object != "" {
+		staged := false
+		if oc, ok := pub.(ObjectChecker); ok && it.ev.Attempt > 0 {
+			staged, _ = oc.HasObject(ctx, it.ev.Object, it.ev.SHA256)
+		}
+		if !staged {
+			f, err := c.cfg.FS.Open(it.ev.Spool)
+			if err != nil {
+				if os.IsNotExist(err) && !c.tr.isPending(it.ev) {
+					return nil // confirmed and removed meanwhile
+				}
+				return err
+			}
+			err = pub.PutObject(ctx, it.ev.Object, f)
+			f.Close()
+			if err != nil {
+				return err
+			}
+		}
+	}
+	seq, err := pub.PublishSegment(ctx, &it.ev)
+	if err != nil {
+		return err
+	}
+	c.tr.markPublished(it.ev, seq, c.cfg.Now())
+	c.m.publishedSegs.Inc()
+	c.m.publishedBytes.Add(float64(it.ev.Size))
+	return nil
+}
+
+// Retry queues an item again after a failed Publish.
+func (c *Core) Retry(p PublishItem) { c.tr.requeue(p.it) }
+
+// Tick queues a check of every file published at least after ago without a
+// confirmation since, and returns how many.
+func (c *Core) Tick(now time.Time, after time.Duration) int {
+	return c.tr.requeueStale(now, after)
+}
+
+// Positions are the positions and counts for metrics and status.
+type Positions struct {
+	Published, Archived, Flush pipeline.LSN
+	SpoolBytes                 int64
+	PendingFiles               int
+}
+
+// Positions reports the positions for metrics and the state record.
+func (c *Core) Positions() Positions {
+	pub, arch, bytes, files := c.tr.positions()
+	return Positions{Published: pub, Archived: arch, Flush: c.Flush(), SpoolBytes: bytes, PendingFiles: files}
+}
+
+// LagSeconds is the age of the oldest received byte the bucket does not hold.
+func (c *Core) LagSeconds(now time.Time, received pipeline.LSN) float64 {
+	return c.tr.lagSeconds(now, received)
+}
+
+func (c *Core) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
+	name := seg.Name(c.cfg.Size)
+	ev := pipeline.SegmentEvent{
+		V: pipeline.EventVersion, Server: c.cfg.Server, SystemID: c.cfg.SystemID, Timeline: seg.Timeline,
+		File: name, Kind: pipeline.KindSegment,
+		StartLSN: seg.StartLSN(c.cfg.Size), EndLSN: seg.EndLSN(c.cfg.Size),
+		Size: int64(c.cfg.Size), SegSize: uint64(c.cfg.Size), SHA256: sum,
+		Spool: c.spool.path(seg),
+	}
+	if c.cfg.StageObjects {
+		ev.Object = c.cfg.Server + "/" + name
+	}
+	return ev
+}
+
+// partialEvent announces the last segment of an ended timeline, archived
+// as <segment>.partial. end is the switch point; 0 (unknown, a spool from
+// an older walship) keeps the segment's end.
+func (c *Core) partialEvent(done completed, end pipeline.LSN) pipeline.SegmentEvent {
+	ev := c.event(done.seg, done.sha256)
+	ev.Kind = pipeline.KindPartial
+	ev.Spool = done.path
+	if end != 0 {
+		ev.EndLSN = end
+	}
+	if c.cfg.StageObjects {
+		ev.Object = c.cfg.Server + "/" + ev.File + ".partial"
+	}
+	return ev
+}
+
+// historyEvent announces a timeline history file.
+func (c *Core) historyEvent(tli uint32, path string, data []byte) pipeline.SegmentEvent {
+	ev := pipeline.SegmentEvent{
+		V: pipeline.EventVersion, Server: c.cfg.Server, SystemID: c.cfg.SystemID, Timeline: tli,
+		File: pipeline.HistoryFileName(tli), Kind: pipeline.KindHistory,
+		Size: int64(len(data)), SegSize: uint64(c.cfg.Size), SHA256: sha256Hex(data), Spool: path,
+	}
+	if c.cfg.StageObjects {
+		ev.Object = c.cfg.Server + "/" + ev.File
+	}
+	return ev
+}
+
+func sha256Hex(data []byte) string {
+	sum := sha256.Sum256(data)
+	return pipeline.SHA256Hex(sum[:])
+}
+
+func readAll(fs FS, path string) ([]byte, error) {
+	f, err := fs.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, 1<<20))
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}

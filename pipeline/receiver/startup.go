@@ -1,0 +1,218 @@
+package receiver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/walship/walship/internal/fsutil"
+	"github.com/walship/walship/internal/ratelog"
+	"github.com/walship/walship/pipeline"
+)
+
+// identify opens a replication connection and reads the system identity.
+func (r *Receiver) identify(ctx context.Context) (*pgconn.PgConn, pglogrepl.IdentifySystemResult, error) {
+	cfg, err := ConnConfig(r.cfg.ConnString, r.cfg.AppName, "true")
+	if err != nil {
+		return nil, pglogrepl.IdentifySystemResult{}, err
+	}
+	conn, err := Connect(ctx, cfg)
+	if err != nil {
+		return nil, pglogrepl.IdentifySystemResult{}, err
+	}
+	if err := pipeline.SupportedPGMajor(serverMajor(conn)); err != nil {
+		closeConn(conn)
+		return nil, pglogrepl.IdentifySystemResult{}, fatalf("%v (server_version %q)", err, conn.ParameterStatus("server_version"))
+	}
+	id, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		closeConn(conn)
+		return nil, id, fmt.Errorf("identify system: %w", err)
+	}
+	return conn, id, nil
+}
+
+// prepare makes the first connection: identity, segment size, slot, and
+// the spool's plan (Core.Start).
+func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
+	conn, id, err := r.identify(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			closeConn(conn)
+		}
+	}()
+	r.sysID = id.SystemID
+	if r.size, err = SegmentSizeOf(ctx, conn); err != nil {
+		return nil, err
+	}
+	r.server = r.cfg.Server
+	if r.server == "" {
+		r.server = "pg-" + r.sysID
+	}
+	if err := pipeline.ValidServerName(r.server); err != nil {
+		return nil, fatalf("--server: %v", err)
+	}
+	r.m = newGauges(r.cfg.Metrics, r.server)
+	if r.log == r.cfg.Log {
+		r.log = r.log.With("server", r.server)
+		r.rl = ratelog.New(r.log, 30*time.Second)
+	}
+	slot, err := r.slotState(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(r.cfg.SpoolDir, r.server)
+	core, err := NewCore(CoreConfig{
+		Server: r.server, SystemID: r.sysID, Size: r.size, Dir: dir,
+		StageObjects: r.cfg.StageObjects, Dest: r.cfg.Dest, Log: r.log, Metrics: r.cfg.Metrics,
+	})
+	if err != nil {
+		if errors.Is(err, fsutil.ErrLocked) {
+			return nil, fmt.Errorf("%w: %v", ErrSlotActive, err)
+		}
+		return nil, wrapFatal(err, "%v: fix --spool-dir", err)
+	}
+	if err := core.Start(slot, uint32(id.Timeline), pipeline.LSN(id.XLogPos)); err != nil {
+		core.Release()
+		return nil, err
+	}
+	r.core = core
+	tli, start := core.Resume()
+	r.received.Store(uint64(start))
+	r.log.Info("receiver ready", "system_id", r.sysID, "timeline", tli, "segment_size", uint64(r.size),
+		"slot", r.cfg.Slot, "lsn", start.String(), "segment", pipeline.SegmentOf(tli, start, r.size).Name(r.size),
+		"pending_files", core.Positions().PendingFiles, "flush", core.Flush().String())
+	if r.cfg.Dest == "" {
+		r.log.Warn("no --dest given: confirmations from any destination are accepted; give the archivers' --dest to accept only theirs")
+	}
+	ok = true
+	return conn, nil
+}
+
+// slotState reads the slot, creating it when allowed, and refuses slots
+// walship cannot use.
+func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotState, error) {
+	slot, err := r.readSlot(ctx, conn)
+	if err != nil {
+		return slot, err
+	}
+	if !slot.Exists {
+		if !r.cfg.CreateSlot {
+			return slot, fatalf("replication slot %q does not exist: create it with 'walship slot create --slot %s', or pass --create-slot", r.cfg.Slot, r.cfg.Slot)
+		}
+		if err := CreateSlot(ctx, conn, r.cfg.Slot, true); err != nil {
+			return slot, wrapFatal(err, "%v", err)
+		}
+		r.log.Info("created replication slot", "slot", r.cfg.Slot)
+		if slot, err = r.readSlot(ctx, conn); err != nil {
+			return slot, err
+		}
+	}
+	if !slot.Physical {
+		return slot, fatalf("replication slot %q is a logical slot; walship needs a physical slot: choose another --slot", r.cfg.Slot)
+	}
+	if slot.RestartLSN == 0 {
+		// NULL restart_lsn: never reserved, or invalidated. Only
+		// pg_replication_slots tells which.
+		if slot.WALStatus == "" {
+			q, err := r.querySlot(ctx)
+			if err != nil {
+				return slot, err
+			}
+			slot.WALStatus = q.WALStatus
+		}
+		if slot.WALStatus == "lost" {
+			return slot, r.lostError()
+		}
+	}
+	return slot, nil
+}
+
+func (r *Receiver) readSlot(ctx context.Context, conn *pgconn.PgConn) (SlotState, error) {
+	slot, ok, err := ReadSlot(ctx, conn, r.cfg.Slot)
+	if err != nil {
+		return slot, err
+	}
+	if ok {
+		return slot, nil
+	}
+	return r.querySlot(ctx)
+}
+
+// querySlot asks pg_replication_slots over a normal connection.
+func (r *Receiver) querySlot(ctx context.Context) (SlotState, error) {
+	cfg, err := ConnConfig(r.cfg.ConnString, r.cfg.AppName, "")
+	if err != nil {
+		return SlotState{}, err
+	}
+	conn, err := Connect(ctx, cfg)
+	if err != nil {
+		return SlotState{}, err
+	}
+	defer closeConn(conn)
+	return QuerySlot(ctx, conn, r.cfg.Slot)
+}
+
+// reconnect opens a new replication connection after a drop and checks it
+// is still the same cluster.
+func (r *Receiver) reconnect(ctx context.Context) (*pgconn.PgConn, error) {
+	conn, id, err := r.identify(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if id.SystemID != r.sysID {
+		closeConn(conn)
+		return nil, fatalf("server's system identifier changed from %s to %s: this is another cluster; point walship at a new --server or spool", r.sysID, id.SystemID)
+	}
+	if tli := r.core.Timeline(); uint32(id.Timeline) < tli {
+		closeConn(conn)
+		return nil, fatalf("server is on timeline %d, older than the %d walship streamed: is this another server? point walship at the right one", id.Timeline, tli)
+	}
+	// A newer timeline is fine: streaming resumes on the old one and the
+	// server ends it at the switch point, which walship follows.
+	if err := r.checkSlotLost(ctx, conn); err != nil {
+		closeConn(conn)
+		return nil, err
+	}
+	return conn, nil
+}
+
+// checkSlotLost stops the receiver when PostgreSQL has invalidated the slot.
+func (r *Receiver) checkSlotLost(ctx context.Context, conn *pgconn.PgConn) error {
+	slot, err := r.readSlot(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if !slot.Exists {
+		return fatalf("replication slot %q disappeared: someone dropped it; the archive may have a gap: take a new base backup, then recreate the slot with 'walship slot create --recreate'", r.cfg.Slot)
+	}
+	if slot.RestartLSN == 0 {
+		q, err := r.querySlot(ctx)
+		if err == nil && q.WALStatus == "lost" {
+			return r.lostError()
+		}
+	}
+	return nil
+}
+
+func (r *Receiver) lostError() error {
+	if r.server != "" {
+		for _, st := range walStatuses {
+			v := 0.0
+			if st == "lost" {
+				v = 1
+			}
+			r.cfg.Metrics.SlotWALStatus.WithLabelValues(r.server, st).Set(v)
+		}
+	}
+	return &fatalError{err: ErrSlotLost, msg: fmt.Sprintf("PostgreSQL invalidated replication slot %q (wal_status = lost): WAL needed by the archive was removed, so the archive has a gap; take a new base backup, then run 'walship slot create --recreate' to record the gap and start again", r.cfg.Slot)}
+}
