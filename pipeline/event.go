@@ -114,7 +114,7 @@ func (e *SegmentEvent) Validate() error {
 	switch e.Kind {
 	case KindSegment, KindPartial:
 		size := SegmentSize(e.SegSize)
-		if err := size.Validate(); err != nil {
+		if err := size.validateEvent(); err != nil {
 			return bad("%v", err)
 		}
 		seg, err := ParseSegmentName(e.File, size)

@@ -43,6 +43,21 @@ func (s SegmentSize) Validate() error {
 	return nil
 }
 
+// MinEventSegmentSize is the smallest segment size events may carry: eight
+// WAL pages. PostgreSQL's own minimum is 1 MiB and is enforced where a size
+// comes from a server or an archive (Validate); the event format admits
+// smaller segments so that the deterministic simulation, whose logic does
+// not depend on the size, can run thousands of seeds a minute.
+const MinEventSegmentSize = 64 << 10
+
+// validateEvent is Validate with the event format's lower bound.
+func (s SegmentSize) validateEvent() error {
+	if s < MinEventSegmentSize || s > 1<<30 || s&(s-1) != 0 {
+		return fmt.Errorf("wal segment size %d is not a power of two between 64kB and 1GB", uint64(s))
+	}
+	return nil
+}
+
 // segmentsPerXLogID is how many segments one "xlogid" (the high 32 bits of an
 // LSN) holds; it is the modulus of the last 8 hex digits of a file name.
 func (s SegmentSize) segmentsPerXLogID() uint64 { return 0x100000000 / uint64(s) }

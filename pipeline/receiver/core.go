@@ -134,7 +134,7 @@ func (c *Core) addFound(f spoolFile) error {
 		_, at, _ := pipeline.SwitchPoint(hist)
 		ev := c.historyEvent(f.tli, path, data)
 		ev.Attempt = 1
-		c.tr.add(ev, c.cfg.Size.Start(at))
+		c.add(ev, c.cfg.Size.Start(at))
 	case pipeline.KindPartial:
 		sum, _, err := hashFile(c.cfg.FS, path)
 		if err != nil {
@@ -142,7 +142,7 @@ func (c *Core) addFound(f spoolFile) error {
 		}
 		ev := c.partialEvent(completed{seg: f.seg, path: path, sha256: sum}, f.end)
 		ev.Attempt = 1
-		c.tr.add(ev, f.seg.StartLSN(c.cfg.Size))
+		c.add(ev, f.seg.StartLSN(c.cfg.Size))
 	default:
 		sum, _, err := hashFile(c.cfg.FS, path)
 		if err != nil {
@@ -151,9 +151,20 @@ func (c *Core) addFound(f spoolFile) error {
 		ev := c.event(f.seg, sum)
 		ev.Attempt = 1
 		c.tr.seen(f.seg, f.info.ModTime)
-		c.tr.add(ev, f.seg.StartLSN(c.cfg.Size))
+		c.add(ev, f.seg.StartLSN(c.cfg.Size))
 	}
 	return nil
+}
+
+// add hands a file to the tracker; one already confirmed (its
+// confirmation came first) leaves the spool at once.
+func (c *Core) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
+	if c.tr.add(ev, hold) {
+		if err := c.cfg.FS.Remove(ev.Spool); err != nil {
+			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
+		}
+		c.m.archivedSegs.Inc()
+	}
 }
 
 // ReplaySince is how far back confirmations must be replayed after Start.
@@ -192,7 +203,7 @@ func (c *Core) WAL(at pipeline.LSN, data []byte) error {
 		c.tr.seen(pipeline.SegmentOf(c.tli, at, c.cfg.Size), c.cfg.Now())
 	}
 	err := c.spool.write(at, data, func(done completed) {
-		c.tr.add(c.event(done.seg, done.sha256), done.seg.StartLSN(c.cfg.Size))
+		c.add(c.event(done.seg, done.sha256), done.seg.StartLSN(c.cfg.Size))
 		next := done.seg.Next()
 		c.tr.seen(next, c.cfg.Now())
 		c.tr.setFrontier(next.StartLSN(c.cfg.Size))
@@ -241,14 +252,14 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 	if err != nil {
 		return err
 	}
-	c.tr.add(c.historyEvent(next, path, history), c.cfg.Size.Start(at))
+	c.add(c.historyEvent(next, path, history), c.cfg.Size.Start(at))
 	switch {
 	case c.spool.isOpen() && c.spool.written > c.spool.seg.StartLSN(c.cfg.Size):
 		done, err := c.spool.endTimeline(at)
 		if err != nil {
 			return err
 		}
-		c.tr.add(c.partialEvent(done, at), done.seg.StartLSN(c.cfg.Size))
+		c.add(c.partialEvent(done, at), done.seg.StartLSN(c.cfg.Size))
 	case c.spool.isOpen():
 		c.spool.discardCurrent() // the timeline ended on a segment boundary
 	}

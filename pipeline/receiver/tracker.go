@@ -38,9 +38,18 @@ type tracker struct {
 	archived  pipeline.LSN // end of the newest confirmed segment
 	published pipeline.LSN // end of the newest published segment
 	wake      chan struct{}
+	// early remembers confirmations of files not (yet) in the tracker:
+	// another receiver (before a takeover) or an earlier life of this one
+	// archived a file that this one has not finished writing. When the file
+	// arrives, the bucket is known to hold it.
+	early      map[string]string // MsgID → SHA-256
+	earlyOrder []string
 
 	flush atomic.Uint64
 }
+
+// maxEarly bounds the remembered early confirmations.
+const maxEarly = 10000
 
 type entry struct {
 	ev        pipeline.SegmentEvent
@@ -62,6 +71,7 @@ func newTracker(size pipeline.SegmentSize, floor, frontier pipeline.LSN, dest st
 	t := &tracker{
 		size: size, floor: floor, dest: dest, frontier: frontier,
 		pending:   map[string]*entry{},
+		early:     map[string]string{},
 		firstSeen: map[pipeline.Segment]time.Time{},
 		wake:      make(chan struct{}, 1),
 	}
@@ -97,14 +107,21 @@ func (t *tracker) setFrontier(l pipeline.LSN) {
 // add queues a WAL file that is durable in the spool for publishing; hold
 // is where its WAL starts. A file already pending with the same bytes is
 // left as it is; with other bytes (the spool file was written again with
-// different WAL) it is replaced and queued again.
-func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
+// different WAL) it is replaced and queued again. A file whose matching
+// confirmation came before it is archived already: add reports that, and
+// does not queue it.
+func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived bool) {
 	id := ev.MsgID()
 	t.mu.Lock()
+	if sum, ok := t.early[id]; ok && sum == ev.SHA256 {
+		delete(t.early, id)
+		t.mu.Unlock()
+		return true
+	}
 	e, ok := t.pending[id]
 	if ok && e.ev.SHA256 == ev.SHA256 {
 		t.mu.Unlock()
-		return
+		return false
 	}
 	if !ok {
 		e = &entry{}
@@ -119,6 +136,7 @@ func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
 	t.update()
 	t.mu.Unlock()
 	t.signal()
+	return false
 }
 
 func (t *tracker) signal() {
@@ -240,6 +258,9 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason, 
 	e, ok := t.pending[ev.MsgID()]
 	switch {
 	case !ok:
+		if t.dest == "" || ev.Dest == t.dest {
+			t.remember(ev)
+		}
 		return confirmStale, "", "", false
 	case ev.SHA256 != e.ev.SHA256:
 		return confirmMismatch, "sha256", "", false
@@ -261,6 +282,24 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason, 
 		}
 	}
 	return confirmOK, "", e.ev.Spool, after != before
+}
+
+// remember keeps a confirmation of a file not in the tracker, in case the
+// file arrives later: one not yet written here (ahead of the frontier), or
+// a history or ended-timeline file.
+func (t *tracker) remember(ev pipeline.ArchivedEvent) {
+	if ev.Kind == pipeline.KindSegment && ev.StartLSN < t.frontier {
+		return
+	}
+	id := ev.MsgID()
+	if _, ok := t.early[id]; !ok {
+		t.earlyOrder = append(t.earlyOrder, id)
+	}
+	t.early[id] = ev.SHA256
+	for len(t.earlyOrder) > maxEarly {
+		delete(t.early, t.earlyOrder[0])
+		t.earlyOrder = t.earlyOrder[1:]
+	}
 }
 
 // seen notes when the first byte of a segment arrived, for the lag in

@@ -1,0 +1,21 @@
+// Package sim is walship's deterministic simulation, in the spirit of
+// FoundationDB's simulator and TigerBeetle's VOPR. It runs the receiver's
+// state machine (receiver.Core: plan, tracker, spool, publish and confirm,
+// housekeeping) and the archiver's real decision code (archiver.Handle)
+// against simulated neighbours: a PostgreSQL that writes WAL, promotes and
+// restarts and moves its slot the way the server does; a JetStream with
+// delays, duplicates, redeliveries, lost acknowledgements, outages and
+// crashes that lose its newest messages; an S3 with outages, latency and
+// conflicting objects; a file system that forgets, when the receiver
+// crashes, what was not fsynced. Time is virtual and all choices come from
+// one seeded generator, so a seed replays a run exactly.
+//
+// After every step the world checks the invariants: (a) flush never passes
+// the contiguous WAL the bucket holds, on the server's timeline line; (b) no
+// spool file is removed before the bucket holds its bytes; (c) no key is
+// ever written twice and every object holds exactly the WAL its name says;
+// (d) once faults stop, flush reaches the end of the server's WAL within a
+// bounded simulated time; and the positions reported to the server are
+// ones it can live with (write durable in the spool, flush never below the
+// slot).
+package sim

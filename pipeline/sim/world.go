@@ -1,0 +1,715 @@
+package sim
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"path"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/internal/walgen"
+	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/archiver"
+	"github.com/walship/walship/pipeline/receiver"
+	"github.com/walship/walship/sinks"
+)
+
+// Options shape one run.
+type Options struct {
+	Seed  uint64
+	Steps int       // steps with faults injected (0: 400)
+	Log   io.Writer // every step, for replaying a failure (nil: none)
+}
+
+// Result is what one run did.
+type Result struct {
+	Seed    uint64
+	Steps   int            // steps taken, all phases
+	Faults  map[string]int // faults injected, by kind
+	Counts  map[string]int // events worth reporting (segments archived, restarts...)
+	SimTime time.Duration  // simulated time
+	Digest  uint64         // of the whole run: equal for equal seeds
+	Err     error          // the first invariant broken, or nil
+}
+
+const (
+	sysID          = 7300000000000000042
+	server         = "db1"
+	dest           = "s3://bucket/prefix"
+	spoolDir       = "/spool/db1"
+	republishAfter = 5 * time.Minute
+	maxTimelines   = 4
+)
+
+// World is the simulated neighbourhood of one receiver and its archivers.
+type World struct {
+	opt   Options
+	size  pipeline.SegmentSize
+	rng   *rand.Rand
+	now   time.Time
+	start time.Time
+	codec compress.Codec
+	stage bool // receiver stages bytes in the object store (else archivers read the spool)
+
+	// PostgreSQL.
+	hist     walgen.History
+	end      pipeline.LSN // end of WAL on the current timeline
+	budget   pipeline.LSN // the server writes no further in the fault phase
+	slot     pipeline.LSN // restart_lsn
+	initial  pipeline.LSN // restart_lsn when the slot was created
+	recycled uint64       // segments below this number are gone from the server
+
+	// The receiver process.
+	fs       *fileSystem
+	core     *receiver.Core
+	sess     *session
+	watched  uint64 // sequence of the last confirmation delivered
+	lastSent pipeline.LSN
+
+	js    *jetStream
+	bkt   *bucket
+	archs []*arch
+
+	layout   sinks.Layout
+	faultsOn bool
+	diskFull bool
+	conflict string // key of a foreign object placed to conflict
+	contig   uint64 // first segment number the bucket does not wholly hold (cache)
+
+	want   map[string]wanted // expected archive contents, by file name
+	acts   []action
+	recvM  *receiver.Metrics
+	buf    []byte
+	busy   map[string]bool
+	depth  int
+	steps  int
+	res    Result
+	digest hashWriter
+	err    error
+}
+
+type session struct {
+	tli uint32
+	pos pipeline.LSN
+}
+
+// arch is one archiver process.
+type arch struct {
+	name   string
+	m      *archiver.Metrics
+	gen    int
+	a      *archiver.Archiver
+	w      *archiver.Worker
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+type hashWriter struct{ h interface{ Write([]byte) (int, error) } }
+
+// Run simulates one seed.
+func Run(o Options) (res Result) {
+	if o.Steps <= 0 {
+		o.Steps = 400
+	}
+	w := &World{opt: o, rng: rand.New(rand.NewPCG(o.Seed, o.Seed^0x5EED)), busy: map[string]bool{}, want: map[string]wanted{}}
+	h := fnv.New64a()
+	w.digest = hashWriter{h}
+	w.res = Result{Seed: o.Seed, Faults: map[string]int{}, Counts: map[string]int{}}
+	defer func() {
+		if p := recover(); p != nil {
+			if p != errStop {
+				w.err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
+			}
+		}
+		w.res.Steps, w.res.SimTime, w.res.Digest, w.res.Err = w.steps, w.now.Sub(w.start), h.Sum64(), w.err
+		res = w.res
+	}()
+	w.setup()
+	for i := 0; i < o.Steps; i++ {
+		w.step(true)
+	}
+	w.settle()
+	return
+}
+
+// errStop unwinds a run at its first broken invariant.
+var errStop = errors.New("stop")
+
+func (w *World) fail(format string, args ...any) {
+	if w.err == nil {
+		w.err = fmt.Errorf("step %d, t=%s: %s", w.steps, w.now.Sub(w.start), fmt.Sprintf(format, args...))
+	}
+	panic(errStop)
+}
+
+func (w *World) logf(format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	fmt.Fprintf(w.digest.h, "%d %s\n", w.steps, line)
+	if w.opt.Log != nil {
+		fmt.Fprintf(w.opt.Log, "%6d %10s %s\n", w.steps, w.now.Sub(w.start).Round(time.Millisecond), line)
+	}
+}
+
+// logger is a component's log, written into the step log when there is one.
+func (w *World) logger(who string) *slog.Logger {
+	if w.opt.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	h := slog.NewTextHandler(logLines{w, who}, &slog.HandlerOptions{Level: slog.LevelDebug,
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}})
+	return slog.New(h)
+}
+
+type logLines struct {
+	w   *World
+	who string
+}
+
+func (l logLines) Write(p []byte) (int, error) {
+	fmt.Fprintf(l.w.opt.Log, "%6d %10s   %s: %s", l.w.steps, l.w.now.Sub(l.w.start).Round(time.Millisecond), l.who, p)
+	return len(p), nil
+}
+
+func (w *World) count(what string) { w.res.Counts[what]++ }
+
+func (w *World) setup() {
+	w.start = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	w.now = w.start
+	// Most seeds use 64 kB segments (eight WAL pages: the logic does not
+	// depend on the size, and hashing less runs more seeds); some use 1 MB,
+	// PostgreSQL's smallest.
+	w.size = 64 << 10
+	if w.rng.IntN(10) == 0 {
+		w.size = 1 << 20
+	}
+	w.codec = compress.None
+	if w.rng.IntN(5) == 0 {
+		w.codec = compress.Zstd
+	}
+	w.stage = w.rng.IntN(2) == 0
+	w.hist = walgen.History{{TLI: 1}}
+	// The slot is created somewhere in segment 3, as RESERVE_WAL does.
+	w.end = w.recordBoundary(3*pipeline.LSN(w.size) + pipeline.LSN(w.rng.IntN(int(w.size))))
+	w.slot, w.initial = w.end, w.end
+	w.recycled = uint64(w.end) / uint64(w.size)
+	segs := 3 + w.rng.IntN(7)
+	if w.size > 64<<10 {
+		segs = 2 + w.rng.IntN(4)
+	}
+	w.budget = w.end + pipeline.LSN(segs)*pipeline.LSN(w.size)
+	w.contig = w.recycled
+	w.layout = sinks.BarmanCloud{Prefix: "prefix", Server: server}
+	w.fs = newFileSystem(w)
+	w.fs.onRemove = w.checkRemove
+	w.js = newJetStream(w)
+	w.bkt = &bucket{w: w, objs: map[string]*stored{}}
+	n := 1 + w.rng.IntN(3)
+	for i := 0; i < n; i++ {
+		a := &arch{name: "arch" + strconv.Itoa(i)}
+		w.archs = append(w.archs, a)
+		w.startArchiver(a)
+	}
+	w.faultsOn = true
+	w.logf("setup size=%d codec=%s stage=%v archivers=%d slot=%s budget=%s", w.size, w.codec, w.stage, n, w.slot, w.budget)
+	w.startReceiver()
+}
+
+func (w *World) tli() uint32 { return w.hist[len(w.hist)-1].TLI }
+
+// historyFile is the content of timeline tli's history file.
+func (w *World) historyFile(tli uint32) []byte {
+	var b strings.Builder
+	for i := 1; i < len(w.hist) && w.hist[i].TLI <= tli; i++ {
+		fmt.Fprintf(&b, "%d\t%s\tno recovery target specified\n", w.hist[i-1].TLI, w.hist[i].Begin)
+	}
+	return []byte(b.String())
+}
+
+// tlEnd is where timeline tli's WAL ends now: its switch point, or the
+// server's end for the current one.
+func (w *World) tlEnd(tli uint32) pipeline.LSN {
+	if e, ok := w.hist.End(tli); ok {
+		return e
+	}
+	return w.end
+}
+
+func (w *World) startArchiver(a *arch) {
+	a.gen++
+	if a.m == nil {
+		a.m = archiver.NewMetrics(prometheus.NewRegistry())
+	}
+	a.ctx, a.cancel = context.WithCancel(context.Background())
+	var err error
+	a.a, err = archiver.New(archiver.Config{
+		Codec: w.codec, Layout: func(string) sinks.Layout { return w.layout }, Dest: dest,
+		ReadSpool: !w.stage, OpenSpool: func(p string) (io.ReadCloser, error) { return w.fs.handle().Open(p) }, KeepAlive: -1,
+		Log: w.logger(a.name), Metrics: a.m,
+	}, busFor{js: w.js, a: a}, &bucketFor{b: w.bkt, a: a})
+	if err != nil {
+		w.fail("archiver: %v", err)
+	}
+	a.w = a.a.NewWorker()
+}
+
+func (w *World) startReceiver() {
+	if w.recvM == nil {
+		w.recvM = receiver.NewMetrics(prometheus.NewRegistry())
+	}
+	core, err := receiver.NewCore(receiver.CoreConfig{
+		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
+		FS: w.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
+		Log: w.logger("receiver"), Metrics: w.recvM,
+	})
+	if err != nil {
+		w.fail("receiver: new core: %v", err)
+	}
+	slot := receiver.SlotState{Exists: true, Physical: true, RestartLSN: w.slot, Timeline: w.hist.Owner(w.tli(), w.slot)}
+	if err := core.Start(slot, w.tli(), w.end); err != nil {
+		w.logf("receiver start failed: %v", err)
+		w.count("start failed")
+		return
+	}
+	w.core = core
+	w.watched = w.js.archivedSince(core.ReplaySince())
+	w.lastSent = 0
+	tli, start := core.Resume()
+	w.logf("receiver started: resume %d/%s flush %s", tli, start, core.Flush())
+	w.count("receiver starts")
+}
+
+// An action is one thing that can happen next.
+type action struct {
+	name   string
+	actor  string
+	weight int
+	fault  bool
+	ok     func() bool
+	do     func()
+}
+
+func (w *World) actions() []action {
+	if w.acts == nil {
+		w.acts = w.makeActions()
+	}
+	return w.acts
+}
+
+func (w *World) makeActions() []action {
+	recvUp := func() bool { return w.core != nil }
+	acts := []action{
+		{"pg-write", "pg", 12, false, func() bool { return w.end < w.budget }, w.pgWrite},
+		{"recv-connect", "repl", 6, false, func() bool { return recvUp() && w.sess == nil }, w.recvConnect},
+		{"recv-stream", "repl", 20, false, func() bool { return recvUp() && w.sess != nil }, w.recvStream},
+		{"recv-status", "repl", 8, false, func() bool { return recvUp() && w.sess != nil }, w.recvStatus},
+		{"recv-publish", "pub", 12, false, func() bool { return recvUp() }, w.recvPublish},
+		{"recv-confirm", "watch", 10, false, func() bool { return recvUp() && !w.js.down() }, w.recvConfirm},
+		{"recv-tick", "house", 3, false, func() bool { return recvUp() }, w.recvTick},
+		{"recv-start", "repl", 3, false, func() bool { return !recvUp() && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"] }, w.startReceiver},
+		{"clock", "clock", 3, false, func() bool { return true }, w.clockJump},
+		{"recv-crash", "fault", 2, true, func() bool { return recvUp() && !w.busy["repl"] && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"] }, w.recvCrash},
+		{"pg-restart", "fault", 2, true, func() bool { return w.sess != nil && !w.busy["repl"] }, w.pgRestart},
+		{"pg-promote", "fault", 1, true, func() bool { return int(w.tli()) < maxTimelines && !w.busy["repl"] }, w.pgPromote},
+		{"nats-outage", "fault", 1, true, func() bool { return !w.js.down() }, w.natsOutage},
+		{"nats-crash", "fault", 1, true, func() bool { return true }, w.natsCrash},
+		{"s3-outage", "fault", 1, true, func() bool { return !w.now.Before(w.bkt.downTill) }, w.s3Outage},
+		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
+		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
+		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
+	}
+	for _, a := range w.archs {
+		a := a
+		acts = append(acts,
+			action{"archive", a.name, 14 / len(w.archs), false, func() bool { return true }, func() { w.archiveStep(a) }},
+			action{"arch-crash", "fault", 1, true, func() bool { return true }, func() { w.archCrash(a) }},
+		)
+	}
+	return acts
+}
+
+// step picks an enabled action at random, runs it and checks the world.
+func (w *World) step(faults bool) {
+	w.steps++
+	w.now = w.now.Add(time.Duration(w.rng.IntN(300)) * time.Millisecond)
+	w.pick(faults, nil)
+}
+
+func (w *World) pick(faults bool, exclude map[string]bool) {
+	acts := w.actions()
+	total := 0
+	var en []action
+	for _, a := range acts {
+		if a.fault && !faults || w.busy[a.actor] || exclude[a.actor] || !a.ok() {
+			continue
+		}
+		en = append(en, a)
+		total += max(a.weight, 1)
+	}
+	if total == 0 {
+		return
+	}
+	r := w.rng.IntN(total)
+	for _, a := range en {
+		if r -= max(a.weight, 1); r < 0 {
+			w.run(a)
+			return
+		}
+	}
+}
+
+func (w *World) run(a action) {
+	if a.fault {
+		w.res.Faults[a.name]++
+	}
+	w.busy[a.actor] = true
+	defer delete(w.busy, a.actor)
+	a.do()
+}
+
+// interfere runs a few other actions in the middle of actor's call to a
+// neighbour: calls take time, and the world goes on meanwhile.
+func (w *World) interfere(actor string) {
+	if w.depth > 0 || w.rng.IntN(12) != 0 {
+		return
+	}
+	w.depth++
+	defer func() { w.depth-- }()
+	w.logf("  (while %s waits)", actor)
+	for i := 1 + w.rng.IntN(3); i > 0; i-- {
+		w.now = w.now.Add(time.Duration(w.rng.IntN(20000)) * time.Millisecond)
+		w.pick(w.faultsOn, map[string]bool{actor: true})
+	}
+}
+
+// maybeLostReply: sometimes the call did its work but its answer is lost.
+func (w *World) maybeLostReply() error {
+	if w.faultsOn && w.rng.IntN(30) == 0 {
+		w.count("lost replies")
+		return errors.New("sim: reply lost")
+	}
+	return nil
+}
+
+func (w *World) clockJump() {
+	d := time.Duration(w.rng.IntN(int(republishAfter/time.Millisecond))) * time.Millisecond
+	if w.faultsOn && w.rng.IntN(4) == 0 {
+		d *= 3
+	} else if !w.faultsOn {
+		d /= 5
+	}
+	w.now = w.now.Add(d)
+	w.logf("clock +%s", d.Round(time.Millisecond))
+}
+
+// PostgreSQL.
+
+func (w *World) pgWrite() {
+	n := pipeline.LSN(1 + w.rng.IntN(int(w.size)*6/10))
+	if w.end+n > w.budget {
+		n = w.budget - w.end
+	}
+	w.end = min(w.recordBoundary(w.end+n), w.budget)
+	w.logf("pg writes to %s", w.end)
+}
+
+// recordBoundary is the first place at or after x where a WAL record can
+// end: MAXALIGNed and not inside a page header. The server's end of WAL
+// and its switch points are always such places.
+func (w *World) recordBoundary(x pipeline.LSN) pipeline.LSN {
+	x = (x + 7) &^ 7
+	hdr := pipeline.LSN(24)
+	if w.size.Offset(x-x%8192) == 0 {
+		hdr = 40
+	}
+	if off := x % 8192; off != 0 && off < hdr {
+		x += hdr - off
+	}
+	return x
+}
+
+func (w *World) pgPromote() {
+	next := w.tli() + 1
+	w.hist = append(w.hist, walgen.Timeline{TLI: next, Begin: w.end})
+	w.logf("pg promotes: timeline %d at %s", next, w.end)
+	w.count("timelines")
+}
+
+func (w *World) pgRestart() {
+	w.logf("pg restarts: the session drops")
+	w.sess = nil
+	if w.core != nil {
+		w.core.CloseSession()
+	}
+}
+
+// The receiver.
+
+func (w *World) recvConnect() {
+	tli, start := w.core.Resume()
+	if w.hist.Owner(tli, 0) == 0 || tli > w.tli() {
+		w.fail("receiver asked for timeline %d, which the server does not have", tli)
+	}
+	if uint64(start)/uint64(w.size) < w.recycled {
+		w.fail("receiver asked to stream from %s on timeline %d, but the server recycled everything before segment %X: the slot moved past WAL walship did not hold", start, tli, w.recycled)
+	}
+	tlEnd := w.tlEnd(tli)
+	if start > tlEnd {
+		w.fail("receiver asked for %s on timeline %d, which ended at %s", start, tli, tlEnd)
+	}
+	if tli < w.tli() && start == tlEnd {
+		next := w.nextTLI(tli)
+		w.logf("recv connect %d/%s: timeline ended there; next %d", tli, start, next)
+		if err := w.core.EndTimeline(next, tlEnd, w.historyFile(next)); err != nil {
+			w.logf("end timeline: %v", err)
+		}
+		return
+	}
+	if err := w.core.Open(start); err != nil {
+		w.logf("recv connect %d/%s: open: %v", tli, start, err)
+		return
+	}
+	w.sess = &session{tli: tli, pos: start}
+	w.logf("recv connect %d/%s", tli, start)
+}
+
+func (w *World) nextTLI(tli uint32) uint32 {
+	for i, t := range w.hist {
+		if t.TLI == tli {
+			return w.hist[i+1].TLI
+		}
+	}
+	w.fail("no timeline after %d", tli)
+	return 0
+}
+
+func (w *World) endSession(why string, err error) {
+	w.logf("session ends: %s: %v", why, err)
+	w.sess = nil
+	w.core.CloseSession()
+}
+
+func (w *World) recvStream() {
+	s := w.sess
+	limit := w.tlEnd(s.tli)
+	if s.pos < limit {
+		n := min(pipeline.LSN(1+w.rng.IntN(int(w.size)*3/10)), limit-s.pos)
+		if cap(w.buf) < int(n) {
+			w.buf = make([]byte, w.size)
+		}
+		buf := w.buf[:n]
+		walgen.Fill(buf, s.pos, s.tli, limit, w.hist, sysID, w.size)
+		if err := w.core.WAL(s.pos, buf); err != nil {
+			w.endSession("wal", err)
+			return
+		}
+		s.pos += n
+		return
+	}
+	if s.tli == w.tli() {
+		return // caught up: a keepalive
+	}
+	// CopyDone: the server ended the timeline; walship reports, then
+	// follows it.
+	w.recvStatus()
+	if w.sess == nil {
+		return
+	}
+	next := w.nextTLI(s.tli)
+	err := w.core.EndTimeline(next, limit, w.historyFile(next))
+	w.endSession(fmt.Sprintf("timeline %d ended at %s", s.tli, limit), err)
+}
+
+func (w *World) recvStatus() {
+	write, flush, err := w.core.Status()
+	if err != nil {
+		w.endSession("status", err)
+		return
+	}
+	w.checkWrite(write)
+	w.checkFlush(flush)
+	w.logf("status write %s flush %s", write, flush)
+	if flush != 0 {
+		w.slot = flush
+		w.recycled = max(w.recycled, uint64(flush)/uint64(w.size))
+	}
+	w.lastSent = flush
+}
+
+func (w *World) recvPublish() {
+	it, ok := w.core.TryNext()
+	if !ok {
+		return
+	}
+	core := w.core
+	err := core.Publish(context.Background(), publisher{w.js}, it)
+	w.logf("publish %s attempt %d: %v", it.Event().File, it.Event().Attempt, err)
+	if err != nil {
+		core.Retry(it)
+	}
+}
+
+func (w *World) recvConfirm() {
+	m := w.js.archivedAfter(w.watched)
+	if m == nil {
+		return
+	}
+	if w.rng.IntN(10) != 0 { // sometimes delivered twice
+		w.watched = m.seq
+	}
+	ev, err := pipeline.DecodeArchivedEvent(m.data)
+	if err != nil {
+		w.core.Undecodable(err)
+		return
+	}
+	w.core.Archived(ev)
+	w.logf("confirm %s (%s) flush %s", ev.File, ev.Kind, w.core.Flush())
+}
+
+func (w *World) recvTick() {
+	if n := w.core.Tick(w.now, republishAfter); n > 0 {
+		w.logf("tick: %d files to check", n)
+		w.count("republish checks")
+	}
+}
+
+func (w *World) recvCrash() {
+	w.logf("receiver crashes")
+	w.fs.crash()
+	w.core, w.sess = nil, nil
+	w.count("receiver crashes")
+	if !w.stage {
+		// walship run: the archivers live in the receiver's process.
+		for _, a := range w.archs {
+			w.archCrash(a)
+		}
+	}
+}
+
+// The archivers.
+
+func (w *World) archiveStep(a *arch) {
+	d := w.js.next(a)
+	if d == nil {
+		return
+	}
+	out := a.a.Handle(a.ctx, a.w, d)
+	var ev pipeline.SegmentEvent
+	json.Unmarshal(d.Data(), &ev)
+	w.logf("%s: %s %s (delivery %d)", a.name, out, ev.File, d.n)
+	if out == archiver.Acked {
+		w.count("archived")
+	}
+}
+
+func (w *World) archCrash(a *arch) {
+	w.logf("%s crashes", a.name)
+	a.cancel()
+	w.startArchiver(a)
+}
+
+// Faults of the neighbours.
+
+func (w *World) natsOutage() {
+	d := time.Duration(1+w.rng.IntN(20*60)) * time.Second
+	w.js.downTill = w.now.Add(d)
+	w.logf("nats down for %s", d)
+}
+
+func (w *World) natsCrash() {
+	window := time.Duration(w.rng.IntN(3000)) * time.Millisecond
+	n := w.js.crash(window)
+	w.logf("nats crashes, losing %d writes of the last %s", n, window)
+}
+
+func (w *World) s3Outage() {
+	d := time.Duration(1+w.rng.IntN(30*60)) * time.Second
+	w.bkt.downTill = w.now.Add(d)
+	w.logf("s3 down for %s", d)
+}
+
+// injectConflict puts someone else's object where a segment the receiver
+// has not finished yet will go.
+func (w *World) injectConflict() {
+	seg := pipeline.SegmentOf(w.tli(), w.end, w.size).Next()
+	key := w.layout.Key(seg.Name(w.size), w.codec.Ext())
+	if _, ok := w.bkt.objs[key]; ok {
+		return
+	}
+	w.bkt.objs[key] = &stored{body: []byte("not this segment"), meta: sinks.Metadata{SHA256: strings.Repeat("0", 64)}, foreign: true}
+	w.conflict = key
+	w.logf("conflict placed at %s", key)
+}
+
+// forgeConfirm publishes a confirmation that must not count: another
+// destination's, or other bytes'.
+func (w *World) forgeConfirm() {
+	files, _ := w.fs.handle().ReadDir(spoolDir)
+	for _, f := range files {
+		if !pipeline.IsSegmentName(f.Name) {
+			continue
+		}
+		seg, _ := pipeline.ParseSegmentName(f.Name, w.size)
+		ev := pipeline.ArchivedEvent{SegmentEvent: pipeline.SegmentEvent{V: 1, Server: server, SystemID: strconv.FormatUint(sysID, 10),
+			Timeline: seg.Timeline, File: f.Name, Kind: pipeline.KindSegment, StartLSN: seg.StartLSN(w.size), EndLSN: seg.EndLSN(w.size),
+			Size: int64(w.size), SegSize: uint64(w.size), SHA256: strings.Repeat("1", 64)}, Key: "k", Dest: dest}
+		if w.rng.IntN(2) == 0 {
+			ino := w.fs.files[path.Join(spoolDir, f.Name)]
+			sum := sha256.Sum256(ino.data)
+			ev.SHA256, ev.Dest = pipeline.SHA256Hex(sum[:]), "s3://old-bucket/prefix"
+		}
+		data, _ := json.Marshal(ev)
+		w.js.archived.publish(w, fmt.Sprintf("forged/%d", w.steps), data)
+		w.logf("forged confirmation of %s (dest %s)", f.Name, ev.Dest)
+		return
+	}
+}
+
+// settle stops the faults, lets the server finish its segment, and waits
+// for flush to reach it: liveness.
+func (w *World) settle() {
+	w.faultsOn = false
+	w.js.downTill, w.bkt.downTill, w.diskFull = w.now, w.now, false
+	if w.conflict != "" {
+		delete(w.bkt.objs, w.conflict) // the operator removes it
+		w.logf("operator removes the conflicting %s", w.conflict)
+	}
+	if off := w.size.Offset(w.end); off != 0 {
+		w.end += pipeline.LSN(int64(w.size) - off)
+	}
+	w.budget = w.end
+	w.logf("settle: faults stop; the server's WAL ends at %s", w.end)
+	began := w.now
+	for w.lastSent != w.end {
+		if w.now.Sub(began) > time.Hour || w.steps > w.opt.Steps+50000 {
+			w.fail("(d) liveness: an hour after the faults stopped flush is %s, the server's WAL ends at %s (receiver up %v, %s)",
+				w.lastSent, w.end, w.core != nil, w.pendingSummary())
+		}
+		w.step(false)
+	}
+	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
+}
+
+func (w *World) pendingSummary() string {
+	var names []string
+	for _, n := range sortedNames(w.fs.files) {
+		names = append(names, path.Base(n))
+	}
+	return fmt.Sprintf("spool %v, %d events queued, %d confirmations", names, len(w.js.segments.msgs), len(w.js.archived.msgs))
+}
