@@ -116,7 +116,9 @@ type arch struct {
 	cancel context.CancelFunc
 }
 
-type hashWriter struct{ h interface{ Write([]byte) (int, error) } }
+type hashWriter struct {
+	h interface{ Write([]byte) (int, error) }
+}
 
 // Run simulates one seed.
 func Run(o Options) (res Result) {
@@ -324,7 +326,9 @@ func (w *World) makeActions() []action {
 		{"recv-tick", "house", 3, false, func() bool { return recvUp() }, w.recvTick},
 		{"recv-start", "repl", 3, false, func() bool { return !recvUp() && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"] }, w.startReceiver},
 		{"clock", "clock", 3, false, func() bool { return true }, w.clockJump},
-		{"recv-crash", "fault", 2, true, func() bool { return recvUp() && !w.busy["repl"] && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"] }, w.recvCrash},
+		{"recv-crash", "fault", 2, true, func() bool {
+			return recvUp() && !w.busy["repl"] && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"]
+		}, w.recvCrash},
 		{"pg-restart", "fault", 2, true, func() bool { return w.sess != nil && !w.busy["repl"] }, w.pgRestart},
 		{"pg-promote", "fault", 1, true, func() bool { return int(w.tli()) < maxTimelines && !w.busy["repl"] }, w.pgPromote},
 		{"nats-outage", "fault", 1, true, func() bool { return !w.js.down() }, w.natsOutage},
