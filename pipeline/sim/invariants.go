@@ -213,6 +213,9 @@ func (w *World) checkRemove(name string, data, replacement []byte) {
 	if end != 0 && end <= w.initial {
 		return // WAL from before the slot was created: the archive begins after it
 	}
+	if want, _, err := w.expected(file); err != nil || !bytes.Equal(data, want.raw) {
+		return // damaged: its WAL is still on the server, and (a) watches that
+	}
 	key := w.layout.Key(file, w.codec.Ext())
 	o := w.walshipObject(key)
 	if o == nil || !bytes.Equal(o.raw, data) {

@@ -336,6 +336,7 @@ func (w *World) makeActions() []action {
 		{"s3-outage", "fault", 1, true, func() bool { return !w.now.Before(w.bkt.downTill) }, w.s3Outage},
 		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
 		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
+		{"spool-truncate", "fault", 1, true, func() bool { return !recvUp() }, w.truncateSpool},
 		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
 	}
 	for _, a := range w.archs {
@@ -659,6 +660,24 @@ func (w *World) injectConflict() {
 	w.bkt.objs[key] = &stored{body: []byte("not this segment"), meta: sinks.Metadata{SHA256: strings.Repeat("0", 64)}, foreign: true}
 	w.conflict = key
 	w.logf("conflict placed at %s", key)
+}
+
+// truncateSpool damages a complete spool segment while the receiver is
+// down, as a bad disk or a careless operator might: the restart must
+// notice and stream it again.
+func (w *World) truncateSpool() {
+	for _, n := range sortedNames(w.fs.files) {
+		base := path.Base(n)
+		if !pipeline.IsSegmentName(base) || w.rng.IntN(2) == 0 {
+			continue
+		}
+		ino := w.fs.files[n]
+		cut := w.rng.IntN(len(ino.data))
+		ino.data = ino.data[:cut]
+		ino.syncedLen, ino.syncedSize = min(ino.syncedLen, cut), cut
+		w.logf("spool segment %s truncated to %d bytes", base, cut)
+		return
+	}
 }
 
 // forgeConfirm publishes a confirmation that must not count: another
