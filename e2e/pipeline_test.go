@@ -73,6 +73,8 @@ func TestByteForByteAndInvariant(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	samples, waitSampler := st.invariantSampler(ctx, t, firstSeg)
+	// However the test ends, the sampler stops before it does.
+	defer func() { cancel(); waitSampler() }()
 	loadCtx, stopLoad := context.WithTimeout(ctx, 20*time.Second)
 	wg := st.load(loadCtx, t)
 	wg.Wait()

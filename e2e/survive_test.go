@@ -19,6 +19,7 @@ import (
 // metrics port, as on another host.
 func (st *stack) receiverArgs(dataDir string, metricsPort int, extra ...string) []string {
 	a := []string{"receive", "--pg", st.pg.URL("postgres"), "--nats", st.nats.URL(), "--server", st.server, "--create-slot",
+		"--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(),
 		"--data-dir", dataDir, "--metrics-addr", "127.0.0.1:" + strconv.Itoa(metricsPort), "--status-interval", "1s", "--log-level", "debug"}
 	return append(a, extra...)
 }
@@ -51,6 +52,7 @@ func TestTakeover(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }() // however the test ends
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -91,6 +93,7 @@ func TestRestarts(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }() // however the test ends
 	wg.Add(1)
 	go func() { // load that survives restarts
 		defer wg.Done()
@@ -216,6 +219,7 @@ func TestSynchronousCommit(t *testing.T) {
 		return st.pg.QueryString(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'walship'`) == "sync"
 	})
 	st.pg.Exec(`CREATE TABLE sync_rows (id int, note text)`)
+	st.pg.Exec(`CREATE EXTENSION pg_walinspect`)
 
 	ctx := context.Background()
 	conn := st.pg.Conn(ctx)
@@ -223,17 +227,30 @@ func TestSynchronousCommit(t *testing.T) {
 	if _, err := conn.Exec(ctx, `SET synchronous_commit = remote_write`); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := conn.Exec(ctx, `INSERT INTO sync_rows VALUES (1, 'must survive')`); err != nil {
+	var before, xid string
+	if err := conn.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&before); err != nil {
 		t.Fatal(err)
 	}
-	var flushed string
-	if err := conn.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()::text`).Scan(&flushed); err != nil {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.QueryRow(ctx, `INSERT INTO sync_rows VALUES (1, 'must survive') RETURNING pg_current_xact_id()::text`).Scan(&xid); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil { // returns once walship has it fsynced
 		t.Fatal(err)
 	}
 	w.cmd.Process.Kill() // right after the commit returned
 	<-w.done
 
-	at, _ := pipeline.ParseLSN(flushed)
+	// The end of the commit's own WAL record: what the spool must hold.
+	var commitEnd string
+	if err := conn.QueryRow(ctx, `SELECT end_lsn::text FROM pg_get_wal_records_info($1::pg_lsn, pg_current_wal_flush_lsn())
+		WHERE xid::text = $2 AND resource_manager = 'Transaction' AND record_type LIKE 'COMMIT%'`, before, xid).Scan(&commitEnd); err != nil {
+		t.Fatalf("find the commit record of transaction %s: %v", xid, err)
+	}
+	at, _ := pipeline.ParseLSN(commitEnd)
 	seg := pipeline.SegmentOf(1, at-1, segSize)
 	dir := filepath.Join(st.dataDir, "spool", st.server)
 	spooled, err := os.ReadFile(filepath.Join(dir, seg.Name(segSize)+".partial"))

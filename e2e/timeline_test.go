@@ -13,6 +13,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/walship/walship/internal/testenv"
 	"github.com/walship/walship/pipeline"
 )
 
@@ -84,12 +85,48 @@ func TestPromotion(t *testing.T) {
 	}
 	end := st.switchWAL()
 	waitFor(t, 90*time.Second, "walship to archive timeline 2", func() bool {
-		return st.replFlush() >= end && st.pg.QueryString(`SELECT timeline_id::text FROM pg_control_checkpoint()`) != ""
+		return st.replFlush() >= end
 	})
 	if err := w.stop(t); err != nil {
 		t.Fatalf("walship exit: %v", err)
 	}
 
+	switchAt, compared := st.checkPromotedArchive(t, standby, firstSeg, end)
+	t.Logf("switch at %s; %d segments compared; partial and history archived", switchAt, compared)
+
+	// Point-in-time recovery through the switch, from the archive alone.
+	r := standby.Restored(backup, "restore_command = '"+st.restoreCommand("barman-cloud")+"'")
+	if err := r.TryStart(120 * time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, r.Log())
+	}
+	waitPromoted(t, r)
+	if got := count(r, `SELECT count(*)::text FROM ledger`); got != 500 {
+		t.Errorf("recovery through the timeline switch: %d rows, want 500", got)
+	}
+	if got := r.QueryString(`SELECT count(*)::text FROM ledger WHERE phase = 'timeline 2'`); got != "200" {
+		t.Errorf("%s rows from timeline 2, want 200", got)
+	}
+}
+
+func keysOf(m map[string]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+func listInput(bucket, prefix string) *s3.ListObjectsV2Input {
+	return &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String(prefix)}
+}
+
+// checkPromotedArchive compares the archive after a promotion of the
+// server walship streams from (promoted) with its pg_wal: the history file,
+// the old timeline's last segment as .partial up to the switch point, and
+// every segment from firstSeg to end on the timeline it belongs to.
+func (st *stack) checkPromotedArchive(t *testing.T, promoted *testenv.Postgres, firstSeg uint64, end pipeline.LSN) (pipeline.LSN, int) {
+	t.Helper()
+	standby := promoted
 	files := st.archivedFiles()
 	hist, ok := files["00000002.history"]
 	if !ok {
@@ -106,6 +143,9 @@ func TestPromotion(t *testing.T) {
 		t.Fatal(err)
 	}
 	switchSeg := pipeline.SegmentOf(1, switchAt, segSize)
+	if end <= switchAt {
+		t.Fatalf("the archive was checked to %s, before the switch at %s", end, switchAt)
+	}
 	if segSize.Offset(switchAt) != 0 {
 		partial, ok := files[switchSeg.Name(segSize)+".partial"]
 		if !ok {
@@ -152,30 +192,6 @@ func TestPromotion(t *testing.T) {
 		}
 		compared++
 	}
-	t.Logf("switch at %s; %d segments compared; partial and history archived", switchAt, compared)
+	return switchAt, compared
 
-	// Point-in-time recovery through the switch, from the archive alone.
-	r := standby.Restored(backup, "restore_command = '"+st.restoreCommand("barman-cloud")+"'")
-	if err := r.TryStart(120 * time.Second); err != nil {
-		t.Fatalf("%v\n%s", err, r.Log())
-	}
-	waitPromoted(t, r)
-	if got := count(r, `SELECT count(*)::text FROM ledger`); got != 500 {
-		t.Errorf("recovery through the timeline switch: %d rows, want 500", got)
-	}
-	if got := r.QueryString(`SELECT count(*)::text FROM ledger WHERE phase = 'timeline 2'`); got != "200" {
-		t.Errorf("%s rows from timeline 2, want 200", got)
-	}
-}
-
-func keysOf(m map[string]string) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
-}
-
-func listInput(bucket, prefix string) *s3.ListObjectsV2Input {
-	return &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String(prefix)}
 }

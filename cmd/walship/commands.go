@@ -137,7 +137,7 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 		return nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
 	}
 	a, err := archiver.New(archiver.Config{
-		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool,
+		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry,
 		Log: log, Metrics: archiver.NewMetrics(reg),
 	}, b, sink)
 	if err != nil {

@@ -41,6 +41,7 @@ type config struct {
 	SafeWALWarn    int64
 	RepublishAfter time.Duration
 	AckWait        time.Duration
+	ConflictRetry  time.Duration
 	MetricsAddr    string
 	LogFormat      string
 	LogLevel       string
@@ -110,6 +111,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.Compression, "compression", "zstd", "compression: zstd, gzip, snappy or none")
 		fs.IntVar(&c.Level, "compression-level", 0, "compression level (zstd 1-4, gzip 1-9; 0: fastest)")
 		fs.IntVar(&c.Workers, "workers", runtime.NumCPU(), "archiver workers")
+		fs.DurationVar(&c.ConflictRetry, "conflict-retry", 5*time.Minute, "how often a segment whose key holds other bytes is tried again (the slot holds meanwhile)")
 	}
 	if has(gCommon) {
 		fs.StringVar(&c.DataDir, "data-dir", defaultDataDir(), "walship's working directory")
