@@ -1,6 +1,9 @@
 package pipeline
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestParseHistory(t *testing.T) {
 	h, err := ParseHistory([]byte("1\t0/3000158\tno recovery target specified\n\n2\t0/5A00000\tat restore point \"x\"\n"))
@@ -43,4 +46,23 @@ func FuzzParseHistory(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Defect 8 of issue 8: versions walship cannot read are refused with one
+// line naming the range; PostgreSQL 18's page magic is known.
+func TestSupportedPGMajor(t *testing.T) {
+	for v := MinPGMajor; v <= MaxPGMajor; v++ {
+		if err := SupportedPGMajor(v); err != nil {
+			t.Errorf("PostgreSQL %d refused: %v", v, err)
+		}
+	}
+	for _, v := range []int{9, 11, 19, 0} {
+		err := SupportedPGMajor(v)
+		if err == nil || !strings.Contains(err.Error(), "12 to 18") {
+			t.Errorf("PostgreSQL %d: %v", v, err)
+		}
+	}
+	if v, ok := PageMagicMajor(0xD118); !ok || v != 18 {
+		t.Errorf("0xD118 is PostgreSQL %d %v, want 18", v, ok)
+	}
 }

@@ -34,8 +34,9 @@ var _ sinks.Lister = (*Sink)(nil)
 type Sink struct {
 	root string
 
-	mu      sync.Mutex
-	durable map[string]bool // directories whose entries up to root are fsynced
+	mu       sync.Mutex
+	durable  map[string]bool // directories whose entries up to root are fsynced
+	syncDirs func(dir string) error
 }
 
 // New opens a file sink rooted at dir, creating it if needed.
@@ -49,7 +50,7 @@ func New(dir string) (*Sink, error) {
 	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
 		return nil, fmt.Errorf("file destination: %w", err)
 	}
-	return &Sink{root: dir, durable: map[string]bool{}}, nil
+	return &Sink{root: dir, durable: map[string]bool{}, syncDirs: fsutil.SyncDir}, nil
 }
 
 // Open opens an existing file sink for reading; unlike New it never creates
@@ -66,7 +67,7 @@ func Open(dir string) (*Sink, error) {
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("file destination %s is not a directory", dir)
 	}
-	return &Sink{root: dir, durable: map[string]bool{}}, nil
+	return &Sink{root: dir, durable: map[string]bool{}, syncDirs: fsutil.SyncDir}, nil
 }
 
 func (s *Sink) path(key string) (string, error) {
@@ -133,7 +134,7 @@ func (s *Sink) mkdirDurable(dir string) error {
 		return err
 	}
 	for d := dir; d != s.root && strings.HasPrefix(d, s.root); d = filepath.Dir(d) {
-		if err := fsutil.SyncDir(filepath.Dir(d)); err != nil {
+		if err := s.syncDirs(filepath.Dir(d)); err != nil {
 			return err
 		}
 	}
