@@ -41,7 +41,8 @@ type fileSystem struct {
 // spool appends; small files are written whole), so what a crash keeps is
 // a prefix: the fsynced bytes and some of the writes after them.
 type inode struct {
-	data       []byte // current bytes (a preallocated file is zero past its writes)
+	data       []byte // current bytes written
+	size       int    // the file's size: more than len(data) when preallocated (zeros)
 	syncedLen  int    // bytes fsynced
 	syncedSize int    // file size made durable by the last fsync
 	writes     []int  // ends of the writes since the last fsync, in order
@@ -88,9 +89,7 @@ func (fs *fileSystem) crash() {
 			keep = ino.writes[k-1]
 		}
 		size := max(keep, ino.syncedSize)
-		data := make([]byte, size)
-		copy(data, ino.data[:keep])
-		ino.data, ino.syncedLen, ino.syncedSize, ino.writes = data, keep, size, nil
+		ino.data, ino.size, ino.syncedLen, ino.syncedSize, ino.writes = append([]byte(nil), ino.data[:keep]...), size, keep, size, nil
 	}
 }
 
@@ -156,7 +155,7 @@ func (h *fsHandle) Create(name string, size int64) (receiver.File, error) {
 		return nil, err
 	}
 	fs := h.fs
-	ino := &inode{data: make([]byte, size), mtime: fs.w.now}
+	ino := &inode{size: int(size), mtime: fs.w.now}
 	fs.files[name] = ino
 	fs.journal = append(fs.journal, dirOp{kind: "create", to: name, ino: ino})
 	return &simFile{h: h, ino: ino}, nil
@@ -170,7 +169,7 @@ func (h *fsHandle) Open(name string) (io.ReadCloser, error) {
 	if !ok {
 		return nil, fmt.Errorf("open %s: %w", name, os.ErrNotExist)
 	}
-	return io.NopCloser(bytes.NewReader(ino.data)), nil
+	return io.NopCloser(io.MultiReader(bytes.NewReader(ino.data), &zeros{n: ino.size - len(ino.data)})), nil
 }
 
 func (h *fsHandle) ReadDir(dir string) ([]receiver.FileInfo, error) {
@@ -181,7 +180,7 @@ func (h *fsHandle) ReadDir(dir string) ([]receiver.FileInfo, error) {
 	for _, n := range sortedNames(h.fs.files) {
 		if path.Dir(n) == dir {
 			ino := h.fs.files[n]
-			out = append(out, receiver.FileInfo{Name: path.Base(n), Size: int64(len(ino.data)), ModTime: ino.mtime})
+			out = append(out, receiver.FileInfo{Name: path.Base(n), Size: int64(max(ino.size, len(ino.data))), ModTime: ino.mtime})
 		}
 	}
 	return out, nil
@@ -197,7 +196,7 @@ func (h *fsHandle) Rename(from, to string) error {
 		return fmt.Errorf("rename %s: %w", from, os.ErrNotExist)
 	}
 	if old, ok := fs.files[to]; ok && old != ino && fs.onRemove != nil {
-		fs.onRemove(to, old.data, ino.data)
+		fs.onRemove(to, old.content(), ino.content())
 	}
 	fs.files[to] = ino
 	delete(fs.files, from)
@@ -215,7 +214,7 @@ func (h *fsHandle) Remove(name string) error {
 		return nil
 	}
 	if fs.onRemove != nil {
-		fs.onRemove(name, ino.data, nil)
+		fs.onRemove(name, ino.content(), nil)
 	}
 	delete(fs.files, name)
 	fs.journal = append(fs.journal, dirOp{kind: "remove", from: name})
@@ -239,9 +238,9 @@ func (h *fsHandle) WriteFile(name string, data []byte) error {
 		return err
 	}
 	fs := h.fs
-	ino := &inode{data: append([]byte(nil), data...), syncedLen: len(data), syncedSize: len(data), mtime: fs.w.now}
+	ino := &inode{data: append([]byte(nil), data...), size: len(data), syncedLen: len(data), syncedSize: len(data), mtime: fs.w.now}
 	if old, ok := fs.files[name]; ok && fs.onRemove != nil {
-		fs.onRemove(name, old.data, data)
+		fs.onRemove(name, old.content(), data)
 	}
 	fs.files[name] = ino
 	fs.journal = append(fs.journal, dirOp{kind: "create", to: name, ino: ino})
@@ -285,6 +284,7 @@ func (f *simFile) Write(p []byte) (int, error) {
 		f.ino.data = append(f.ino.data, make([]byte, end-int64(len(f.ino.data)))...)
 	}
 	copy(f.ino.data[f.off:], p)
+	f.ino.size = max(f.ino.size, int(end))
 	f.ino.writes = append(f.ino.writes, int(end))
 	f.ino.mtime = f.h.fs.w.now
 	f.off = end
@@ -298,9 +298,32 @@ func (f *simFile) Sync() error {
 	if n := len(f.ino.writes); n > 0 {
 		f.ino.syncedLen = f.ino.writes[n-1]
 	}
-	f.ino.syncedSize = len(f.ino.data) // the preallocated size too
+	f.ino.syncedSize = f.ino.size // the preallocated size too
 	f.ino.writes = nil
 	return nil
 }
 
 func (f *simFile) Close() error { return nil }
+
+// content is the file's bytes, its preallocated tail included.
+func (ino *inode) content() []byte {
+	if ino.size <= len(ino.data) {
+		return ino.data
+	}
+	out := make([]byte, ino.size)
+	copy(out, ino.data)
+	return out
+}
+
+// zeros reads n zero bytes: a preallocated file's unwritten tail.
+type zeros struct{ n int }
+
+func (z *zeros) Read(p []byte) (int, error) {
+	if z.n == 0 {
+		return 0, io.EOF
+	}
+	k := min(len(p), z.n)
+	clear(p[:k])
+	z.n -= k
+	return k, nil
+}

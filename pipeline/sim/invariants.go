@@ -180,7 +180,10 @@ func (w *World) checkWrite(write pipeline.LSN) {
 	if !ok || int64(len(data)) < off {
 		w.fail("write %s reported, but a crash would leave %s with %d durable bytes (entry durable: %v)", write, path.Base(name), len(data), ok)
 	}
-	want := make([]byte, off)
+	if cap(w.wbuf) < int(off) {
+		w.wbuf = make([]byte, w.size)
+	}
+	want := w.wbuf[:off]
 	walgen.Fill(want, seg.StartLSN(w.size), tli, w.tlEnd(tli), w.hist, sysID, w.size)
 	if !bytes.Equal(data[:off], want) {
 		w.fail("write %s reported, but %s's durable bytes are not the server's WAL", write, path.Base(name))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -14,11 +15,21 @@ import (
 )
 
 var (
-	flagSeeds = flag.Int("sim.seeds", 0, "seeds to simulate (default 200, or $WALSHIP_SIM_SEEDS)")
+	flagSeeds = flag.Int("sim.seeds", 0, "seeds to simulate (default 500, 150 under -race, or $WALSHIP_SIM_SEEDS)")
 	flagFirst = flag.Uint64("sim.first", 1, "first seed (or $WALSHIP_SIM_FIRST)")
 	flagSeed  = flag.Uint64("sim.seed", 0, "replay this one seed, printing every step")
 	flagSteps = flag.Int("sim.steps", 400, "steps with faults per seed")
 )
+
+// TestMain trades memory for speed: the simulation allocates segment-sized
+// buffers freely, and collecting garbage less often runs more seeds.
+func TestMain(m *testing.M) {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(400)
+	}
+	flag.Parse()
+	os.Exit(m.Run())
+}
 
 func envInt(name string, def uint64) uint64 {
 	if v, err := strconv.ParseUint(os.Getenv(name), 10, 64); err == nil {
@@ -42,7 +53,11 @@ func TestSimulation(t *testing.T) {
 	}
 	n := uint64(*flagSeeds)
 	if n == 0 {
-		n = envInt("WALSHIP_SIM_SEEDS", 200)
+		def := uint64(500)
+		if raceEnabled {
+			def = 150
+		}
+		n = envInt("WALSHIP_SIM_SEEDS", def)
 	}
 	first := *flagFirst
 	if first == 1 {

@@ -92,6 +92,7 @@ type World struct {
 	acts   []action
 	recvM  *receiver.Metrics
 	buf    []byte
+	wbuf   []byte
 	busy   map[string]bool
 	depth  int
 	steps  int
@@ -672,9 +673,9 @@ func (w *World) truncateSpool() {
 			continue
 		}
 		ino := w.fs.files[n]
-		cut := w.rng.IntN(len(ino.data))
-		ino.data = ino.data[:cut]
-		ino.syncedLen, ino.syncedSize = min(ino.syncedLen, cut), cut
+		cut := w.rng.IntN(max(ino.size, 1))
+		ino.data = ino.data[:min(cut, len(ino.data))]
+		ino.size, ino.syncedLen, ino.syncedSize = cut, min(ino.syncedLen, cut), cut
 		w.logf("spool segment %s truncated to %d bytes", base, cut)
 		return
 	}
@@ -693,8 +694,8 @@ func (w *World) forgeConfirm() {
 			Timeline: seg.Timeline, File: f.Name, Kind: pipeline.KindSegment, StartLSN: seg.StartLSN(w.size), EndLSN: seg.EndLSN(w.size),
 			Size: int64(w.size), SegSize: uint64(w.size), SHA256: strings.Repeat("1", 64)}, Key: "k", Dest: dest}
 		if w.rng.IntN(2) == 0 {
-			ino := w.fs.files[path.Join(spoolDir, f.Name)]
-			sum := sha256.Sum256(ino.data)
+			data, _ := io.ReadAll(must(w.fs.handle().Open(path.Join(spoolDir, f.Name))))
+			sum := sha256.Sum256(data)
 			ev.SHA256, ev.Dest = pipeline.SHA256Hex(sum[:]), "s3://old-bucket/prefix"
 		}
 		data, _ := json.Marshal(ev)
@@ -727,6 +728,13 @@ func (w *World) settle() {
 		w.step(false)
 	}
 	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
+}
+
+func must(r io.ReadCloser, err error) io.Reader {
+	if err != nil {
+		return strings.NewReader("")
+	}
+	return r
 }
 
 func (w *World) pendingSummary() string {
