@@ -83,10 +83,11 @@ func (st *stack) args(cmd string, extra ...string) []string {
 
 // proc is a running walship process.
 type proc struct {
-	cmd  *exec.Cmd
-	log  *bytes.Buffer
-	done chan struct{}
-	err  error
+	cmd     *exec.Cmd
+	logPath string
+	log     *bytes.Buffer
+	done    chan struct{}
+	err     error
 }
 
 type syncBuffer struct {
@@ -95,7 +96,13 @@ type syncBuffer struct {
 
 func startWalship(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(walshipBin, args...)
+	return startBin(t, walshipBin, env, args...)
+}
+
+// startBin runs a walship binary with args; its log goes to p.logPath.
+func startBin(t *testing.T, bin string, env []string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
 	logPath := filepath.Join(t.TempDir(), "walship.log")
 	f, err := os.Create(logPath)
@@ -106,7 +113,7 @@ func startWalship(t *testing.T, env []string, args ...string) *proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, done: make(chan struct{})}
+	p := &proc{cmd: cmd, done: make(chan struct{}), logPath: logPath}
 	go func() { p.err = cmd.Wait(); f.Close(); close(p.done) }()
 	t.Cleanup(func() {
 		p.kill()
@@ -198,6 +205,16 @@ func (st *stack) switchWAL() pipeline.LSN {
 
 // archivedSegments lists the segments in the bucket by number, with keys.
 func (st *stack) archivedSegments() map[uint64]string {
+	out, err := st.tryArchivedSegments()
+	if err != nil {
+		st.t.Fatalf("list bucket: %v", err)
+	}
+	return out
+}
+
+// tryArchivedSegments is archivedSegments for goroutines: it returns the
+// error instead of failing the test.
+func (st *stack) tryArchivedSegments() (map[uint64]string, error) {
 	out := map[uint64]string{}
 	p := s3.NewListObjectsV2Paginator(st.s3.Client(), &s3.ListObjectsV2Input{
 		Bucket: aws.String(st.s3.Bucket), Prefix: aws.String(st.prefix + "/" + st.server + "/wals/"),
@@ -205,7 +222,7 @@ func (st *stack) archivedSegments() map[uint64]string {
 	for p.HasMorePages() {
 		page, err := p.NextPage(context.Background())
 		if err != nil {
-			st.t.Fatalf("list bucket: %v", err)
+			return nil, err
 		}
 		for _, o := range page.Contents {
 			name := filepath.Base(*o.Key)
@@ -215,7 +232,7 @@ func (st *stack) archivedSegments() map[uint64]string {
 			}
 		}
 	}
-	return out
+	return out, nil
 }
 
 // contiguousEnd is the end of the run of archived segments from first.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,6 +30,10 @@ type Core struct {
 	spool *spool
 	tr    *tracker
 	tli   uint32 // timeline being streamed (or to stream next)
+	// For other goroutines (housekeeping): the timeline and the end of the
+	// WAL fsynced in the spool.
+	tliSeen     atomic.Uint32
+	writtenSeen atomic.Uint64
 	since time.Time
 	rl    *ratelog.Limiter
 	m     gauges
@@ -100,6 +105,7 @@ func (c *Core) Start(slot SlotState, serverTLI uint32, serverPos pipeline.LSN) e
 		c.cfg.Log.Warn("spool segment has the wrong size; streaming starts there again", "segment", f.name, "bytes", f.size)
 	}
 	c.tli = p.tli
+	c.tliSeen.Store(c.tli)
 	c.tr = newTracker(c.cfg.Size, p.floor, p.start, c.cfg.Dest)
 	c.since = c.cfg.Now()
 	for _, f := range p.pending {
@@ -220,6 +226,7 @@ func (c *Core) Status() (write, flush pipeline.LSN, err error) {
 	if err := c.spool.sync(); err != nil {
 		return 0, 0, err
 	}
+	c.writtenSeen.Store(uint64(c.spool.synced))
 	return c.spool.synced, c.Flush(), nil
 }
 
@@ -227,10 +234,10 @@ func (c *Core) Status() (write, flush pipeline.LSN, err error) {
 func (c *Core) Flush() pipeline.LSN { return pipeline.LSN(c.tr.flush.Load()) }
 
 // Written is the end of the WAL fsynced in the spool.
-func (c *Core) Written() pipeline.LSN { return c.spool.synced }
+func (c *Core) Written() pipeline.LSN { return pipeline.LSN(c.writtenSeen.Load()) }
 
 // Timeline is the timeline being streamed.
-func (c *Core) Timeline() uint32 { return c.tli }
+func (c *Core) Timeline() uint32 { return c.tliSeen.Load() }
 
 // EndTimeline follows the server to the next timeline, which began at at:
 // it stores and queues the new timeline's history file and the old
@@ -265,6 +272,7 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 	}
 	c.cfg.Log.Info("timeline switch", "timeline", next, "previous_timeline", c.tli, "lsn", at.String())
 	c.tli = next
+	c.tliSeen.Store(next)
 	c.tr.setFrontier(c.cfg.Size.Start(at))
 	c.m.timeline.Set(float64(next))
 	return nil
