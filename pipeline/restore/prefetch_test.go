@@ -2,7 +2,6 @@ package restore
 
 import (
 	"context"
-	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -20,14 +19,15 @@ func TestPrefetchFollowsRecovery(t *testing.T) {
 	sink, _ := file.New(t.TempDir())
 	layout := sinks.BarmanCloud{Prefix: "p", Server: "s"}
 	enc, _ := compress.NewEncoder(compress.Zstd, 0)
+	a := &archive{t: t, sink: sink, layout: layout, enc: enc}
+	a.identity(testSysID, size)
 	name := func(no uint64) string { return pipeline.Segment{Timeline: 1, No: no}.Name(size) }
 	for no := uint64(3); no <= 7; no++ {
-		raw := fakeSegment(pipeline.Segment{Timeline: 1, No: no}, size)
-		sum := sha256.Sum256(raw)
-		body, _ := enc.Encode(raw)
-		sink.Put(ctx, layout.Key(name(no), ".zst"), append([]byte(nil), body...), sinks.Metadata{SHA256: pipeline.SHA256Hex(sum[:]), RawSize: int64(size)})
+		seg := pipeline.Segment{Timeline: 1, No: no}
+		raw := fakeSegment(seg, size)
+		a.put(name(no), raw, segMeta(seg, size, raw, 0))
 	}
-	pf := &Prefetch{Fetcher: &Fetcher{Sink: sink, Layout: layout, Codecs: []compress.Codec{compress.Zstd}},
+	pf := &Prefetch{Fetcher: a.fetcher(), Manifest: Manifest{Dest: "file:///x", Server: "s", SystemID: a.fetcher().SystemID},
 		Dir: filepath.Join(t.TempDir(), ".walship-prefetch"), Count: 3, IdleExit: 700 * time.Millisecond}
 	pf.Want(name(3))
 	done := make(chan error, 1)
@@ -39,6 +39,9 @@ func TestPrefetchFollowsRecovery(t *testing.T) {
 	}
 	for no := uint64(4); no <= 6; no++ {
 		waitFile(t, filepath.Join(pf.Dir, name(no)))
+	}
+	if !pf.Usable() {
+		t.Fatal("the prefetcher's own files are not usable")
 	}
 	dest := filepath.Join(t.TempDir(), "RECOVERYXLOG")
 	pf.Want(name(4))
