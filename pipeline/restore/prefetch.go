@@ -74,9 +74,9 @@ const (
 	endFile      = ".end" // the first segment found missing from the archive
 	lockFile     = ".lock"
 	manifestFile = ".manifest"
-	stopFile     = ".stop"     // written by Cleanup: remove everything and exit
-	corruptExt   = ".corrupt"  // <segment>.corrupt: the archive's copy failed verification
-	windowFile   = ".window"   // "first last": the segments the prefetcher is after
+	stopFile     = ".stop"    // written by Cleanup: remove everything and exit
+	corruptExt   = ".corrupt" // <segment>.corrupt: the archive's copy failed verification
+	windowFile   = ".window"  // "first last": the segments the prefetcher is after
 	staleAfter   = 10 * time.Minute
 )
 
