@@ -32,9 +32,11 @@ type FaultyS3 struct {
 	// RepeatListToken answers every ListObjectsV2 as truncated with the
 	// same continuation token, and that token with the first page again.
 	RepeatListToken atomic.Bool
-	// VanishGets answers the next n GETs of an object 404 NoSuchKey while
-	// HEAD still finds it (a retention job, a lagging replica).
-	VanishGets atomic.Int32
+	// VanishGets answers the next n GETs of an object whose path contains
+	// VanishMatch 404 NoSuchKey while HEAD still finds it (a retention
+	// job, a lagging replica). Set VanishMatch first.
+	VanishGets  atomic.Int32
+	VanishMatch string
 	// Fail answers every request 503 SlowDown.
 	Fail atomic.Bool
 
@@ -80,7 +82,7 @@ func (f *FaultyS3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case f.Fail.Load():
 		s3Error(w, http.StatusServiceUnavailable, "SlowDown", "Please reduce your request rate.")
 		return
-	case r.Method == http.MethodGet && isObject && f.VanishGets.Load() > 0:
+	case r.Method == http.MethodGet && isObject && strings.Contains(r.URL.Path, f.VanishMatch) && f.VanishGets.Load() > 0:
 		f.VanishGets.Add(-1)
 		s3Error(w, http.StatusNotFound, "NoSuchKey", "The specified key does not exist.")
 		return
