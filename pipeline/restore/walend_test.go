@@ -1,6 +1,7 @@
 package restore
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -77,15 +78,20 @@ func TestWALEndOnRealWAL(t *testing.T) {
 	}
 }
 
-// The walk never panics and never reads past the segment.
+// The walk never panics, never loops and never reads past the segment:
+// fuzzed bytes are written over a complete or a switched segment.
 func FuzzWALEnd(f *testing.F) {
 	seg := pipeline.Segment{Timeline: 1, No: 5}
 	const size = pipeline.SegmentSize(1 << 20)
-	f.Add(fakeSegment(seg, size)[:3*walPageSize], 0)
-	f.Add(switched()[:3*walPageSize], 1)
-	f.Fuzz(func(t *testing.T, head []byte, k int) {
-		data := make([]byte, 4*walPageSize)
-		copy(data, head)
-		walEnd(data)
+	templates := [][]byte{fakeSegment(seg, size)[:4*walPageSize], switched()[:4*walPageSize]}
+	f.Add(uint8(0), uint16(40), []byte{0xff, 0xff, 0, 0})
+	f.Add(uint8(1), uint16(walPageSize+16), []byte{1, 0, 0, 0})
+	f.Add(uint8(0), uint16(2), []byte{1, 0})
+	f.Fuzz(func(t *testing.T, which uint8, off uint16, patch []byte) {
+		data := bytes.Clone(templates[int(which)%len(templates)])
+		copy(data[int(off)%len(data):], patch)
+		if stop, err := walEnd(data); err == nil && (stop.Off < 0 || stop.Off > len(data)) {
+			t.Fatalf("stop offset %d outside the segment", stop.Off)
+		}
 	})
 }
