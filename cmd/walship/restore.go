@@ -217,7 +217,9 @@ func fetch(ctx context.Context, args []string, stdout io.Writer) error {
 		pf.CleanStale()
 		pf.Clean(name)
 		if pf.Usable() {
-			pf.Await(name, min(time.Until(deadline)/2, time.Minute))
+			// Long enough for a segment on a slow link; a prefetcher
+			// that is stuck holds no call for long.
+			pf.Await(name, min(time.Until(deadline)/2, 20*time.Second))
 			pf.Want(name) // first, so the prefetcher's window moves past name before it leaves
 			if ok, err := pf.Serve(name, dest); err != nil {
 				return err
