@@ -141,6 +141,11 @@ func TestVerifyDeepAgreesWithFetchOnPartials(t *testing.T) {
 	bad, _ := partialOf(seg6, 300_000)
 	m6 := segMeta(seg6, size1M, bad, seg6.StartLSN(size1M)+400_000)
 	a.put(seg6.Name(size1M)+".partial", bad, m6)
+	// Segment 7's partial has a broken page address before its end.
+	seg7 := pipeline.Segment{Timeline: 1, No: 7}
+	broken, end7 := partialOf(seg7, 300_000)
+	broken[3*walPageSize+8] ^= 0x20
+	a.put(seg7.Name(size1M)+".partial", broken, segMeta(seg7, size1M, broken, end7))
 
 	f := a.fetcher()
 	f.AllowPartial = true
@@ -152,9 +157,11 @@ func TestVerifyDeepAgreesWithFetchOnPartials(t *testing.T) {
 	if !bytes.Equal(got, good) {
 		t.Error("served partial differs")
 	}
-	fetchErr := f.Fetch(ctx, seg6.Name(size1M), dest)
-	if !errors.Is(fetchErr, ErrCorrupt) {
-		t.Errorf("fetch --allow-partial of a partial whose WAL stops early: %v", fetchErr)
+	if err := f.Fetch(ctx, seg6.Name(size1M), dest); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("fetch --allow-partial of a partial whose WAL stops early: %v", err)
+	}
+	if err := f.Fetch(ctx, seg7.Name(size1M), dest); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("fetch --allow-partial of a partial with a broken page: %v", err)
 	}
 	rep, err := Verify(ctx, sink, a.layout, VerifyOptions{Deep: true, Parallel: 2})
 	if err != nil {
@@ -164,8 +171,9 @@ func TestVerifyDeepAgreesWithFetchOnPartials(t *testing.T) {
 	for _, p := range rep.Problems {
 		probs = append(probs, p.Key+": "+p.Problem)
 	}
-	if len(probs) != 1 || !strings.Contains(probs[0], seg6.Name(size1M)+".partial") || !strings.Contains(probs[0], "its WAL stops at") {
-		t.Errorf("verify --deep problems %q, want the one fetch refused", probs)
+	if len(probs) != 2 || !strings.Contains(probs[0], seg6.Name(size1M)+".partial") || !strings.Contains(probs[0], "its WAL stops at") ||
+		!strings.Contains(probs[1], seg7.Name(size1M)+".partial") || !strings.Contains(probs[1], "has address") {
+		t.Errorf("verify --deep problems %q, want the two fetch refused", probs)
 	}
 	if rep.Checked != 1 {
 		t.Errorf("verify --deep checked %d objects, want 1", rep.Checked)

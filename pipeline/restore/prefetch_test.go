@@ -209,9 +209,10 @@ func TestPrefetchRecordsCorruption(t *testing.T) {
 	raw[5000] ^= 1
 	a.put(segName(5), raw, m)
 	pf := newPrefetch(t, a.fetcher(), "")
-	pf.IdleExit = 3 * time.Second
+	pf.IdleExit = time.Minute // it must not end the wait by leaving
 	pf.Want(segName(3))
 	runPrefetch(t, pf)
+	defer pf.Cleanup(10 * time.Second)
 	waitFile(t, filepath.Join(pf.Dir, segName(4)))
 	began := time.Now()
 	if pf.Await(segName(5), 30*time.Second) {
@@ -219,6 +220,9 @@ func TestPrefetchRecordsCorruption(t *testing.T) {
 	}
 	if took := time.Since(began); took > 3*time.Second {
 		t.Errorf("waited %s for a segment the prefetcher found corrupt", took)
+	}
+	if !pf.Running() {
+		t.Error("the prefetcher left: the wait did not end because of the corruption record")
 	}
 	if _, err := os.Stat(filepath.Join(pf.Dir, segName(5)+corruptExt)); err != nil {
 		t.Errorf("no corruption record: %v", err)
