@@ -122,7 +122,7 @@ func newPrefetch(t *testing.T, f *Fetcher, dir string) *Prefetch {
 func runPrefetch(t *testing.T, pf *Prefetch) <-chan error {
 	done, finished := make(chan error, 1), make(chan struct{})
 	go func() { done <- pf.Run(context.Background(), size1M); close(finished) }()
-	t.Cleanup(func() { <-finished })
+	t.Cleanup(func() { pf.writeHint(stopFile, "test done"); <-finished })
 	return done
 }
 
