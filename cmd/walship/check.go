@@ -69,7 +69,11 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 	}
 	if c.Dest != "" {
-		add("bucket", checkBucket(ctx, c), "reachable and writable (put-if-absent and delete probe)")
+		ok := "reachable and writable; a second put-if-absent of the probe was refused"
+		if c.S3NoCondWrites {
+			ok += " (by a HEAD before the PUT: --s3-no-conditional-writes)"
+		}
+		add("bucket", checkBucket(ctx, c), ok)
 	}
 	spool := c.SpoolDir
 	if spool == "" {
@@ -179,8 +183,10 @@ func checkPostgres(ctx context.Context, c *config, add func(string, error, strin
 	add("slot", err, detail)
 }
 
-// checkBucket writes a probe object with put-if-absent beside the archive
-// and deletes it.
+// checkBucket writes a probe object with put-if-absent beside the archive,
+// writes it again and requires the second write to be refused (a store
+// that ignores If-None-Match would overwrite archived WAL silently), and
+// deletes it.
 func checkBucket(ctx context.Context, c *config) error {
 	sink, prefix, err := openSink(ctx, c)
 	if err != nil {
@@ -197,13 +203,21 @@ func checkBucket(ctx context.Context, c *config) error {
 	nonce := make([]byte, 8)
 	rand.Read(nonce)
 	key := path.Join(path.Dir(layout.IdentityKey()), ".walship-check-"+hex.EncodeToString(nonce))
-	if err := sink.Put(ctx, key, []byte("walship check probe\n"), sinks.Metadata{Codec: "none"}); err != nil {
+	body := []byte("walship check probe\n")
+	if err := sink.Put(ctx, key, body, sinks.Metadata{Codec: "none"}); err != nil {
 		return fmt.Errorf("cannot write to the destination: %v: grant s3:PutObject on the prefix", err)
 	}
+	second := sink.Put(ctx, key, body, sinks.Metadata{Codec: "none"})
 	if d, ok := sink.(sinks.Deleter); ok {
 		if err := d.Delete(ctx, key); err != nil {
 			return fmt.Errorf("wrote a probe but cannot delete %s: %v", key, err)
 		}
+	}
+	switch {
+	case second == nil:
+		return fmt.Errorf("the store overwrote %s although the upload said If-None-Match: *: it does not honour conditional writes, so archived WAL could be overwritten silently; upgrade it, or pass --s3-no-conditional-writes to check with a HEAD before each PUT", key)
+	case !errors.Is(second, sinks.ErrExists):
+		return fmt.Errorf("writing the probe %s a second time: %v", key, second)
 	}
 	return nil
 }

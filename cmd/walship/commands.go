@@ -93,7 +93,8 @@ func openSinkChecked(ctx context.Context, c *config, check bool) (sinks.Sink, st
 		if u.Host == "" {
 			return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix", errUsage, c.Dest)
 		}
-		s, err := s3sink.New(ctx, s3sink.Options{Bucket: u.Host, Endpoint: c.S3Endpoint, Region: c.S3Region, PathStyle: c.S3PathStyle, SignPayload: c.S3SignPayload})
+		s, err := s3sink.New(ctx, s3sink.Options{Bucket: u.Host, Endpoint: c.S3Endpoint, Region: c.S3Region, PathStyle: c.S3PathStyle, SignPayload: c.S3SignPayload,
+			Timeout: c.S3Timeout, NoConditionalWrites: c.S3NoCondWrites})
 		if err != nil {
 			return nil, "", err
 		}

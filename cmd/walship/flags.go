@@ -32,6 +32,8 @@ type config struct {
 	S3Region       string
 	S3PathStyle    bool
 	S3SignPayload  bool
+	S3Timeout      time.Duration
+	S3NoCondWrites bool
 	Compression    string
 	Level          int
 	Workers        int
@@ -106,6 +108,8 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.S3Region, "s3-region", "", "S3 region (default from the AWS configuration, else us-east-1)")
 		fs.BoolVar(&c.S3PathStyle, "s3-path-style", false, "use path-style S3 addressing")
 		fs.BoolVar(&c.S3SignPayload, "s3-sign-payload", false, "sign a SHA-256 of each upload's body (default: UNSIGNED-PAYLOAD plus a signed CRC32C checksum)")
+		fs.DurationVar(&c.S3Timeout, "s3-timeout", time.Minute, "deadline of each S3 request, its body included (raise it for large segments on slow links)")
+		fs.BoolVar(&c.S3NoCondWrites, "s3-no-conditional-writes", false, "the store ignores If-None-Match: check with a HEAD before each PUT instead (racy between archivers)")
 	}
 	if has(gArchive) {
 		fs.StringVar(&c.Compression, "compression", "zstd", "compression: zstd, gzip, snappy or none")

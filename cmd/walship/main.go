@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"runtime/pprof"
 	"syscall"
 )
@@ -40,6 +41,9 @@ given as WALSHIP_<FLAG>, for example WALSHIP_PG or WALSHIP_S3_ENDPOINT.
 `
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "fetch" {
+		abortOnCrash()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	// WALSHIP_CPU_PROFILE=<path> writes a CPU profile of the whole run, for
 	// the benchmarks' "where does the time go".
@@ -53,6 +57,22 @@ func main() {
 	pprof.StopCPUProfile()
 	stop()
 	os.Exit(exitCode(err, os.Stderr))
+}
+
+// abortOnCrash makes every way restore_command can die read as "abort
+// recovery" to PostgreSQL, which takes any exit status up to 125 (a Go
+// panic or fatal error exits 2) as "not in the archive": a panic or a
+// fatal runtime error (out of memory) dies by SIGABRT instead, and
+// SIGQUIT exits 255.
+func abortOnCrash() {
+	debug.SetTraceback("crash")
+	quit := make(chan os.Signal, 1)
+	signal.Notify(quit, syscall.SIGQUIT)
+	go func() {
+		<-quit
+		fmt.Fprintln(os.Stderr, "walship: SIGQUIT: exiting 255 so that PostgreSQL aborts recovery")
+		os.Exit(exitAbort)
+	}()
 }
 
 func exitCode(err error, stderr io.Writer) int {

@@ -8,9 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -21,6 +23,7 @@ import (
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/restore"
 	"github.com/walship/walship/sinks"
+	filesink "github.com/walship/walship/sinks/file"
 	s3sink "github.com/walship/walship/sinks/s3"
 )
 
@@ -48,6 +51,7 @@ type restoreFlags struct {
 	allowPartial bool
 	retryFor     time.Duration
 	worker       bool
+	cleanup      bool
 	deep         bool
 	json         bool
 	parallel     int
@@ -65,7 +69,8 @@ func addRestoreFlags(fs *flag.FlagSet, rf *restoreFlags, verify bool) {
 	fs.IntVar(&rf.prefetch, "prefetch", 8, "segments to download ahead of recovery (0: off)")
 	fs.StringVar(&rf.prefetchDir, "prefetch-dir", "", "prefetch directory (default: .walship-prefetch beside the destination, in pg_wal)")
 	fs.BoolVar(&rf.allowPartial, "allow-partial", false, "serve <segment>.partial when the full segment is not archived")
-	fs.DurationVar(&rf.retryFor, "retry-for", 2*time.Minute, "keep retrying transient errors this long, then make PostgreSQL abort recovery")
+	fs.DurationVar(&rf.retryFor, "retry-for", 2*time.Minute, "bound of the whole call: transient errors are retried this long, then PostgreSQL is made to abort recovery")
+	fs.BoolVar(&rf.cleanup, "cleanup", false, "remove the prefetch directory and stop its prefetcher, for recovery_end_command (exit 0, or 1 on failure)")
 	fs.BoolVar(&rf.worker, "prefetch-worker", false, "internal: run as the background prefetcher")
 }
 
@@ -83,6 +88,8 @@ func restoreSetup(name string, args []string, verify bool, stdout io.Writer) (*c
 	return c, rf, rest, err
 }
 
+// openRestoreSink opens the destination for reading: a file:// archive
+// must exist (an unmounted path is an error, never an empty archive).
 func openRestoreSink(ctx context.Context, c *config, check bool) (sinks.Sink, sinks.Layout, error) {
 	if c.Dest == "" {
 		return nil, nil, fmt.Errorf("%w: --dest is required (s3://bucket/prefix or file:///path)", errUsage)
@@ -92,8 +99,15 @@ func openRestoreSink(ctx context.Context, c *config, check bool) (sinks.Sink, si
 			return nil, nil, fmt.Errorf("%w: --server: %v", errUsage, err)
 		}
 	}
-	sink, prefix, err := openSinkChecked(ctx, c, check)
-	if err != nil {
+	var sink sinks.Sink
+	var prefix string
+	if u, err := url.Parse(c.Dest); err == nil && u.Scheme == "file" && (u.Host == "" || u.Host == "localhost") && u.Path != "" {
+		s, err := filesink.Open(u.Path)
+		if err != nil {
+			return nil, nil, err
+		}
+		sink = s
+	} else if sink, prefix, err = openSinkChecked(ctx, c, check); err != nil {
 		return nil, nil, err
 	}
 	layout, err := sinks.NewLayout(c.Layout, prefix, c.Server)
@@ -109,7 +123,7 @@ func codecOrder(first string) []compress.Codec {
 	if c, err := compress.ParseCodec(first); err == nil {
 		out = append(out, c)
 	}
-	for _, c := range []compress.Codec{compress.Zstd, compress.Gzip, compress.Snappy, compress.None} {
+	for _, c := range compress.Codecs() {
 		if len(out) == 0 || c != out[0] {
 			out = append(out, c)
 		}
@@ -117,69 +131,112 @@ func codecOrder(first string) []compress.Codec {
 	return out
 }
 
-// serverFromPGControl derives the default server name from the data
-// directory restore_command runs in.
-func serverFromPGControl() (string, error) {
+// pgControlSystemID reads the system identifier from the data directory
+// restore_command runs in (its first 8 bytes); "" when there is no
+// global/pg_control.
+func pgControlSystemID() (string, error) {
 	b, err := os.ReadFile(filepath.Join("global", "pg_control"))
-	if err != nil || len(b) < 8 {
-		return "", fmt.Errorf("%w: --server is required (no global/pg_control in the working directory to derive it from)", errUsage)
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
 	}
-	return fmt.Sprintf("pg-%d", binary.LittleEndian.Uint64(b[:8])), nil
+	if err != nil {
+		return "", fmt.Errorf("read global/pg_control: %w", err)
+	}
+	if len(b) < 8 {
+		return "", fmt.Errorf("global/pg_control is %d bytes: not a pg_control file", len(b))
+	}
+	return strconv.FormatUint(binary.LittleEndian.Uint64(b[:8]), 10), nil
 }
 
+// cmdFetch is restore_command. Every way it ends other than serving the
+// file (0) or a confirmed "not in this cluster's archive" (1) is an abort
+// (255), so that PostgreSQL never ends recovery early by mistake.
 func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
+	err := fetch(ctx, args, stdout)
+	var ee *exitError
+	if err == nil || errors.As(err, &ee) {
+		return err
+	}
+	return &exitError{exitAbort, err}
+}
+
+func fetch(ctx context.Context, args []string, stdout io.Writer) error {
 	c, rf, rest, err := restoreSetup("fetch", args, false, stdout)
+	if errors.Is(err, flag.ErrHelp) {
+		// restore_command = 'walship fetch -h ...' must not read as success.
+		return &exitError{exitAbort, errors.New("fetch -h printed the usage and exits 255, so a restore_command holding -h aborts recovery")}
+	}
 	if err != nil {
-		return abortOnUsage(err)
+		return err
+	}
+	if rf.cleanup {
+		return fetchCleanup(rf, rest)
 	}
 	if len(rest) != 2 {
-		return &exitError{exitAbort, fmt.Errorf("%w: usage: walship fetch <wal file> <destination>, as restore_command = 'walship fetch %%f %%p'", errUsage)}
+		return fmt.Errorf("%w: usage: walship fetch <wal file> <destination>, as restore_command = 'walship fetch %%f %%p'", errUsage)
 	}
 	name, dest := rest[0], rest[1]
+	sysID, err := pgControlSystemID()
+	if err != nil {
+		return err
+	}
 	if c.Server == "" && c.Layout != "wal-g" {
-		if c.Server, err = serverFromPGControl(); err != nil {
-			return &exitError{exitAbort, err}
+		if sysID == "" {
+			return fmt.Errorf("%w: --server is required (no global/pg_control in the working directory to derive it from)", errUsage)
 		}
+		c.Server = "pg-" + sysID
+	}
+	var deadline time.Time
+	if !rf.worker {
+		// --retry-for bounds the whole call, every request included.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, rf.retryFor)
+		defer cancel()
+		deadline, _ = ctx.Deadline()
 	}
 	sink, layout, err := openRestoreSink(ctx, c, false)
 	if err != nil {
-		return &exitError{exitAbort, err}
+		return err
 	}
-	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial}
-	if bc, ok := sink.(interface{ CheckBucket(context.Context) error }); ok {
-		// "Not found" ends recovery: make sure it is not a missing bucket.
-		f.Confirm = bc.CheckBucket
-	}
-	pf := &restore.Prefetch{Fetcher: f, Count: rf.prefetch, Dir: rf.prefetchDir}
+	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial, SystemID: sysID}
+	pf := &restore.Prefetch{Fetcher: f, Count: rf.prefetch, Dir: rf.prefetchDir,
+		Manifest: restore.Manifest{Dest: c.Dest, Layout: c.Layout, Server: c.Server, SystemID: sysID, AllowPartial: rf.allowPartial}}
 	if pf.Dir == "" {
 		pf.Dir = filepath.Join(filepath.Dir(dest), ".walship-prefetch")
 	}
-	isSegment := pipeline.IsSegmentName(name)
-
 	if rf.worker {
 		// Background prefetcher: dest is the segment size.
 		var size int64
 		fmt.Sscan(dest, &size)
+		pf.RecoveryEnded = recoveryEnded()
 		return pf.Run(ctx, pipeline.SegmentSize(size))
 	}
-	if isSegment && rf.prefetch > 0 {
+	restore.RemoveTemp(dest) // left by a fetch that was killed
+	prefetch := pipeline.IsSegmentName(name) && rf.prefetch > 0
+	if prefetch {
+		pf.CleanStale()
 		pf.Clean(name)
-		pf.Await(name, time.Minute)
-		pf.Want(name) // first, so the prefetcher's window moves past name before it leaves
-		if ok, err := pf.Serve(name, dest); err != nil {
-			return &exitError{exitAbort, err}
-		} else if ok {
-			startPrefetch(pf, name, dest, args)
-			return nil
+		if pf.Usable() {
+			// Long enough for a segment on a slow link; a prefetcher
+			// that is stuck holds no call for long.
+			pf.Await(name, min(time.Until(deadline)/2, 20*time.Second))
+			pf.Want(name) // first, so the prefetcher's window moves past name before it leaves
+			if ok, err := pf.Serve(name, dest); err != nil {
+				return err
+			} else if ok {
+				startPrefetch(pf, name, dest, args)
+				return nil
+			}
 		}
 	}
-	deadline := time.Now().Add(rf.retryFor)
 	bo := backoff.New(500*time.Millisecond, 10*time.Second)
 	for {
 		err := f.Fetch(ctx, name, dest)
 		switch {
 		case err == nil:
-			if isSegment && rf.prefetch > 0 {
+			// A prefetcher of another configuration is left to go idle;
+			// otherwise one starts (or follows) from here.
+			if prefetch && (pf.Usable() || !pf.Running()) {
 				pf.Want(name)
 				startPrefetch(pf, name, dest, args)
 			}
@@ -188,19 +245,53 @@ func cmdFetch(ctx context.Context, args []string, stdout io.Writer) error {
 			return &exitError{exitNotFound, fmt.Errorf("%s is not in the archive", name)}
 		case errors.Is(err, restore.ErrCorrupt):
 			return &exitError{exitAbort, fmt.Errorf("refusing to restore %s: %v", name, err)}
-		case errors.Is(err, errUsage) || errors.Is(err, s3sink.ErrNoBucket) || time.Now().After(deadline) || ctx.Err() != nil:
-			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s after %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
+		case errors.Is(err, restore.ErrWrongArchive):
+			return &exitError{exitAbort, fmt.Errorf("refusing to answer for %s: %v; aborting recovery so it does not end early", name, err)}
+		case errors.Is(err, errUsage) || errors.Is(err, s3sink.ErrNoBucket) || ctx.Err() != nil:
+			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s within --retry-for %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
 		}
 		fmt.Fprintf(os.Stderr, "walship: fetch %s: %v; retrying\n", name, err)
-		bo.Wait(ctx)
+		if !bo.Wait(ctx) {
+			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s within --retry-for %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
+		}
 	}
 }
 
-func abortOnUsage(err error) error {
-	if errors.Is(err, flag.ErrHelp) {
-		return err
+// fetchCleanup removes the prefetch directory, for recovery_end_command
+// (run in the data directory). It fails with status 1, never above 125:
+// PostgreSQL then only warns and starts.
+func fetchCleanup(rf *restoreFlags, rest []string) error {
+	if len(rest) > 0 {
+		return &exitError{1, fmt.Errorf("%w: fetch --cleanup takes no arguments (it runs in the data directory)", errUsage)}
 	}
-	return &exitError{exitAbort, err}
+	dir := rf.prefetchDir
+	if dir == "" {
+		dir = filepath.Join("pg_wal", ".walship-prefetch")
+	}
+	pf := &restore.Prefetch{Dir: dir}
+	if err := pf.Cleanup(5 * time.Second); err != nil {
+		return &exitError{1, err}
+	}
+	return nil
+}
+
+// recoveryEnded tells the prefetcher when PostgreSQL has left recovery:
+// it removes recovery.signal and standby.signal from the data directory
+// (the working directory) when it promotes. Outside a data directory in
+// recovery it cannot tell, and returns nil.
+func recoveryEnded() func() bool {
+	inRecovery := func() bool {
+		for _, s := range []string{"recovery.signal", "standby.signal"} {
+			if _, err := os.Stat(s); err == nil {
+				return true
+			}
+		}
+		return false
+	}
+	if !inRecovery() {
+		return nil
+	}
+	return func() bool { return !inRecovery() }
 }
 
 // startPrefetch launches a detached prefetcher, unless one is at work, and

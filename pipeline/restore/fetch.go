@@ -7,12 +7,13 @@ package restore
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/walship/walship/compress"
 	"github.com/walship/walship/internal/fsutil"
@@ -21,15 +22,27 @@ import (
 )
 
 // ErrNotFound means the archive does not have the file: PostgreSQL treats
-// that as the end of the archived WAL.
+// that as the end of the archived WAL. Fetcher returns it only once the
+// archive is confirmed to be this cluster's (Fetcher.Identity).
 var ErrNotFound = errors.New("not in the archive")
 
-// ErrCorrupt means the archive has the file but its bytes fail
+// ErrCorrupt means the archive has the file but its bytes or metadata fail
 // verification. It is never reported as not found: recovery must stop
 // rather than end early on a shortened history.
 var ErrCorrupt = errors.New("corrupt in the archive")
 
-// Fetcher finds, downloads, decompresses and verifies WAL files.
+// ErrWrongArchive means the destination does not hold this cluster's
+// archive: no identity object (wrong --dest, --server or --layout, an
+// unmounted directory), or one that names another system. "Not found"
+// from such a destination would end recovery early, so it is an abort.
+var ErrWrongArchive = errors.New("not this cluster's archive")
+
+// errVanished is a GET that found nothing after a HEAD found the object: a
+// retention job or a lagging replica of the store. Transient.
+var errVanished = errors.New("object vanished between HEAD and GET")
+
+// Fetcher finds, downloads, decompresses and verifies WAL files. It is
+// safe for concurrent use.
 type Fetcher struct {
 	Sink   sinks.Sink
 	Layout sinks.Layout
@@ -37,25 +50,80 @@ type Fetcher struct {
 	// codec first saves requests.
 	Codecs []compress.Codec
 	// AllowPartial serves <segment>.partial when the full segment is not
-	// archived (the last segment of a timeline that ended).
+	// archived (the last segment of a timeline that ended, or WAL of the
+	// segment being written).
 	AllowPartial bool
-	// Confirm, when set, is asked before answering "not found": S3 says
-	// 404 for a missing bucket too, and a misconfiguration must not end
-	// recovery early.
-	Confirm func(context.Context) error
+	// SystemID is the restored cluster's system identifier (decimal, from
+	// its pg_control); "" when fetch runs outside a data directory, and
+	// then the archive's identity object decides.
+	SystemID string
+
+	mu       sync.Mutex
+	identity *sinks.Identity // confirmed
+}
+
+// Identity confirms, once per Fetcher, that the destination holds this
+// cluster's archive: the identity object exists and, when SystemID is
+// known, names the same system. A missing or foreign identity wraps
+// ErrWrongArchive; other errors (the store unreachable) are transient.
+func (f *Fetcher) Identity(ctx context.Context) (sinks.Identity, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.identity != nil {
+		return *f.identity, nil
+	}
+	id, err := sinks.ReadIdentity(ctx, f.Sink, f.Layout)
+	if errors.Is(err, sinks.ErrNoIdentity) {
+		return sinks.Identity{}, fmt.Errorf("%w: %v: check --dest, --server and --layout (is the archive mounted?)", ErrWrongArchive, err)
+	}
+	if err != nil {
+		return sinks.Identity{}, err
+	}
+	if f.SystemID != "" && id.SystemID != f.SystemID {
+		return sinks.Identity{}, fmt.Errorf("%w: %s belongs to system %s, this cluster (pg_control) is %s: check --dest and --server",
+			ErrWrongArchive, f.Layout.IdentityKey(), id.SystemID, f.SystemID)
+	}
+	f.identity = &id
+	return id, nil
+}
+
+// expect is what served bytes must match: pg_control's system identifier,
+// or the identity object's when there is no pg_control.
+func (f *Fetcher) expect(ctx context.Context) (Expect, error) {
+	if f.SystemID != "" {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		e := Expect{SystemID: f.SystemID}
+		if f.identity != nil {
+			e.SegmentSize = pipeline.SegmentSize(f.identity.SegmentSize)
+		}
+		return e, nil
+	}
+	id, err := f.Identity(ctx)
+	if err != nil {
+		return Expect{}, err
+	}
+	return Expect{SystemID: id.SystemID, SegmentSize: pipeline.SegmentSize(id.SegmentSize)}, nil
 }
 
 // Found is a located archive object.
 type Found struct {
+	File  string // the WAL file the object holds: name, or name.partial
 	Key   string
 	Codec compress.Codec
 	Meta  sinks.Metadata
 }
 
-// Locate finds the object for a WAL file name.
+// Locate finds the object for a WAL file name: the file itself, else with
+// AllowPartial its .partial. Before it answers ErrNotFound it confirms the
+// archive's identity, so a misconfigured destination aborts instead.
 func (f *Fetcher) Locate(ctx context.Context, name string) (Found, error) {
+	return f.locate(ctx, name, f.AllowPartial)
+}
+
+func (f *Fetcher) locate(ctx context.Context, name string, allowPartial bool) (Found, error) {
 	names := []string{name}
-	if f.AllowPartial && pipeline.IsSegmentName(name) {
+	if allowPartial && pipeline.IsSegmentName(name) {
 		names = append(names, name+".partial")
 	}
 	for _, n := range names {
@@ -63,35 +131,44 @@ func (f *Fetcher) Locate(ctx context.Context, name string) (Found, error) {
 			key := f.Layout.Key(n, c.Ext())
 			meta, err := f.Sink.Head(ctx, key)
 			if err == nil {
-				return Found{Key: key, Codec: c, Meta: meta}, nil
+				return Found{File: n, Key: key, Codec: c, Meta: meta}, nil
 			}
 			if !errors.Is(err, os.ErrNotExist) {
 				return Found{}, err
 			}
 		}
 	}
-	if f.Confirm != nil {
-		if err := f.Confirm(ctx); err != nil {
-			return Found{}, err
-		}
+	if _, err := f.Identity(ctx); err != nil {
+		return Found{}, err
 	}
 	return Found{}, fmt.Errorf("%s: %w", name, ErrNotFound)
 }
 
-// Download reads an object and returns its verified raw bytes.
-func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, error) {
+// Download reads a located object and returns its verified raw bytes (a
+// .partial zero-padded to a whole segment).
+func (f *Fetcher) Download(ctx context.Context, fo Found) ([]byte, error) {
+	if err := CheckMeta(fo.Key, fo.Meta); err != nil {
+		return nil, err
+	}
+	want, err := f.expect(ctx)
+	if err != nil {
+		return nil, err
+	}
 	rc, meta, err := f.Sink.Get(ctx, fo.Key)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s: %w", name, ErrNotFound)
+			return nil, fmt.Errorf("%s: %w", fo.Key, errVanished)
 		}
 		return nil, err
 	}
 	defer rc.Close()
+	if err := CheckMeta(fo.Key, meta); err != nil {
+		return nil, err
+	}
 	var buf bytes.Buffer
 	buf.Grow(int(meta.RawSize/2) + bytes.MinRead)
-	_, err = buf.ReadFrom(rc)
-	body := buf.Bytes()
+	// No WAL file compresses to more than its raw size plus framing.
+	n, err := buf.ReadFrom(io.LimitReader(rc, maxRawSize+1<<20+1))
 	if err != nil {
 		if strings.Contains(err.Error(), "checksum did not match") {
 			// The server's stored CRC32C disagrees with the bytes it sent.
@@ -99,44 +176,17 @@ func (f *Fetcher) Download(ctx context.Context, name string, fo Found) ([]byte, 
 		}
 		return nil, fmt.Errorf("read %s: %w", fo.Key, err)
 	}
-	raw, err := compress.Decode(fo.Codec, body, int(min(max(meta.RawSize, 0), 1<<30)))
+	if n > maxRawSize+1<<20 {
+		return nil, fmt.Errorf("%w: %s is larger than any WAL file", ErrCorrupt, fo.Key)
+	}
+	raw, err := compress.Decode(fo.Codec, buf.Bytes(), int(meta.RawSize))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, fo.Key, err)
 	}
-	if err := Check(name, raw, meta); err != nil {
-		return nil, err
-	}
-	return raw, nil
+	return Check(fo.File, raw, meta, want)
 }
 
 func decode(c compress.Codec, body []byte) ([]byte, error) { return compress.Decode(c, body, 0) }
-
-// Check verifies raw bytes against the object's metadata: the SHA-256, and
-// for a segment its WAL page headers.
-func Check(name string, raw []byte, meta sinks.Metadata) error {
-	if meta.SHA256 == "" {
-		return fmt.Errorf("%w: %s has no walship-sha256 metadata, so it cannot be verified", ErrCorrupt, name)
-	}
-	sum := sha256.Sum256(raw)
-	if got := pipeline.SHA256Hex(sum[:]); got != meta.SHA256 {
-		return fmt.Errorf("%w: %s: sha256 %s, metadata says %s", ErrCorrupt, name, got, meta.SHA256)
-	}
-	base := strings.TrimSuffix(name, ".partial")
-	if pipeline.IsSegmentName(base) {
-		size := pipeline.SegmentSize(len(raw))
-		if err := size.Validate(); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrCorrupt, name, err)
-		}
-		seg, err := pipeline.ParseSegmentName(base, size)
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrCorrupt, err)
-		}
-		if err := pipeline.CheckSegmentPages(raw, seg, size); err != nil && !strings.HasSuffix(name, ".partial") {
-			return fmt.Errorf("%w: %v", ErrCorrupt, err)
-		}
-	}
-	return nil
-}
 
 // Fetch serves one WAL file into dest, atomically: a temporary file in
 // dest's directory, fsynced, then renamed.
@@ -145,34 +195,32 @@ func (f *Fetcher) Fetch(ctx context.Context, name, dest string) error {
 	if err != nil {
 		return err
 	}
-	raw, err := f.Download(ctx, name, fo)
+	raw, err := f.Download(ctx, fo)
 	if err != nil {
 		return err
 	}
-	return WriteFile(dest, raw)
+	return fsutil.WriteFile(dest, raw, 0o600)
 }
 
-// WriteFile writes data to path through a fsynced temporary file and a
-// rename, then fsyncs the directory.
-func WriteFile(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".walship-tmp-*")
+// Permanent reports whether err is final for a fetch: not found (after
+// the identity check), corrupt, or the wrong archive. Anything else is
+// transient and worth retrying.
+func Permanent(err error) bool {
+	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrWrongArchive)
+}
+
+// RemoveTemp removes the temporary files a killed fetch left beside dest
+// (PostgreSQL runs one restore_command at a time, so none is in use).
+func RemoveTemp(dest string) {
+	dir, base := filepath.Dir(dest), filepath.Base(dest)
+	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return
 	}
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Sync()
+	prefix := fsutil.TempPrefix + base + "-"
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
 	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return fsutil.SyncDir(dir)
 }

@@ -2,7 +2,6 @@ package restore
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
@@ -37,14 +36,14 @@ func TestVerifyAndFetch(t *testing.T) {
 	}
 	layout := sinks.BarmanCloud{Prefix: "p", Server: "s"}
 	enc, _ := compress.NewEncoder(compress.Zstd, 0)
+	a := &archive{t: t, sink: sink, layout: layout, enc: enc}
+	a.identity(testSysID, size)
 	put := func(name string, raw []byte, seg pipeline.Segment) {
-		sum := sha256.Sum256(raw)
-		body, _ := enc.Encode(raw)
-		m := sinks.Metadata{SHA256: pipeline.SHA256Hex(sum[:]), StartLSN: seg.StartLSN(size).String(), EndLSN: seg.EndLSN(size).String(),
-			Timeline: seg.Timeline, Codec: "zstd", RawSize: int64(len(raw))}
-		if err := sink.Put(ctx, layout.Key(name, ".zst"), append([]byte(nil), body...), m); err != nil {
-			t.Fatal(err)
+		m := segMeta(seg, size, raw, 0)
+		if seg.No == 0 {
+			m.StartLSN, m.EndLSN = "", ""
 		}
+		a.put(name, raw, m)
 	}
 	for _, no := range []uint64{3, 4, 5, 7, 8} {
 		seg := pipeline.Segment{Timeline: 1, No: no}
@@ -52,7 +51,7 @@ func TestVerifyAndFetch(t *testing.T) {
 	}
 	put("00000002.history", []byte("1\t0/A00000\tpromoted\n"), pipeline.Segment{Timeline: 2})
 
-	rep, err := Verify(ctx, sink, layout, VerifyOptions{Metadata: true, Deep: true, Parallel: 4})
+	rep, err := Verify(context.Background(), sink, layout, VerifyOptions{Metadata: true, Deep: true, Parallel: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +77,7 @@ func TestVerifyAndFetch(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, layout.Key(seg4.Name(size), ".zst")), other, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	f := &Fetcher{Sink: sink, Layout: layout, Codecs: []compress.Codec{compress.Zstd}}
+	f := a.fetcher()
 	dest := filepath.Join(t.TempDir(), "RECOVERYXLOG")
 	if err := f.Fetch(ctx, seg4.Name(size), dest); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("fetch of corrupt segment: %v, want ErrCorrupt", err)
@@ -106,24 +105,4 @@ func TestVerifyAndFetch(t *testing.T) {
 	if !found {
 		t.Errorf("verify --deep did not name the corrupt object: %+v", rep.Problems)
 	}
-}
-
-func fakeSegment(seg pipeline.Segment, size pipeline.SegmentSize) []byte {
-	data := make([]byte, size)
-	for off := 0; off < len(data); off += 8192 {
-		p := data[off:]
-		p[0], p[1] = 0x10, 0xD1
-		p[4] = byte(seg.Timeline)
-		addr := uint64(seg.StartLSN(size)) + uint64(off)
-		for i := 0; i < 8; i++ {
-			p[8+i] = byte(addr >> (8 * i))
-		}
-		p[100] = byte(seg.No) // make segments differ
-		if off == 0 {
-			p[2] = 2
-			s := uint32(size)
-			p[32], p[33], p[34], p[35] = byte(s), byte(s>>8), byte(s>>16), byte(s>>24)
-		}
-	}
-	return data
 }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -129,9 +128,23 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 	if err != nil {
 		return nil, err
 	}
+	// The identity object says whose archive this is; without it fetch
+	// refuses to answer "not found" (a wrong --server or prefix looks
+	// like an empty archive).
+	id, err := sinks.ReadIdentity(ctx, sink, layout)
+	switch {
+	case errors.Is(err, sinks.ErrNoIdentity):
+		rep.Problems = append(rep.Problems, Problem{layout.IdentityKey(),
+			"no identity object: nothing was archived here, or --dest, --server or --layout is wrong; fetch aborts recovery instead of answering \"not found\" from it"})
+	case err != nil:
+		return nil, err
+	}
 	size := o.SegmentSize
+	if size == 0 && pipeline.SegmentSize(id.SegmentSize).Validate() == nil {
+		size = pipeline.SegmentSize(id.SegmentSize)
+	}
 	if size == 0 {
-		size = segmentSizeOf(ctx, sink, layout, objs)
+		size = segmentSizeOf(ctx, sink, objs)
 	}
 	if size == 0 {
 		if len(objs) == 0 {
@@ -153,9 +166,10 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 		objs[i].seg = seg
 	}
 	rep.Timelines = timelines(objs, size)
-	rep.Problems = append(rep.Problems, historyChain(ctx, sink, objs, rep.Timelines, size)...)
+	want := Expect{SystemID: id.SystemID, SegmentSize: size}
+	rep.Problems = append(rep.Problems, historyChain(ctx, sink, objs, rep.Timelines, want)...)
 	if o.Metadata || o.Deep {
-		rep.Problems = append(rep.Problems, checkObjects(ctx, sink, objs, size, o, &rep.Checked)...)
+		rep.Problems = append(rep.Problems, checkObjects(ctx, sink, objs, want, o, &rep.Checked)...)
 	}
 	sort.Slice(rep.Problems, func(i, j int) bool { return rep.Problems[i].Key < rep.Problems[j].Key })
 	return rep, nil
@@ -170,19 +184,8 @@ func splitExt(name string) (string, compress.Codec) {
 	return name, compress.None
 }
 
-// segmentSizeOf reads the segment size from the identity object, else from
-// a segment's raw-size metadata.
-func segmentSizeOf(ctx context.Context, sink sinks.Sink, layout sinks.Layout, objs []object) pipeline.SegmentSize {
-	if rc, _, err := sink.Get(ctx, layout.IdentityKey()); err == nil {
-		var id struct {
-			SegmentSize uint64 `json:"wal_segment_size"`
-		}
-		b, _ := io.ReadAll(io.LimitReader(rc, 1<<16))
-		rc.Close()
-		if json.Unmarshal(b, &id) == nil && pipeline.SegmentSize(id.SegmentSize).Validate() == nil {
-			return pipeline.SegmentSize(id.SegmentSize)
-		}
-	}
+// segmentSizeOf reads the segment size from a segment's raw-size metadata.
+func segmentSizeOf(ctx context.Context, sink sinks.Sink, objs []object) pipeline.SegmentSize {
 	for _, ob := range objs {
 		if ob.kind != pipeline.KindSegment {
 			continue
@@ -241,7 +244,8 @@ func timelines(objs []object, size pipeline.SegmentSize) []Timeline {
 // historyChain checks each history file: it parses, its parent timelines
 // are older, and the archive holds the parent's WAL up to the switch point
 // (as a segment or a .partial).
-func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Timeline, size pipeline.SegmentSize) []Problem {
+func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Timeline, want Expect) []Problem {
+	size := want.SegmentSize
 	have := map[pipeline.Segment]bool{}
 	for _, ob := range objs {
 		if ob.kind == pipeline.KindSegment || ob.kind == pipeline.KindPartial {
@@ -265,8 +269,9 @@ func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Tim
 			probs = append(probs, Problem{ob.key, "cannot read or decompress"})
 			continue
 		}
-		if err := Check(ob.file, raw, meta); err != nil {
+		if _, err := Check(ob.file, raw, meta, want); err != nil {
 			probs = append(probs, Problem{ob.key, err.Error()})
+			continue
 		}
 		entries, err := ParseHistory(raw)
 		if err != nil {
@@ -329,7 +334,10 @@ func ParseHistory(b []byte) ([]HistoryEntry, error) {
 
 // checkObjects checks each WAL object's metadata against its name, and with
 // Deep, downloads and verifies it.
-func checkObjects(ctx context.Context, sink sinks.Sink, objs []object, size pipeline.SegmentSize, o VerifyOptions, checked *int) []Problem {
+func checkObjects(ctx context.Context, sink sinks.Sink, objs []object, want Expect, o VerifyOptions, checked *int) []Problem {
+	size := want.SegmentSize
+	// Deep checks apply fetch's rules, against the identity read above.
+	f := &Fetcher{Sink: sink, identity: &sinks.Identity{SystemID: want.SystemID, SegmentSize: uint64(size)}}
 	par := max(o.Parallel, 1)
 	var mu sync.Mutex
 	var probs []Problem
@@ -379,12 +387,13 @@ func checkObjects(ctx context.Context, sink sinks.Sink, objs []object, size pipe
 				add(ob.key, "metadata end LSN %s, name says %s", meta.EndLSN, ob.seg.EndLSN(size))
 			case meta.Codec != "" && meta.Codec != string(ob.codec):
 				add(ob.key, "metadata codec %s, extension says %s", meta.Codec, ob.codec)
+			case want.SystemID != "" && meta.SystemID != want.SystemID:
+				add(ob.key, "metadata system id %q, the archive's identity says %s", meta.SystemID, want.SystemID)
 			}
 			if !o.Deep {
 				return
 			}
-			f := &Fetcher{Sink: sink}
-			if _, err := f.Download(ctx, ob.file, Found{Key: ob.key, Codec: ob.codec, Meta: meta}); err != nil {
+			if _, err := f.Download(ctx, Found{File: ob.file, Key: ob.key, Codec: ob.codec, Meta: meta}); err != nil {
 				add(ob.key, "%v", err)
 				return
 			}

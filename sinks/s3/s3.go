@@ -2,7 +2,10 @@
 // S3-compatible server (s3://bucket/prefix). Credentials come from the AWS
 // default chain. Each object is written with one PUT carrying
 // If-None-Match: * and a CRC32C checksum, so the server both refuses to
-// overwrite and verifies the body.
+// overwrite and verifies the body. Every request has a deadline
+// (Options.Timeout) and the HTTP transport bounds connecting, the TLS
+// handshake, the wait for response headers and each read of a body, so a
+// server that accepts a connection and never answers cannot hang a caller.
 package s3
 
 import (
@@ -11,11 +14,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
@@ -39,19 +45,38 @@ type Options struct {
 	// checksum header already makes the server verify the body, and hashing
 	// each segment a second time costs a quarter of the archiver's CPU.
 	SignPayload bool
+	// Timeout bounds each request, the transfer of its body included, and
+	// the wait for response headers and for each read of a response body.
+	// 0 means DefaultTimeout. Raise it for large segments on slow links.
+	Timeout time.Duration
+	// NoConditionalWrites is for stores that ignore If-None-Match (older
+	// MinIO, some Ceph versions): Put checks with a HEAD that the key is
+	// free before it writes. Two archivers racing for one key can then
+	// both write it; walship's archivers only write identical bytes to a
+	// key, but a conflict would go unnoticed.
+	NoConditionalWrites bool
 }
+
+// DefaultTimeout is the per-request deadline when Options.Timeout is 0.
+const DefaultTimeout = time.Minute
 
 // Sink stores objects in one bucket.
 type Sink struct {
-	client   *s3.Client
-	bucket   string
-	unsigned bool
+	client        *s3.Client
+	bucket        string
+	unsigned      bool
+	timeout       time.Duration
+	noConditional bool
 }
 
 // New builds an S3 sink. It does not contact the server.
 func New(ctx context.Context, o Options) (*Sink, error) {
 	if o.Bucket == "" {
 		return nil, errors.New("s3 destination has no bucket: use s3://bucket/prefix")
+	}
+	timeout := o.Timeout
+	if timeout <= 0 {
+		timeout = DefaultTimeout
 	}
 	var opts []func(*config.LoadOptions) error
 	if o.Region != "" {
@@ -64,28 +89,59 @@ func New(ctx context.Context, o Options) (*Sink, error) {
 	if cfg.Region == "" {
 		cfg.Region = "us-east-1"
 	}
+	httpClient := awshttp.NewBuildableClient().
+		WithDialerOptions(func(d *net.Dialer) { d.Timeout = min(10*time.Second, timeout) }).
+		WithTransportOptions(func(tr *http.Transport) {
+			tr.TLSHandshakeTimeout = min(10*time.Second, timeout)
+			tr.ResponseHeaderTimeout = timeout
+		}).
+		WithReadTimeout(timeout)
 	client := s3.NewFromConfig(cfg, func(so *s3.Options) {
 		if o.Endpoint != "" {
 			so.BaseEndpoint = aws.String(o.Endpoint)
 		}
 		so.UsePathStyle = o.PathStyle
 		so.RetryMaxAttempts = 3 // the archiver retries forever above this
+		so.HTTPClient = httpClient
 	})
-	return &Sink{client: client, bucket: o.Bucket, unsigned: !o.SignPayload}, nil
+	return &Sink{client: client, bucket: o.Bucket, unsigned: !o.SignPayload, timeout: timeout, noConditional: o.NoConditionalWrites}, nil
+}
+
+// call bounds one request.
+func (s *Sink) call(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, s.timeout)
 }
 
 // Put implements sinks.Sink.
 func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Metadata) error {
-	_, err := s.client.PutObject(ctx, &s3.PutObjectInput{
+	if s.noConditional {
+		_, err := s.Head(ctx, key)
+		if err == nil {
+			return fmt.Errorf("put s3://%s/%s: %w", s.bucket, key, sinks.ErrExists)
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return s.put(ctx, key, body, meta, !s.noConditional)
+}
+
+func (s *Sink) put(ctx context.Context, key string, body []byte, meta sinks.Metadata, conditional bool) error {
+	ctx, cancel := s.call(ctx)
+	defer cancel()
+	in := &s3.PutObjectInput{
 		Bucket:            aws.String(s.bucket),
 		Key:               aws.String(key),
 		Body:              bytes.NewReader(body),
 		ContentLength:     aws.Int64(int64(len(body))),
-		IfNoneMatch:       aws.String("*"),
 		ChecksumAlgorithm: types.ChecksumAlgorithmCrc32c,
 		Metadata:          meta.Map(),
 		ContentType:       aws.String("application/octet-stream"),
-	}, func(o *s3.Options) {
+	}
+	if conditional {
+		in.IfNoneMatch = aws.String("*")
+	}
+	_, err := s.client.PutObject(ctx, in, func(o *s3.Options) {
 		if s.unsigned {
 			o.APIOptions = append(o.APIOptions, v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
 		}
@@ -99,8 +155,45 @@ func (s *Sink) Put(ctx context.Context, key string, body []byte, meta sinks.Meta
 	return nil
 }
 
+// ErrNoConditionalWrites is returned by ProbeConditionalWrites when the
+// store overwrote an object although the PUT said If-None-Match: *.
+var ErrNoConditionalWrites = errors.New("the store ignores If-None-Match: * and overwrites objects")
+
+// ProbeConditionalWrites writes a small object at key twice with
+// If-None-Match: * and requires the second write to be refused, then
+// deletes it: a store that ignores the header would let an archive be
+// overwritten silently. It returns nil at once with NoConditionalWrites
+// (the operator accepted HEAD before PUT), and an error wrapping
+// ErrNoConditionalWrites when the store overwrote the probe.
+func (s *Sink) ProbeConditionalWrites(ctx context.Context, key string) error {
+	if s.noConditional {
+		return nil
+	}
+	body := []byte("walship conditional-write probe\n")
+	meta := sinks.Metadata{Codec: "none", RawSize: int64(len(body))}
+	err := s.put(ctx, key, body, meta, true)
+	if errors.Is(err, sinks.ErrExists) {
+		return nil // refused: honoured (a probe left behind)
+	}
+	if err != nil {
+		return err
+	}
+	defer s.Delete(context.WithoutCancel(ctx), key)
+	err = s.put(ctx, key, body, meta, true)
+	switch {
+	case errors.Is(err, sinks.ErrExists):
+		return nil
+	case err == nil:
+		return fmt.Errorf("s3://%s/%s was written twice with If-None-Match: *: %w; an archive there could be overwritten silently: upgrade the store, or pass --s3-no-conditional-writes to check with a HEAD before each PUT",
+			s.bucket, key, ErrNoConditionalWrites)
+	}
+	return err
+}
+
 // Head implements sinks.Sink.
 func (s *Sink) Head(ctx context.Context, key string) (sinks.Metadata, error) {
+	ctx, cancel := s.call(ctx)
+	defer cancel()
 	out, err := s.client.HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(key)})
 	if err != nil {
 		return sinks.Metadata{}, fmt.Errorf("head s3://%s/%s: %w", s.bucket, key, describe(err))
@@ -108,17 +201,33 @@ func (s *Sink) Head(ctx context.Context, key string) (sinks.Metadata, error) {
 	return sinks.MetadataFromMap(out.Metadata), nil
 }
 
-// Get implements sinks.Sink.
+// Get implements sinks.Sink. The deadline covers reading the body; the
+// caller's Close ends it.
 func (s *Sink) Get(ctx context.Context, key string) (io.ReadCloser, sinks.Metadata, error) {
+	ctx, cancel := s.call(ctx)
 	out, err := s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(key)})
 	if err != nil {
+		cancel()
 		return nil, sinks.Metadata{}, fmt.Errorf("get s3://%s/%s: %w", s.bucket, key, describe(err))
 	}
-	return out.Body, sinks.MetadataFromMap(out.Metadata), nil
+	return cancelOnClose{out.Body, cancel}, sinks.MetadataFromMap(out.Metadata), nil
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
 }
 
 // Delete implements sinks.Deleter.
 func (s *Sink) Delete(ctx context.Context, key string) error {
+	ctx, cancel := s.call(ctx)
+	defer cancel()
 	_, err := s.client.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(key)})
 	if err != nil {
 		return fmt.Errorf("delete s3://%s/%s: %w", s.bucket, key, describe(err))
@@ -131,6 +240,8 @@ var ErrNoBucket = errors.New("bucket does not exist")
 
 // CheckBucket confirms the bucket exists and the credentials reach it.
 func (s *Sink) CheckBucket(ctx context.Context) error {
+	ctx, cancel := s.call(ctx)
+	defer cancel()
 	_, err := s.client.HeadBucket(ctx, &s3.HeadBucketInput{Bucket: aws.String(s.bucket)})
 	if err != nil {
 		if isStatus(err, http.StatusNotFound) {
@@ -164,19 +275,44 @@ func describe(err error) error {
 	return err
 }
 
-// List implements sinks.Lister.
+// List implements sinks.Lister. Some S3-compatible stores repeat a
+// continuation token (or omit it on a truncated page); List then goes on
+// after the last key it has, and stops with an error when that brings
+// nothing new, instead of asking for the same page forever.
 func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
-	p := s3.NewListObjectsV2Paginator(s.client, &s3.ListObjectsV2Input{Bucket: aws.String(s.bucket), Prefix: aws.String(prefix)})
-	for p.HasMorePages() {
-		page, err := p.NextPage(ctx)
+	in := &s3.ListObjectsV2Input{Bucket: aws.String(s.bucket), Prefix: aws.String(prefix)}
+	seen := map[string]bool{}
+	last := ""
+	for {
+		cctx, cancel := s.call(ctx)
+		page, err := s.client.ListObjectsV2(cctx, in)
+		cancel()
 		if err != nil {
 			return fmt.Errorf("list s3://%s/%s: %w", s.bucket, prefix, describe(err))
 		}
+		progressed := false
 		for _, o := range page.Contents {
-			if err := fn(sinks.Object{Key: aws.ToString(o.Key), Size: aws.ToInt64(o.Size)}); err != nil {
+			key := aws.ToString(o.Key)
+			if key <= last {
+				continue // listed already: keys come in order
+			}
+			progressed, last = true, key
+			if err := fn(sinks.Object{Key: key, Size: aws.ToInt64(o.Size)}); err != nil {
 				return err
 			}
 		}
+		if !aws.ToBool(page.IsTruncated) {
+			return nil
+		}
+		token := aws.ToString(page.NextContinuationToken)
+		if token != "" && !seen[token] {
+			seen[token] = true
+			in.ContinuationToken, in.StartAfter = aws.String(token), nil
+			continue
+		}
+		if !progressed {
+			return fmt.Errorf("list s3://%s/%s: the store repeats continuation token %q without new keys; the listing cannot be completed", s.bucket, prefix, token)
+		}
+		in.ContinuationToken, in.StartAfter = nil, aws.String(last)
 	}
-	return nil
 }
