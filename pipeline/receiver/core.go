@@ -34,9 +34,9 @@ type Core struct {
 	// WAL fsynced in the spool.
 	tliSeen     atomic.Uint32
 	writtenSeen atomic.Uint64
-	since time.Time
-	rl    *ratelog.Limiter
-	m     gauges
+	since       time.Time
+	rl          *ratelog.Limiter
+	m           gauges
 }
 
 // CoreConfig configures a Core.
