@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,6 +38,11 @@ type Core struct {
 	since       time.Time
 	rl          *ratelog.Limiter
 	m           gauges
+	// fileMu orders spool file life: a confirmation's removal and the
+	// replication loop's writing of the same name (a file written again
+	// after a restart) never interleave, so a removal never takes a newer
+	// file than the one confirmed.
+	fileMu sync.Mutex
 }
 
 // CoreConfig configures a Core.
@@ -87,31 +93,60 @@ func (c *Core) Release() {
 	c.spool.unlock()
 }
 
-// Start plans the spool against the slot and the server's position (see
-// makePlan): it removes what the bucket holds, queues for publishing what it
-// may not, and decides where streaming starts.
-func (c *Core) Start(slot SlotState, serverTLI uint32, serverPos pipeline.LSN) error {
+// StartInput is what Start needs to know of the server.
+type StartInput struct {
+	Slot      SlotState
+	ServerTLI uint32       // IDENTIFY_SYSTEM's timeline
+	ServerPos pipeline.LSN // IDENTIFY_SYSTEM's position
+	// History fetches timeline tli's history file from the server
+	// (TIMELINE_HISTORY); nil when there is no server to ask.
+	History func(tli uint32) ([]byte, error)
+}
+
+// Start checks the spool's files, plans them against the slot and the
+// server (see makePlan), removes what is of no use, queues for publishing
+// every file the bucket may not hold, and decides where streaming starts.
+func (c *Core) Start(in StartInput) error {
 	l, err := c.spool.list()
 	if err != nil {
 		return err
 	}
-	p := makePlan(planInput{size: c.cfg.Size, slot: slot, serverTLI: serverTLI, serverPos: serverPos, spool: l})
-	for _, name := range p.remove {
-		if err := c.cfg.FS.Remove(join(c.spool.dir, name)); err != nil {
-			return fmt.Errorf("spool: remove %s: %w", name, err)
+	var serverHist []pipeline.HistoryEntry
+	if in.ServerTLI > 1 && in.History != nil {
+		data, err := in.History(in.ServerTLI)
+		if err != nil {
+			return fmt.Errorf("timeline %d history: %w", in.ServerTLI, err)
+		}
+		if serverHist, err = pipeline.ParseHistory(data); err != nil {
+			return fmt.Errorf("timeline %d history from the server: %w", in.ServerTLI, err)
 		}
 	}
-	for _, f := range p.invalid {
-		c.cfg.Log.Warn("spool segment has the wrong size; streaming starts there again", "segment", f.name, "bytes", f.size)
+	for _, fs := range [][]spoolFile{l.complete, l.ended} {
+		for i := range fs {
+			c.check(&fs[i])
+		}
+	}
+	for i := range l.histories {
+		c.checkHistory(&l.histories[i], in.History)
+	}
+	p := makePlan(planInput{size: c.cfg.Size, slot: in.Slot, serverTLI: in.ServerTLI, serverPos: in.ServerPos,
+		serverHistory: serverHist, spool: l})
+	for _, f := range p.damaged {
+		c.cfg.Log.Error("spool file damaged (its bytes are not what walship received); its WAL is streamed again if the server still has it",
+			"file", f.name, "bytes", f.size)
+		c.cfg.Metrics.Damaged.WithLabelValues(c.cfg.Server).Inc()
+	}
+	for _, name := range p.remove {
+		if err := c.spool.remove(join(c.spool.dir, name)); err != nil {
+			return fmt.Errorf("spool: remove %s: %w", name, err)
+		}
 	}
 	c.tli = p.tli
 	c.tliSeen.Store(c.tli)
 	c.tr = newTracker(c.cfg.Size, p.floor, p.start, c.cfg.Dest)
 	c.since = c.cfg.Now()
 	for _, f := range p.pending {
-		if err := c.addFound(f); err != nil {
-			return err
-		}
+		c.addFound(f)
 		c.since = minTime(c.since, f.info.ModTime)
 	}
 	// Confirmations are published after the file they confirm was written;
@@ -123,50 +158,82 @@ func (c *Core) Start(slot SlotState, serverTLI uint32, serverPos pipeline.LSN) e
 	return nil
 }
 
+// check hashes a segment file found in the spool and tells whether it is
+// whole: the segment's size, and the checksum its sidecar recorded when it
+// was written (spools from before sidecars have none).
+func (c *Core) check(f *spoolFile) {
+	path := join(c.spool.dir, f.name)
+	sum, n, err := hashFile(c.cfg.FS, path)
+	if err != nil {
+		return // unreadable: damaged
+	}
+	f.sum = sum
+	f.valid = n == int64(c.cfg.Size)
+	if f.hasSum {
+		want, err := c.spool.readSum(path)
+		f.valid = f.valid && err == nil && want == sum
+	}
+}
+
+// checkHistory reads a history file found in the spool. The server's copy,
+// when it can be had, is the truth: a damaged or different spool copy is
+// replaced by it.
+func (c *Core) checkHistory(f *spoolFile, fetch func(uint32) ([]byte, error)) {
+	path := join(c.spool.dir, f.name)
+	data, err := readAll(c.cfg.FS, path)
+	if err == nil {
+		f.sum = sha256Hex(data)
+		_, perr := pipeline.ParseHistory(data)
+		f.valid = perr == nil
+		if f.hasSum {
+			want, err := c.spool.readSum(path)
+			f.valid = f.valid && err == nil && want == f.sum
+		}
+	}
+	if fetch == nil {
+		return
+	}
+	server, err := fetch(f.tli)
+	if err != nil || string(server) == string(data) {
+		return
+	}
+	if _, err := pipeline.ParseHistory(server); err != nil {
+		return
+	}
+	if _, err := c.spool.writeFile(f.name, server); err != nil {
+		return
+	}
+	c.cfg.Log.Warn("history file in the spool differed from the server's; replaced by the server's", "file", f.name)
+	f.sum, f.valid, f.size = sha256Hex(server), true, int64(len(server))
+}
+
 // addFound queues a file found in the spool at start-up. Each was possibly
 // published before: Attempt 1 makes the archivers look in the bucket first.
-func (c *Core) addFound(f spoolFile) error {
+func (c *Core) addFound(f spoolFile) {
 	path := join(c.spool.dir, f.name)
+	var ev pipeline.SegmentEvent
+	var hold pipeline.LSN
 	switch f.kind {
 	case pipeline.KindHistory:
-		data, err := readAll(c.cfg.FS, path)
-		if err != nil {
-			return fmt.Errorf("spool %s: %w", f.name, err)
-		}
-		hist, err := pipeline.ParseHistory(data)
-		if err != nil {
-			return fmt.Errorf("spool %s: %w", f.name, err)
-		}
+		data, _ := readAll(c.cfg.FS, path)
+		hist, _ := pipeline.ParseHistory(data)
 		_, at, _ := pipeline.SwitchPoint(hist)
-		ev := c.historyEvent(f.tli, path, data)
-		ev.Attempt = 1
-		c.add(ev, c.cfg.Size.Start(at))
+		ev, hold = c.historyEvent(f.tli, path, data), c.cfg.Size.Start(at)
 	case pipeline.KindPartial:
-		sum, _, err := hashFile(c.cfg.FS, path)
-		if err != nil {
-			return fmt.Errorf("spool %s: %w", f.name, err)
-		}
-		ev := c.partialEvent(completed{seg: f.seg, path: path, sha256: sum}, f.end)
-		ev.Attempt = 1
-		c.add(ev, f.seg.StartLSN(c.cfg.Size))
+		ev, hold = c.partialEvent(completed{seg: f.seg, path: path, sha256: f.sum}, f.end), f.seg.StartLSN(c.cfg.Size)
 	default:
-		sum, _, err := hashFile(c.cfg.FS, path)
-		if err != nil {
-			return fmt.Errorf("spool %s: %w", f.name, err)
-		}
-		ev := c.event(f.seg, sum)
-		ev.Attempt = 1
+		ev, hold = c.event(f.seg, f.sum), f.seg.StartLSN(c.cfg.Size)
 		c.tr.seen(f.seg, f.info.ModTime)
-		c.add(ev, f.seg.StartLSN(c.cfg.Size))
 	}
-	return nil
+	ev.Attempt = 1
+	c.add(ev, hold)
 }
 
 // add hands a file to the tracker; one already confirmed (its
 // confirmation came first) leaves the spool at once.
 func (c *Core) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
 	if c.tr.add(ev, hold) {
-		if err := c.cfg.FS.Remove(ev.Spool); err != nil {
+		if err := c.spool.remove(ev.Spool); err != nil {
 			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
 		}
 		c.m.archivedSegs.Inc()
@@ -208,6 +275,8 @@ func (c *Core) WAL(at pipeline.LSN, data []byte) error {
 	if c.cfg.Size.Offset(at) == 0 {
 		c.tr.seen(pipeline.SegmentOf(c.tli, at, c.cfg.Size), c.cfg.Now())
 	}
+	c.fileMu.Lock()
+	defer c.fileMu.Unlock()
 	err := c.spool.write(at, data, func(done completed) {
 		c.add(c.event(done.seg, done.sha256), done.seg.StartLSN(c.cfg.Size))
 		next := done.seg.Next()
@@ -255,6 +324,8 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 	if parent, sw, ok := pipeline.SwitchPoint(hist); !ok || parent != c.tli || sw != at {
 		return fmt.Errorf("timeline %d history says it began at %s from timeline %d; the server said %s from timeline %d", next, sw, parent, at, c.tli)
 	}
+	c.fileMu.Lock()
+	defer c.fileMu.Unlock()
 	path, err := c.spool.writeFile(pipeline.HistoryFileName(next), history)
 	if err != nil {
 		return err
@@ -289,6 +360,8 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 	if ev.SystemID != c.cfg.SystemID || ev.Server != c.cfg.Server {
 		return
 	}
+	c.fileMu.Lock()
+	defer c.fileMu.Unlock()
 	res, reason, path, moved := c.tr.confirm(ev)
 	switch res {
 	case confirmMismatch:
@@ -300,7 +373,7 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 		return
 	}
 	if path != "" {
-		if err := c.cfg.FS.Remove(path); err != nil {
+		if err := c.spool.remove(path); err != nil {
 			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
 		}
 	}

@@ -86,6 +86,9 @@ func historyContent(tli uint32) []byte {
 	return []byte(b.String())
 }
 
+// serverHistory answers TIMELINE_HISTORY for the test's timelines.
+func serverHistory(tli uint32) ([]byte, error) { return historyContent(tli), nil }
+
 func confirmAll(c *Core, pub *fakePub) {
 	for _, ev := range pub.events {
 		c.Archived(pipeline.ArchivedEvent{SegmentEvent: ev, Key: "k", Dest: "s3://b/p"})
@@ -109,7 +112,7 @@ func publishAll(t *testing.T, c *Core, pub *fakePub) {
 // is confirmed, flush reaches the segment being written on timeline 3.
 func TestCoreTwoSwitchesThenArchived(t *testing.T) {
 	c := newTestCore(t, t.TempDir(), nil)
-	if err := c.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 1, 5<<20); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, hist[1].Begin)
@@ -143,7 +146,7 @@ func TestCoreTwoSwitchesThenArchived(t *testing.T) {
 func TestCoreRestartAfterPromotion(t *testing.T) {
 	dir := t.TempDir()
 	c := newTestCore(t, dir, nil)
-	if err := c.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 1, 5<<20); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, hist[1].Begin)
@@ -154,7 +157,7 @@ func TestCoreRestartAfterPromotion(t *testing.T) {
 	c.Release()
 
 	c2 := newTestCore(t, dir, nil)
-	if err := c2.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 2, 8<<20+10); err != nil {
+	if err := c2.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 2, ServerPos: 8<<20+10, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	if got := c2.Flush(); got != 5<<20 {
@@ -182,8 +185,8 @@ func TestCoreRestartAfterPromotion(t *testing.T) {
 	}
 }
 
-// Defect 3: after a restart, segments removed from the spool (confirmed)
-// between two pending ones need no replayed confirmation.
+// Defect 3: after a restart, segments missing from the spool between two
+// pending ones need no replayed confirmation: the server sends them again.
 func TestCoreRestartWithGapInSpool(t *testing.T) {
 	dir := t.TempDir()
 	for _, no := range []uint64{5, 20} {
@@ -194,21 +197,23 @@ func TestCoreRestartWithGapInSpool(t *testing.T) {
 		}
 	}
 	c := newTestCore(t, dir, nil)
-	if err := c.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 1, 30<<20); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 30 << 20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
-	if tli, start := c.Resume(); tli != 1 || start != 21<<20 {
-		t.Fatalf("resume %d/%s", tli, start)
+	if tli, start := c.Resume(); tli != 1 || start != 6<<20 {
+		t.Fatalf("resume %d/%s, want 1/0/600000: segments 6 to 19 are not in the spool", tli, start)
 	}
 	pub := &fakePub{}
 	publishAll(t, c, pub)
-	c.Archived(pipeline.ArchivedEvent{SegmentEvent: pub.events[0], Key: "k", Dest: "s3://b/p"})
-	if got := c.Flush(); got != 20<<20 {
-		t.Fatalf("flush %s after segment 5 is confirmed, want 0/1400000", got)
+	confirmAll(c, pub)
+	if got := c.Flush(); got != 6<<20 {
+		t.Fatalf("flush %s after 5 and 20 are confirmed, want 0/600000", got)
 	}
-	c.Archived(pipeline.ArchivedEvent{SegmentEvent: pub.events[1], Key: "k", Dest: "s3://b/p"})
+	stream(t, c, 21<<20+100)
+	publishAll(t, c, pub)
+	confirmAll(c, pub)
 	if got := c.Flush(); got != 21<<20 {
-		t.Fatalf("flush %s after segment 20 is confirmed, want 0/1500000", got)
+		t.Fatalf("flush %s after every segment is confirmed, want 0/1500000", got)
 	}
 }
 
@@ -223,7 +228,7 @@ func TestCorePublishChecksBeforeRepublishing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Release()
-	if err := c.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 1, 5<<20); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, 6<<20+1)
@@ -279,7 +284,7 @@ func (f *recFS) SyncDir(dir string) error {
 func TestCoreOpenSyncsDirectory(t *testing.T) {
 	fs := &recFS{}
 	c := newTestCore(t, t.TempDir(), fs)
-	if err := c.Start(SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, 1, 5<<20); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.Open(5 << 20); err != nil {
@@ -288,5 +293,85 @@ func TestCoreOpenSyncsDirectory(t *testing.T) {
 	i := len(fs.calls)
 	if i < 2 || fs.calls[i-2] != "create 000000010000000000000005.partial" || fs.calls[i-1] != "syncdir" {
 		t.Fatalf("calls %v: want the create followed by a directory fsync", fs.calls)
+	}
+}
+
+// hookFS runs before() once, just before the first Remove of target.
+type hookFS struct {
+	OSFS
+	target string
+	before func()
+}
+
+func (f *hookFS) Remove(name string) error {
+	if f.before != nil && filepath.Base(name) == f.target {
+		b := f.before
+		f.before = nil
+		b()
+	}
+	return f.OSFS.Remove(name)
+}
+
+// Found by the adversarial review: the confirmation of a file and the
+// replication loop writing the same name again (after a restart) must not
+// interleave, or the removal takes the new file while it is pending and
+// its publication fails for good.
+func TestCoreConfirmDoesNotRemoveARewrittenFile(t *testing.T) {
+	dir := t.TempDir()
+	c1 := newTestCore(t, dir, nil)
+	if err := c1.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c1, hist[1].Begin)
+	if err := c1.EndTimeline(2, hist[1].Begin, historyContent(2)); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c1, 7<<20+5000)
+	c1.Release()
+
+	// Second life: timeline 1's last segment is streamed again, so the
+	// history file is written again while its first copy is pending.
+	fs := &hookFS{target: pipeline.HistoryFileName(2)}
+	c2 := newTestCore(t, dir, fs)
+	if err := c2.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 2, ServerPos: 7<<20 + 5000, History: serverHistory}); err != nil {
+		t.Fatal(err)
+	}
+	if tli, start := c2.Resume(); tli != 1 || start != 7<<20 {
+		t.Fatalf("resume %d/%s, want 1/0/700000", tli, start)
+	}
+	pub := &fakePub{}
+	publishAll(t, c2, pub)
+	var histEv pipeline.SegmentEvent
+	for _, ev := range pub.events {
+		if ev.Kind == pipeline.KindHistory {
+			histEv = ev
+		}
+	}
+	// The replication goroutine follows the switch again while the watcher
+	// is between confirming the history file and removing it.
+	done := make(chan error, 1)
+	fs.before = func() {
+		go func() {
+			if err := c2.Open(7 << 20); err != nil {
+				done <- err
+				return
+			}
+			buf := make([]byte, hist[1].Begin-7<<20)
+			walgen.Fill(buf, 7<<20, 1, hist[1].Begin, hist, 42, mb)
+			if err := c2.WAL(7<<20, buf); err != nil {
+				done <- err
+				return
+			}
+			done <- c2.EndTimeline(2, hist[1].Begin, historyContent(2))
+		}()
+		time.Sleep(100 * time.Millisecond) // room for it to run, if nothing stops it
+	}
+	c2.Archived(pipeline.ArchivedEvent{SegmentEvent: histEv, Key: "k", Dest: "s3://b/p"})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	_, err := os.Stat(filepath.Join(dir, pipeline.HistoryFileName(2)))
+	if c2.tr.isPending(histEv) && err != nil {
+		t.Fatalf("the history file is pending but gone from the spool (%v): its publication can never succeed", err)
 	}
 }

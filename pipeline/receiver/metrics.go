@@ -21,6 +21,7 @@ type Metrics struct {
 	Republished  *prometheus.CounterVec
 	Ignored      *prometheus.CounterVec
 	PendingFiles *prometheus.GaugeVec
+	Damaged      *prometheus.CounterVec
 
 	SlotWALStatus   *prometheus.GaugeVec
 	SlotSafeWALSize *prometheus.GaugeVec
@@ -64,6 +65,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Archived events ignored because they do not match the pending file (reason sha256 or dest) or cannot be decoded (undecodable).",
 		}, []string{"server", "reason"}),
 	}
+	m.Damaged = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "walship_spool_damaged_total",
+		Help: "Spool files found damaged at start-up (wrong size or checksum): streamed again when the server still has their WAL.",
+	}, []string{"server"})
 	m.PendingFiles = g("walship_spool_pending_files", "WAL files in the spool the bucket is not yet known to hold (segments, ended-timeline segments, history files).")
 	m.SlotWALStatus = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "walship_slot_wal_status", Help: "1 for the replication slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others.",
@@ -76,6 +81,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby, m.SlotSafeWALLow)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
 		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished,
-		m.Ignored, m.PendingFiles)
+		m.Ignored, m.PendingFiles, m.Damaged)
 	return m
 }

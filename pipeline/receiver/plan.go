@@ -8,10 +8,13 @@ import (
 // slot, and where the server is.
 type planInput struct {
 	size      pipeline.SegmentSize
-	slot      SlotState // RestartLSN 0: unknown (NULL)
+	slot      SlotState // RestartLSN 0: unknown (NULL); Timeline 0: unknown (before PostgreSQL 15)
 	serverTLI uint32    // IDENTIFY_SYSTEM's timeline
 	serverPos pipeline.LSN
-	spool     listing
+	// serverHistory is the server's timeline history (TIMELINE_HISTORY of
+	// serverTLI; empty on timeline 1): which timeline owns each position.
+	serverHistory []pipeline.HistoryEntry
+	spool         listing // with sum and valid filled in
 }
 
 // plan is what a (re)starting receiver does with its spool and where it
@@ -20,82 +23,119 @@ type plan struct {
 	tli   uint32       // START_REPLICATION timeline
 	start pipeline.LSN // START_REPLICATION position, a segment boundary
 	floor pipeline.LSN // the slot's restart_lsn: flush is never reported below it
-	// pending are the files the bucket may not hold yet: their holds keep
-	// flush below them until each is confirmed.
+	// pending are the whole files of the spool: each may not be in the
+	// bucket yet, and holds flush below its WAL until its confirmation or
+	// the bucket says it is archived.
 	pending []spoolFile
-	// remove are files known to be in the bucket, or that hold nothing the
-	// archive needs (.partial files the next session streams again,
-	// temporary files).
+	// remove are files that hold nothing the archive can use: .partial
+	// files the next session writes again, temporary files, orphaned
+	// checksums, and damaged files whose WAL the server no longer has.
 	remove []string
-	// invalid are complete segments of the wrong size: streaming starts at
-	// the first of them, which rewrites it. They are kept until then, so
-	// that a crash before it cannot skip them.
-	invalid []spoolFile
+	// damaged are files whose bytes are not what walship received (wrong
+	// size or checksum). Those whose WAL the server still has are written
+	// again: streaming starts at the first of them.
+	damaged []spoolFile
+}
+
+// ownerOf is the timeline that wrote position x on the server's line.
+func ownerOf(hist []pipeline.HistoryEntry, serverTLI uint32, x pipeline.LSN) uint32 {
+	for _, e := range hist {
+		if x < e.Switch {
+			return e.Parent
+		}
+	}
+	return serverTLI
 }
 
 // makePlan decides where streaming starts and what the spool still owes the
-// archive. The rules, in the order they apply:
+// archive. The bucket is the truth; the spool and the slot only hint:
 //
-//   - The slot's restart_lsn is where flush last was, and flush never passes
-//     WAL the bucket does not hold; so complete segments that end at or
-//     before it are in the bucket and are removed. With no known restart_lsn
-//     nothing is removed.
-//   - Every other complete segment, ended-timeline segment and history file
-//     is pending, on whatever timeline: flush stays below the oldest of them
-//     until its confirmation (or the bucket) says it is archived.
-//   - Streaming starts at the later of the slot's segment and the end of the
-//     newest complete spool segment, on that one's timeline: segments before
-//     it that are not in the spool were removed after being confirmed. A
-//     complete segment of the wrong size moves the start back to it.
-//   - .partial files are streamed again from their first byte; they are
-//     removed, the one at the start included, and rewritten.
+//   - Every whole WAL file in the spool is pending, whatever the slot says:
+//     a file leaves the spool only on its confirmation or when the bucket is
+//     found to hold it (the archivers look there first for a file published
+//     again). The slot may have been recreated or advanced by someone else.
+//   - Streaming starts at the slot's segment (the server keeps everything
+//     from there) and skips forward over segments the spool holds whole, on
+//     the timeline that owns them on the server's line; it stops at the
+//     first one missing or damaged, which the server sends again. So a
+//     segment lost from the spool is never taken for archived.
+//   - A damaged file is written again when the server still has its WAL;
+//     when it does not (it lies wholly before the slot), it is removed: its
+//     bytes are useless and its WAL is either archived already or lost.
+//   - .partial files are streamed again from their first byte.
 func makePlan(in planInput) plan {
 	size := in.size
-	p := plan{floor: in.slot.RestartLSN}
 	restart := in.slot.RestartLSN
-	p.tli = in.serverTLI
-	if in.slot.Timeline != 0 && in.slot.Timeline < p.tli {
-		// The slot still holds WAL of an older timeline: stream it from
-		// there; the server ends that timeline and walship follows.
-		p.tli = in.slot.Timeline
-	}
+	p := plan{floor: restart}
+	owner := func(x pipeline.LSN) uint32 { return ownerOf(in.serverHistory, in.serverTLI, x) }
+
+	// The first segment the server still has.
+	var base pipeline.LSN
 	switch {
 	case restart != 0:
-		p.start = size.Start(restart)
-	case len(in.spool.complete) == 0:
-		p.start = size.Start(in.serverPos)
+		base = size.Start(restart)
+	case len(in.spool.complete) > 0:
+		// No reserved position: begin at the spool's oldest segment.
+		base = in.spool.complete[0].seg.StartLSN(size)
+		for _, f := range in.spool.complete {
+			base = min(base, f.seg.StartLSN(size))
+		}
+	default:
+		base = size.Start(in.serverPos)
 	}
-	later := func(tli uint32, at pipeline.LSN) {
-		if at > p.start || at == p.start && tli > p.tli {
-			p.tli, p.start = tli, at
+
+	// Sort the spool's files.
+	whole := map[pipeline.Segment]bool{}
+	var last pipeline.LSN // end of the newest whole segment
+	keep := func(f spoolFile) {
+		if f.valid {
+			p.pending = append(p.pending, f)
+			return
+		}
+		p.damaged = append(p.damaged, f)
+		// A damaged file the server can no longer send is only in the way.
+		if f.kind != pipeline.KindHistory && f.seg.EndLSN(size) <= base {
+			p.remove = append(p.remove, f.name)
 		}
 	}
 	for _, f := range in.spool.complete {
-		end := f.seg.EndLSN(size)
-		if restart != 0 && end <= restart {
-			p.remove = append(p.remove, f.name)
-			continue
-		}
-		if f.size != int64(size) {
-			p.invalid = append(p.invalid, f)
-			continue
-		}
-		p.pending = append(p.pending, f)
-		later(f.seg.Timeline, end)
-	}
-	for _, f := range p.invalid {
-		if s := f.seg.StartLSN(size); s < p.start || s == p.start && f.seg.Timeline < p.tli {
-			p.tli, p.start = f.seg.Timeline, s
+		keep(f)
+		if f.valid {
+			whole[f.seg] = true
+			last = max(last, f.seg.EndLSN(size))
 		}
 	}
 	for _, f := range in.spool.ended {
-		if restart != 0 && f.end != 0 && f.end <= restart {
-			p.remove = append(p.remove, f.name)
-			continue
-		}
-		p.pending = append(p.pending, f)
+		keep(f)
 	}
-	p.pending = append(p.pending, in.spool.histories...)
+	for _, f := range in.spool.histories {
+		keep(f)
+	}
+
+	// Walk forward from base over segments the spool holds whole.
+	start := base
+	for start < last {
+		seg := pipeline.SegmentOf(owner(start+pipeline.LSN(size)-1), start, size)
+		if !whole[seg] {
+			break
+		}
+		start += pipeline.LSN(size)
+	}
+	// A damaged ended segment the server still has is written again too.
+	for _, f := range p.damaged {
+		if f.kind == pipeline.KindPartial && f.seg.EndLSN(size) > base {
+			start = min(start, f.seg.StartLSN(size))
+		}
+	}
+	p.start = start
+	// On the timeline that owns start: when a switch lies ahead, the server
+	// ends that timeline there and walship follows it (history file and
+	// .partial included), as it would have live.
+	p.tli = owner(start)
+	if len(in.serverHistory) == 0 && in.serverTLI > 1 && in.slot.Timeline != 0 && start == base {
+		p.tli = min(in.slot.Timeline, in.serverTLI) // no history to tell: trust the slot
+	}
+
 	for _, f := range in.spool.partials {
 		p.remove = append(p.remove, f.name)
 	}

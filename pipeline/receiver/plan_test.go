@@ -12,17 +12,23 @@ func seg(tli uint32, no uint64) pipeline.Segment { return pipeline.Segment{Timel
 
 func complete(tli uint32, no uint64) spoolFile {
 	s := seg(tli, no)
-	return spoolFile{kind: pipeline.KindSegment, name: s.Name(mb), seg: s, size: int64(mb)}
+	return spoolFile{kind: pipeline.KindSegment, name: s.Name(mb), seg: s, size: int64(mb), valid: true}
+}
+
+func damaged(tli uint32, no uint64) spoolFile {
+	f := complete(tli, no)
+	f.valid, f.size = false, 4096
+	return f
 }
 
 func ended(tli uint32, no uint64, end pipeline.LSN) spoolFile {
 	s := seg(tli, no)
 	sp := &spool{size: mb}
-	return spoolFile{kind: pipeline.KindPartial, name: sp.endedName(s, end), seg: s, end: end, size: int64(mb)}
+	return spoolFile{kind: pipeline.KindPartial, name: sp.endedName(s, end), seg: s, end: end, size: int64(mb), valid: true}
 }
 
 func history(tli uint32) spoolFile {
-	return spoolFile{kind: pipeline.KindHistory, name: pipeline.HistoryFileName(tli), tli: tli}
+	return spoolFile{kind: pipeline.KindHistory, name: pipeline.HistoryFileName(tli), tli: tli, valid: true}
 }
 
 func names(fs []spoolFile) []string {
@@ -34,6 +40,9 @@ func names(fs []spoolFile) []string {
 	return out
 }
 
+// Timeline 2 began at 0/700012C, inside segment 7.
+var tl2 = []pipeline.HistoryEntry{{Parent: 1, Switch: 7<<20 + 300}}
+
 func TestMakePlan(t *testing.T) {
 	cases := []struct {
 		name    string
@@ -42,30 +51,34 @@ func TestMakePlan(t *testing.T) {
 		start   pipeline.LSN
 		pending []string
 		remove  []string
-		invalid []string
+		damaged []string
 	}{
 		{
 			// Defect 1: a restart after a promotion. Everything of both
 			// timelines stays pending; streaming continues on timeline 2.
 			name: "after a promotion",
-			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, serverTLI: 2, serverPos: 9 << 20,
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2,
 				spool: listing{
 					complete:  []spoolFile{complete(1, 5), complete(1, 6), complete(2, 7)},
 					ended:     []spoolFile{ended(1, 7, 7<<20+300)},
 					histories: []spoolFile{history(2)},
 				}},
 			tli: 2, start: 8 << 20,
-			pending: []string{"000000010000000000000005", "000000010000000000000006", "000000010000000000000007.partial.ended.0000000000700" + "12C", "000000020000000000000007", "00000002.history"},
+			pending: []string{"000000010000000000000005", "000000010000000000000006", "000000010000000000000007.partial.ended.000000000070012C", "000000020000000000000007", "00000002.history"},
 		},
 		{
-			name: "archived segments go, the slot's timeline leads",
+			// The slot says nothing about what the bucket holds: files
+			// behind it stay pending (the archivers find them in the
+			// bucket, or archive them).
+			name: "files behind the slot stay",
 			in: planInput{slot: SlotState{Exists: true, RestartLSN: 6 << 20, Timeline: 1}, serverTLI: 3, serverPos: 9 << 20,
+				serverHistory: []pipeline.HistoryEntry{{Parent: 1, Switch: 10 << 20}, {Parent: 2, Switch: 11 << 20}},
 				spool: listing{complete: []spoolFile{complete(1, 4), complete(1, 5), complete(1, 6)},
 					partials: []spoolFile{{name: "000000010000000000000007.partial", seg: seg(1, 7)}},
-					other:    []string{".walship-tmp-x"}}},
+					other:    []string{".walship-tmp-x", "000000010000000000000009.sha256"}}},
 			tli: 1, start: 7 << 20,
-			pending: []string{"000000010000000000000006"},
-			remove:  []string{".walship-tmp-x", "000000010000000000000004", "000000010000000000000005", "000000010000000000000007.partial"},
+			pending: []string{"000000010000000000000004", "000000010000000000000005", "000000010000000000000006"},
+			remove:  []string{".walship-tmp-x", "000000010000000000000007.partial", "000000010000000000000009.sha256"},
 		},
 		{
 			// Defect 10: no known restart position removes nothing.
@@ -76,22 +89,56 @@ func TestMakePlan(t *testing.T) {
 			pending: []string{"000000010000000000000004", "000000010000000000000005"},
 		},
 		{
-			// Defect 5: a wrong-size segment moves the start back to it
-			// and stays until it is written again.
-			name: "wrong-size segment",
+			// Defect 5: a damaged segment moves the start back to it and
+			// stays until it is written again.
+			name: "damaged segment",
 			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, serverTLI: 1, serverPos: 9 << 20,
-				spool: listing{complete: []spoolFile{complete(1, 5), {kind: pipeline.KindSegment, name: "000000010000000000000006", seg: seg(1, 6), size: 4096}, complete(1, 7)}}},
+				spool: listing{complete: []spoolFile{complete(1, 5), damaged(1, 6), complete(1, 7)}}},
 			tli: 1, start: 6 << 20,
 			pending: []string{"000000010000000000000005", "000000010000000000000007"},
-			invalid: []string{"000000010000000000000006"},
+			damaged: []string{"000000010000000000000006"},
 		},
 		{
-			name: "an ended segment the slot passed is archived",
-			in: planInput{slot: SlotState{Exists: true, RestartLSN: 8 << 20, Timeline: 2}, serverTLI: 2, serverPos: 9 << 20,
+			// A segment missing from the spool is never taken for
+			// archived: the server sends it again.
+			name: "segment missing from the spool",
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, serverTLI: 1, serverPos: 9 << 20,
+				spool: listing{complete: []spoolFile{complete(1, 5), complete(1, 7)}}},
+			tli: 1, start: 6 << 20,
+			pending: []string{"000000010000000000000005", "000000010000000000000007"},
+		},
+		{
+			name: "damaged segment the server no longer has",
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 8 << 20, Timeline: 1}, serverTLI: 1, serverPos: 9 << 20,
+				spool: listing{complete: []spoolFile{damaged(1, 5)}}},
+			tli: 1, start: 8 << 20,
+			remove:  []string{"000000010000000000000005"},
+			damaged: []string{"000000010000000000000005"},
+		},
+		{
+			name: "ended segment behind the slot stays pending",
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 8 << 20, Timeline: 2}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2,
 				spool: listing{ended: []spoolFile{ended(1, 7, 7<<20+300)}, histories: []spoolFile{history(2)}}},
 			tli: 2, start: 8 << 20,
-			pending: []string{"00000002.history"},
-			remove:  []string{"000000010000000000000007.partial.ended.000000000070012C"},
+			pending: []string{"000000010000000000000007.partial.ended.000000000070012C", "00000002.history"},
+		},
+		{
+			// PostgreSQL 12-14 do not say the slot's timeline; the
+			// server's history does: the slot is on timeline 1, before the
+			// switch, so streaming starts there and the server ends timeline
+			// 1 at the switch, which walship follows.
+			name: "slot timeline unknown",
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5<<20 + 40}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2},
+			tli: 1, start: 5 << 20,
+		},
+		{
+			name: "damaged ended segment is written again",
+			in: planInput{slot: SlotState{Exists: true, RestartLSN: 6 << 20, Timeline: 1}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2,
+				spool: listing{complete: []spoolFile{complete(1, 6), complete(2, 7)},
+					ended: []spoolFile{func() spoolFile { f := ended(1, 7, 7<<20+300); f.valid = false; return f }()}}},
+			tli: 1, start: 7 << 20,
+			pending: []string{"000000010000000000000006", "000000020000000000000007"},
+			damaged: []string{"000000010000000000000007.partial.ended.000000000070012C"},
 		},
 	}
 	for _, c := range cases {
@@ -112,8 +159,8 @@ func TestMakePlan(t *testing.T) {
 			if !reflect.DeepEqual(rm, sorted(c.remove)) {
 				t.Errorf("remove %v, want %v", rm, sorted(c.remove))
 			}
-			if got := names(p.invalid); !reflect.DeepEqual(got, sorted(c.invalid)) {
-				t.Errorf("invalid %v, want %v", got, sorted(c.invalid))
+			if got := names(p.damaged); !reflect.DeepEqual(got, sorted(c.damaged)) {
+				t.Errorf("damaged %v, want %v", got, sorted(c.damaged))
 			}
 		})
 	}

@@ -147,6 +147,10 @@ func (r *Receiver) Run(ctx context.Context) error {
 		if r.cfg.Standby && errors.Is(err, ErrSlotActive) && ctx.Err() == nil {
 			continue // lost the race for the slot: wait again
 		}
+		if errors.Is(err, errReplan) && ctx.Err() == nil {
+			r.log.Warn("starting over from the spool and the slot", "reason", err)
+			continue
+		}
 		return err
 	}
 }
@@ -213,8 +217,9 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 	return err
 }
 
-// publishLoop stages and announces files in order, retrying each until
-// NATS takes it or it is confirmed some other way.
+// publishLoop stages and announces files. A file that cannot be published
+// goes back to the end of the queue, after a pause, so one bad file never
+// holds up the others.
 func (r *Receiver) publishLoop(ctx context.Context) error {
 	bo := backoff.New(250*time.Millisecond, 15*time.Second)
 	for {
@@ -222,21 +227,20 @@ func (r *Receiver) publishLoop(ctx context.Context) error {
 		if !ok {
 			return nil
 		}
-		for {
-			err := r.core.Publish(ctx, r.pub, it)
-			if err == nil {
-				bo.Reset()
-				r.rl.Reset("publish")
-				break
-			}
-			if ctx.Err() != nil {
-				return nil
-			}
-			r.m.errors.WithLabelValues("publish").Inc()
-			r.rl.Warn("publish", "cannot publish segment; retrying", "segment", it.Event().File, "error", err)
-			if !bo.Wait(ctx) {
-				return nil
-			}
+		err := r.core.Publish(ctx, r.pub, it)
+		if err == nil {
+			bo.Reset()
+			r.rl.Reset("publish")
+			continue
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		r.core.Retry(it)
+		r.m.errors.WithLabelValues("publish").Inc()
+		r.rl.Warn("publish", "cannot publish segment; retrying", "segment", it.Event().File, "error", err)
+		if !bo.Wait(ctx) {
+			return nil
 		}
 	}
 }

@@ -48,7 +48,7 @@ func (r *Receiver) streamLoop(ctx context.Context, conn *pgconn.PgConn) error {
 			if err == nil {
 				break
 			}
-			if errors.Is(err, ErrFatal) {
+			if errors.Is(err, ErrFatal) || errors.Is(err, errReplan) {
 				return err
 			}
 			r.rl.Warn("reconnect", "cannot reconnect to PostgreSQL; retrying", "error", err)

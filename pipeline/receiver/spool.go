@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -20,7 +21,11 @@ import (
 //
 // Besides those, the spool holds the last segment of an ended timeline,
 // <name>.partial.ended.<end LSN as 16 hex digits>, archived as
-// <name>.partial, and timeline history files, <tli>.history.
+// <name>.partial, and timeline history files, <tli>.history. Every one of
+// these WAL files X has a sidecar X.sha256 with the SHA-256 of the bytes as
+// walship received them, made durable before X takes its name: a restart
+// checks the file against it, so bytes damaged on disk are never archived
+// as the WAL they replaced.
 type spool struct {
 	fs   FS
 	dir  string
@@ -44,6 +49,7 @@ type completed struct {
 const (
 	partialSuffix = ".partial"
 	endedInfix    = ".partial.ended"
+	sumSuffix     = ".sha256"
 	lockName      = ".lock"
 )
 
@@ -109,6 +115,13 @@ type spoolFile struct {
 	end  pipeline.LSN // ended segments: where the timeline ended (0: unknown)
 	size int64
 	info FileInfo
+	// Filled by the Core before planning: the file's SHA-256, and whether
+	// its bytes are whole (the right size, and the sidecar's checksum when
+	// there is one).
+	sum   string
+	valid bool
+	// hasSum: the sidecar exists.
+	hasSum bool
 }
 
 // list reads the spool directory. Names that are not walship's are left
@@ -119,9 +132,21 @@ func (s *spool) list() (listing, error) {
 	if err != nil {
 		return l, fmt.Errorf("read spool: %w", err)
 	}
+	sums := map[string]bool{}
+	for _, fi := range files {
+		if base, ok := strings.CutSuffix(fi.Name, sumSuffix); ok {
+			sums[base] = true
+		}
+	}
+	have := map[string]bool{}
 	for _, fi := range files {
 		name := fi.Name
+		if _, ok := strings.CutSuffix(name, sumSuffix); ok {
+			continue
+		}
+		have[name] = true
 		f := spoolFile{name: name, size: fi.Size, info: fi}
+		f.hasSum = sums[name]
 		if tli, ok := pipeline.ParseHistoryFileName(name); ok {
 			f.tli, f.kind = tli, pipeline.KindHistory
 			l.histories = append(l.histories, f)
@@ -157,7 +182,35 @@ func (s *spool) list() (listing, error) {
 			l.ended = append(l.ended, f)
 		}
 	}
+	for base := range sums {
+		if !have[base] {
+			l.other = append(l.other, base+sumSuffix) // its file never took its name, or is gone
+		}
+	}
+	sort.Strings(l.other)
 	return l, nil
+}
+
+// writeSum stores the sidecar of the WAL file at path, durably.
+func (s *spool) writeSum(path, sum string) error {
+	if err := s.fs.WriteFile(path+sumSuffix, []byte(sum+"\n")); err != nil {
+		return fmt.Errorf("spool checksum %s: %w", path, err)
+	}
+	return nil
+}
+
+// readSum reads the sidecar of the WAL file at path.
+func (s *spool) readSum(path string) (string, error) {
+	data, err := readAll(s.fs, path+sumSuffix)
+	return strings.TrimSpace(string(data)), err
+}
+
+// remove deletes a WAL file, then its sidecar.
+func (s *spool) remove(path string) error {
+	if err := s.fs.Remove(path); err != nil {
+		return err
+	}
+	return s.fs.Remove(path + sumSuffix)
 }
 
 // open starts writing seg from its first byte, replacing any .partial. The
@@ -227,30 +280,40 @@ func (s *spool) sync() error {
 	return nil
 }
 
-// finish fsyncs and closes the open segment and renames it to final.
-func (s *spool) finish(final string) error {
+// finish fsyncs and closes the open segment, stores its checksum (of the
+// bytes as received, zeros after the written end) and renames it to final.
+func (s *spool) finish(final string) (string, error) {
 	name := s.seg.Name(s.size)
 	if err := s.f.Sync(); err != nil {
-		return fmt.Errorf("fsync spool segment %s: %w", name, err)
+		return "", fmt.Errorf("fsync spool segment %s: %w", name, err)
 	}
 	s.synced = s.written
 	err := s.f.Close()
 	s.f = nil
 	if err != nil {
-		return fmt.Errorf("close spool segment %s: %w", name, err)
+		return "", fmt.Errorf("close spool segment %s: %w", name, err)
+	}
+	var zero [8192]byte
+	for rest := int64(s.seg.EndLSN(s.size) - s.written); rest > 0; rest -= int64(len(zero)) {
+		s.sum.Write(zero[:min(rest, int64(len(zero)))])
+	}
+	sum := pipeline.SHA256Hex(s.sum.Sum(nil))
+	if err := s.writeSum(final, sum); err != nil {
+		return "", err
 	}
 	if err := s.fs.Rename(s.path(s.seg)+partialSuffix, final); err != nil {
-		return fmt.Errorf("rename spool segment %s: %w", name, err)
+		return "", fmt.Errorf("rename spool segment %s: %w", name, err)
 	}
-	return s.fs.SyncDir(s.dir)
+	return sum, s.fs.SyncDir(s.dir)
 }
 
 func (s *spool) complete() (completed, error) {
 	final := s.path(s.seg)
-	if err := s.finish(final); err != nil {
+	sum, err := s.finish(final)
+	if err != nil {
 		return completed{}, err
 	}
-	return completed{seg: s.seg, path: final, sha256: pipeline.SHA256Hex(s.sum.Sum(nil))}, nil
+	return completed{seg: s.seg, path: final, sha256: sum}, nil
 }
 
 // endTimeline closes the open segment at the switch point: it is fsynced
@@ -260,19 +323,20 @@ func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
 		return completed{}, fmt.Errorf("spool: timeline ended at %s but the spool holds WAL to %s", at, s.written)
 	}
 	final := join(s.dir, s.endedName(s.seg, at))
-	if err := s.finish(final); err != nil {
-		return completed{}, err
-	}
-	sum, _, err := hashFile(s.fs, final)
+	sum, err := s.finish(final)
 	if err != nil {
 		return completed{}, err
 	}
 	return completed{seg: s.seg, path: final, sha256: sum}, nil
 }
 
-// writeFile stores a small file (a timeline history) durably in the spool.
+// writeFile stores a small file (a timeline history) and its checksum
+// durably in the spool.
 func (s *spool) writeFile(name string, data []byte) (string, error) {
 	path := join(s.dir, name)
+	if err := s.writeSum(path, sha256Hex(data)); err != nil {
+		return "", err
+	}
 	if err := s.fs.WriteFile(path, data); err != nil {
 		return "", fmt.Errorf("spool %s: %w", name, err)
 	}

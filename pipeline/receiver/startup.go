@@ -81,7 +81,14 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 		}
 		return nil, wrapFatal(err, "%v: fix --spool-dir", err)
 	}
-	if err := core.Start(slot, uint32(id.Timeline), pipeline.LSN(id.XLogPos)); err != nil {
+	history := func(tli uint32) ([]byte, error) {
+		h, err := pglogrepl.TimelineHistory(ctx, conn, int32(tli))
+		if err != nil {
+			return nil, err
+		}
+		return h.Content, nil
+	}
+	if err := core.Start(StartInput{Slot: slot, ServerTLI: uint32(id.Timeline), ServerPos: pipeline.LSN(id.XLogPos), History: history}); err != nil {
 		core.Release()
 		return nil, err
 	}
@@ -179,29 +186,42 @@ func (r *Receiver) reconnect(ctx context.Context) (*pgconn.PgConn, error) {
 	}
 	// A newer timeline is fine: streaming resumes on the old one and the
 	// server ends it at the switch point, which walship follows.
-	if err := r.checkSlotLost(ctx, conn); err != nil {
+	slot, err := r.checkSlotLost(ctx, conn)
+	if err != nil {
 		closeConn(conn)
 		return nil, err
+	}
+	if slot.RestartLSN > r.core.Flush() {
+		// Someone else moved the slot while this receiver was away: another
+		// receiver took over and released it, or an operator advanced it.
+		// What this one knows is stale; plan again from the spool and slot.
+		closeConn(conn)
+		return nil, fmt.Errorf("%w: restart_lsn %s is past this receiver's flush %s", errReplan, slot.RestartLSN, r.core.Flush())
 	}
 	return conn, nil
 }
 
-// checkSlotLost stops the receiver when PostgreSQL has invalidated the slot.
-func (r *Receiver) checkSlotLost(ctx context.Context, conn *pgconn.PgConn) error {
+// errReplan ends a run whose view of the slot is stale; Run starts again
+// from the spool and the slot.
+var errReplan = errors.New("the slot moved elsewhere")
+
+// checkSlotLost stops the receiver when PostgreSQL has invalidated the
+// slot, and returns the slot's state.
+func (r *Receiver) checkSlotLost(ctx context.Context, conn *pgconn.PgConn) (SlotState, error) {
 	slot, err := r.readSlot(ctx, conn)
 	if err != nil {
-		return err
+		return slot, err
 	}
 	if !slot.Exists {
-		return fatalf("replication slot %q disappeared: someone dropped it; the archive may have a gap: take a new base backup, then recreate the slot with 'walship slot create --recreate'", r.cfg.Slot)
+		return slot, fatalf("replication slot %q disappeared: someone dropped it; the archive may have a gap: take a new base backup, then recreate the slot with 'walship slot create --recreate'", r.cfg.Slot)
 	}
 	if slot.RestartLSN == 0 {
 		q, err := r.querySlot(ctx)
 		if err == nil && q.WALStatus == "lost" {
-			return r.lostError()
+			return slot, r.lostError()
 		}
 	}
-	return nil
+	return slot, nil
 }
 
 func (r *Receiver) lostError() error {

@@ -32,6 +32,7 @@ type fileSystem struct {
 	durable map[string]*inode
 	journal []dirOp
 	locks   map[string]int // path → generation holding it
+	dying   bool           // the process died in a file operation; the crash follows
 	// onRemove is called before a file's bytes go: removed, or replaced by
 	// a rename or a write (then replacement holds the new bytes).
 	onRemove func(name string, data, replacement []byte)
@@ -65,6 +66,7 @@ func (fs *fileSystem) handle() receiver.FS { return &fsHandle{fs: fs, gen: fs.ge
 // crash loses what a crash may lose and kills every handle.
 func (fs *fileSystem) crash() {
 	fs.gen++
+	fs.dying = false
 	fs.locks = map[string]int{}
 	// The namespace: the durable one plus a prefix of the journal.
 	ns := map[string]*inode{}
@@ -142,7 +144,22 @@ type fsHandle struct {
 var _ receiver.FS = (*fsHandle)(nil)
 
 func (h *fsHandle) live() error {
-	if h.gen != h.fs.gen {
+	if h.gen != h.fs.gen || h.fs.dying {
+		return errDead
+	}
+	return nil
+}
+
+// mutate is the entry of every operation that changes the disk: the
+// process may die right here, in the middle of whatever it was doing (the
+// world completes the crash after the step).
+func (h *fsHandle) mutate() error {
+	if err := h.live(); err != nil {
+		return err
+	}
+	if w := h.fs.w; w.faultsOn && w.rng.IntN(500) == 0 {
+		h.fs.dying = true
+		w.logf("the receiver dies in the middle of a file operation")
 		return errDead
 	}
 	return nil
@@ -151,8 +168,11 @@ func (h *fsHandle) live() error {
 func (h *fsHandle) MkdirAll(dir string) error { return h.live() }
 
 func (h *fsHandle) Create(name string, size int64) (receiver.File, error) {
-	if err := h.live(); err != nil {
+	if err := h.mutate(); err != nil {
 		return nil, err
+	}
+	if h.fs.w.diskFull {
+		return nil, errDiskFull // fallocate
 	}
 	fs := h.fs
 	ino := &inode{size: int(size), mtime: fs.w.now}
@@ -187,7 +207,7 @@ func (h *fsHandle) ReadDir(dir string) ([]receiver.FileInfo, error) {
 }
 
 func (h *fsHandle) Rename(from, to string) error {
-	if err := h.live(); err != nil {
+	if err := h.mutate(); err != nil {
 		return err
 	}
 	fs := h.fs
@@ -205,7 +225,7 @@ func (h *fsHandle) Rename(from, to string) error {
 }
 
 func (h *fsHandle) Remove(name string) error {
-	if err := h.live(); err != nil {
+	if err := h.mutate(); err != nil {
 		return err
 	}
 	fs := h.fs
@@ -222,7 +242,7 @@ func (h *fsHandle) Remove(name string) error {
 }
 
 func (h *fsHandle) SyncDir(dir string) error {
-	if err := h.live(); err != nil {
+	if err := h.mutate(); err != nil {
 		return err
 	}
 	fs := h.fs
@@ -234,8 +254,11 @@ func (h *fsHandle) SyncDir(dir string) error {
 }
 
 func (h *fsHandle) WriteFile(name string, data []byte) error {
-	if err := h.live(); err != nil {
+	if err := h.mutate(); err != nil {
 		return err
+	}
+	if h.fs.w.diskFull {
+		return errDiskFull
 	}
 	fs := h.fs
 	ino := &inode{data: append([]byte(nil), data...), size: len(data), syncedLen: len(data), syncedSize: len(data), mtime: fs.w.now}
@@ -273,7 +296,7 @@ type simFile struct {
 }
 
 func (f *simFile) Write(p []byte) (int, error) {
-	if err := f.h.live(); err != nil {
+	if err := f.h.mutate(); err != nil {
 		return 0, err
 	}
 	if f.h.fs.w.diskFull {
@@ -292,8 +315,11 @@ func (f *simFile) Write(p []byte) (int, error) {
 }
 
 func (f *simFile) Sync() error {
-	if err := f.h.live(); err != nil {
+	if err := f.h.mutate(); err != nil {
 		return err
+	}
+	if f.h.fs.w.diskFull && f.h.fs.w.rng.IntN(2) == 0 {
+		return errDiskFull // delayed allocation fails at fsync: nothing new is durable
 	}
 	if n := len(f.ino.writes); n > 0 {
 		f.ino.syncedLen = f.ino.writes[n-1]

@@ -120,12 +120,18 @@ func (w *World) walshipObject(key string) *stored {
 }
 
 // coverage is how far into segment n the bucket holds the WAL of the
-// server's current line of timelines: an object of timeline t counts up to
-// where t ended (its bytes after that are not the current line's).
+// server's current line of timelines, as recovery reads it: an object of
+// timeline t counts from the segment where t began, up to where t ended
+// (its bytes after that are not the current line's).
 func (w *World) coverage(n uint64) pipeline.LSN {
 	start := pipeline.LSN(n * uint64(w.size))
 	best := start
 	for _, t := range w.hist {
+		if n < uint64(t.Begin)/uint64(w.size) {
+			// Recovery never reads a timeline's file for a segment before
+			// that timeline began (XLogFileReadAnyTLI).
+			continue
+		}
 		seg := pipeline.Segment{Timeline: t.TLI, No: n}
 		tEnd, ended := w.hist.End(t.TLI)
 		if w.walshipObject(w.layout.Key(seg.Name(w.size), w.codec.Ext())) != nil {
@@ -143,21 +149,33 @@ func (w *World) coverage(n uint64) pipeline.LSN {
 }
 
 // contiguousEnd is the end of the WAL the bucket holds without a hole,
-// from the segment where the slot was created.
+// from the segment where the slot was created; when the slot was recreated
+// after a gap, from the recreated slot's segment.
 func (w *World) contiguousEnd() pipeline.LSN {
+	var end pipeline.LSN
 	for n := w.contig; ; n++ {
 		c := w.coverage(n)
 		if c < pipeline.LSN((n+1)*uint64(w.size)) {
-			return c
+			end = c
+			break
 		}
 		w.contig = n + 1
+	}
+	if end >= w.gapFloor {
+		return end
+	}
+	for n := uint64(w.gapFloor) / uint64(w.size); ; n++ {
+		c := w.coverage(n)
+		if c < pipeline.LSN((n+1)*uint64(w.size)) {
+			return max(end, c)
+		}
 	}
 }
 
 // checkFlush is invariant (a) on every flush reported to the server, and
 // that it never goes back below the slot.
 func (w *World) checkFlush(flush pipeline.LSN) {
-	if c := w.contiguousEnd(); flush > max(c, w.initial) {
+	if c := w.contiguousEnd(); flush > max(c, w.initial, w.gapFloor) {
 		w.fail("(a) flush %s reported, but the bucket holds the WAL contiguously only to %s", flush, c)
 	}
 	if flush < w.slot {

@@ -62,6 +62,7 @@ type World struct {
 	start time.Time
 	codec compress.Codec
 	stage bool // receiver stages bytes in the object store (else archivers read the spool)
+	pg14  bool // the server does not say the slot's timeline (PostgreSQL 12 to 14)
 
 	// PostgreSQL.
 	hist     walgen.History
@@ -86,7 +87,11 @@ type World struct {
 	faultsOn bool
 	diskFull bool
 	conflict string // key of a foreign object placed to conflict
-	contig   uint64 // first segment number the bucket does not wholly hold (cache)
+	// gapFloor: the slot was recreated here; the archive may have a gap
+	// before it (an operator's choice), so flush up to it is allowed.
+	gapFloor  pipeline.LSN
+	recreated int
+	contig    uint64 // first segment number the bucket does not wholly hold (cache)
 
 	want   map[string]wanted // expected archive contents, by file name
 	acts   []action
@@ -207,6 +212,7 @@ func (w *World) setup() {
 		w.codec = compress.Zstd
 	}
 	w.stage = w.rng.IntN(2) == 0
+	w.pg14 = w.rng.IntN(3) == 0
 	w.hist = walgen.History{{TLI: 1}}
 	// The slot is created somewhere in segment 3, as RESERVE_WAL does.
 	w.end = w.recordBoundary(3*pipeline.LSN(w.size) + pipeline.LSN(w.rng.IntN(int(w.size))))
@@ -230,7 +236,7 @@ func (w *World) setup() {
 		w.startArchiver(a)
 	}
 	w.faultsOn = true
-	w.logf("setup size=%d codec=%s stage=%v archivers=%d slot=%s budget=%s", w.size, w.codec, w.stage, n, w.slot, w.budget)
+	w.logf("setup pg14=%v size=%d codec=%s stage=%v archivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, w.stage, n, w.slot, w.budget)
 	w.startReceiver()
 }
 
@@ -285,9 +291,19 @@ func (w *World) startReceiver() {
 		w.fail("receiver: new core: %v", err)
 	}
 	slot := receiver.SlotState{Exists: true, Physical: true, RestartLSN: w.slot, Timeline: w.hist.Owner(w.tli(), w.slot)}
-	if err := core.Start(slot, w.tli(), w.end); err != nil {
+	if w.pg14 {
+		slot.Timeline = 0 // pg_replication_slots has no restart_tli before PostgreSQL 15
+	}
+	history := func(tli uint32) ([]byte, error) {
+		if tli < 2 || tli > w.tli() {
+			return nil, fmt.Errorf("sim: no history for timeline %d", tli)
+		}
+		return w.historyFile(tli), nil
+	}
+	if err := core.Start(receiver.StartInput{Slot: slot, ServerTLI: w.tli(), ServerPos: w.end, History: history}); err != nil {
 		w.logf("receiver start failed: %v", err)
 		w.count("start failed")
+		core.Release()
 		return
 	}
 	w.core = core
@@ -338,6 +354,9 @@ func (w *World) makeActions() []action {
 		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
 		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
 		{"spool-truncate", "fault", 1, true, func() bool { return !recvUp() }, w.truncateSpool},
+		{"spool-damage", "fault", 1, true, func() bool { return !recvUp() }, w.damageSpool},
+		{"spool-delete", "fault", 1, true, func() bool { return !recvUp() }, w.deleteSpoolFile},
+		{"slot-recreate", "fault", 1, true, func() bool { return !recvUp() }, w.recreateSlot},
 		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
 	}
 	for _, a := range w.archs {
@@ -355,6 +374,10 @@ func (w *World) step(faults bool) {
 	w.steps++
 	w.now = w.now.Add(time.Duration(w.rng.IntN(300)) * time.Millisecond)
 	w.pick(faults, nil)
+	if w.fs.dying {
+		w.res.Faults["recv-crash-in-file-op"]++
+		w.recvCrash()
+	}
 }
 
 func (w *World) pick(faults bool, exclude map[string]bool) {
@@ -679,6 +702,72 @@ func (w *World) truncateSpool() {
 		w.logf("spool segment %s truncated to %d bytes", base, cut)
 		return
 	}
+}
+
+// damageSpool damages a spool WAL file in place while the receiver is
+// down, keeping its size: a zeroed tail, a flipped bit, a history file that
+// lost its last line, an ended segment cut short.
+func (w *World) damageSpool() {
+	names := sortedNames(w.fs.files)
+	for _, i := range w.rng.Perm(len(names)) {
+		n := names[i]
+		base := path.Base(n)
+		ino := w.fs.files[n]
+		switch {
+		case strings.HasSuffix(base, ".history"):
+			lines := strings.SplitAfter(strings.TrimSuffix(string(ino.data), "\n"), "\n")
+			if len(lines) < 2 {
+				continue
+			}
+			ino.data = []byte(strings.Join(lines[:len(lines)-1], ""))
+			ino.size, ino.syncedLen, ino.syncedSize = len(ino.data), len(ino.data), len(ino.data)
+			w.logf("%s lost its last line", base)
+		case strings.Contains(base, ".partial.ended") && !strings.HasSuffix(base, ".sha256"):
+			cut := ino.size / 2
+			ino.data = ino.data[:min(cut, len(ino.data))]
+			ino.size, ino.syncedLen, ino.syncedSize = cut, min(ino.syncedLen, cut), cut
+			w.logf("%s cut to %d bytes", base, cut)
+		case pipeline.IsSegmentName(base) && len(ino.data) == int(w.size):
+			if w.rng.IntN(2) == 0 {
+				clear(ino.data[len(ino.data)-8192:])
+				w.logf("%s: last page zeroed", base)
+			} else {
+				ino.data[w.rng.IntN(len(ino.data))] ^= 0x40
+				w.logf("%s: a bit flipped", base)
+			}
+		default:
+			continue
+		}
+		return
+	}
+}
+
+// deleteSpoolFile removes a complete segment while the receiver is down
+// (to free a full disk, or fsck's lost+found), as an operator might.
+func (w *World) deleteSpoolFile() {
+	for _, n := range sortedNames(w.fs.files) {
+		if pipeline.IsSegmentName(path.Base(n)) && w.rng.IntN(2) == 0 {
+			delete(w.fs.files, n)
+			delete(w.fs.durable, n)
+			w.logf("%s deleted from the spool", path.Base(n))
+			return
+		}
+	}
+}
+
+// recreateSlot drops the slot and creates it again at the server's
+// position, as 'walship slot create --recreate' does after an
+// invalidation: the archive may have a gap from here back to the bucket's
+// end, which the spool fills as far as it can.
+func (w *World) recreateSlot() {
+	if w.recreated >= 2 || w.rng.IntN(4) != 0 {
+		return // an operator's rare decision
+	}
+	w.recreated++
+	w.slot = w.end
+	w.gapFloor = w.end
+	w.recycled = max(w.recycled, uint64(w.end)/uint64(w.size))
+	w.logf("slot recreated at %s", w.slot)
 }
 
 // forgeConfirm publishes a confirmation that must not count: another
