@@ -112,7 +112,7 @@ func publishAll(t *testing.T, c *Core, pub *fakePub) {
 // is confirmed, flush reaches the segment being written on timeline 3.
 func TestCoreTwoSwitchesThenArchived(t *testing.T) {
 	c := newTestCore(t, t.TempDir(), nil)
-	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, hist[1].Begin)
@@ -146,7 +146,7 @@ func TestCoreTwoSwitchesThenArchived(t *testing.T) {
 func TestCoreRestartAfterPromotion(t *testing.T) {
 	dir := t.TempDir()
 	c := newTestCore(t, dir, nil)
-	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, hist[1].Begin)
@@ -157,7 +157,7 @@ func TestCoreRestartAfterPromotion(t *testing.T) {
 	c.Release()
 
 	c2 := newTestCore(t, dir, nil)
-	if err := c2.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 2, ServerPos: 8<<20+10, History: serverHistory}); err != nil {
+	if err := c2.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 2, ServerPos: 8<<20 + 10, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	if got := c2.Flush(); got != 5<<20 {
@@ -228,7 +228,7 @@ func TestCorePublishChecksBeforeRepublishing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Release()
-	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	stream(t, c, 6<<20+1)
@@ -284,7 +284,7 @@ func (f *recFS) SyncDir(dir string) error {
 func TestCoreOpenSyncsDirectory(t *testing.T) {
 	fs := &recFS{}
 	c := newTestCore(t, t.TempDir(), fs)
-	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5<<20, History: serverHistory}); err != nil {
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.Open(5 << 20); err != nil {

@@ -128,8 +128,8 @@ func TestMakePlan(t *testing.T) {
 			// switch, so streaming starts there and the server ends timeline
 			// 1 at the switch, which walship follows.
 			name: "slot timeline unknown",
-			in: planInput{slot: SlotState{Exists: true, RestartLSN: 5<<20 + 40}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2},
-			tli: 1, start: 5 << 20,
+			in:   planInput{slot: SlotState{Exists: true, RestartLSN: 5<<20 + 40}, serverTLI: 2, serverPos: 9 << 20, serverHistory: tl2},
+			tli:  1, start: 5 << 20,
 		},
 		{
 			name: "damaged ended segment is written again",
