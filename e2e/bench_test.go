@@ -169,7 +169,8 @@ func BenchmarkDrain(b *testing.B) {
 		pg.Exec(`SELECT pg_copy_physical_replication_slot('walship_split', 'walship')`)
 		splitMBs := drain("split", func() []*exec.Cmd {
 			dd := b.TempDir()
-			recv := startProc(append([]string{"receive", "--nats", nats.URL(), "--server", "benchsplit"}, common(dd)...)...)
+			recv := startProc(append([]string{"receive", "--nats", nats.URL(), "--server", "benchsplit",
+				"--dest", "s3://" + s3.Bucket + "/bench", "--s3-endpoint", s3.Endpoint()}, common(dd)...)...)
 			arch := startProc(append([]string{"archive", "--nats", nats.URL(), "--data-dir", dd, "--metrics-addr", "", "--log-level", "warn"}, sinkArgs...)...)
 			return []*exec.Cmd{recv, arch}
 		})

@@ -98,7 +98,7 @@ func TestMetricsAndStatus(t *testing.T) {
 	recvPort, archPort := testenv.FreePort(t), testenv.FreePort(t)
 	base := []string{"--nats", st.nats.URL(), "--data-dir", st.dataDir, "--log-level", "debug"}
 	recvArgs := append([]string{"receive", "--pg", st.pg.URL("postgres"), "--server", st.server, "--create-slot",
-		"--status-interval", "1s", "--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, base...)
+		"--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(), "--status-interval", "1s", "--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, base...)
 	archArgs := append([]string{"archive", "--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(),
 		"--s3-path-style", "--metrics-addr", "127.0.0.1:" + strconv.Itoa(archPort)}, base...)
 	startWalship(t, st.env(), recvArgs...)

@@ -38,6 +38,15 @@ type Deleter interface {
 	Delete(ctx context.Context, key string) error
 }
 
+// Syncer is an optional capability: making an object found in the sink
+// durable before it is confirmed. A sink whose Put can return before its
+// directory entries are durable (the file sink, when a writer crashed
+// between linking the object and fsyncing its directory) implements it;
+// for S3, an object that exists is durable.
+type Syncer interface {
+	Sync(ctx context.Context, key string) error
+}
+
 // Object is one entry of a listing.
 type Object struct {
 	Key  string

@@ -12,6 +12,7 @@ import (
 	"net/http/pprof"
 	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"runtime/debug"
 	"strings"
@@ -128,6 +129,24 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	sink, prefix, err := openSink(ctx, c)
 	if err != nil {
 		return nil, err
+	}
+	if p, ok := sink.(interface {
+		ProbeConditionalWrites(context.Context, string) error
+	}); ok {
+		// A store that ignores If-None-Match would let an archive be
+		// overwritten: refuse it at start, unless the operator accepted
+		// HEAD before PUT.
+		host, _ := os.Hostname()
+		key := path.Join(prefix, fmt.Sprintf(".walship-probe-%s-%d", host, os.Getpid()))
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := p.ProbeConditionalWrites(pctx, key)
+		cancel()
+		if errors.Is(err, s3sink.ErrNoConditionalWrites) {
+			return nil, err
+		}
+		if err != nil {
+			log.Warn("cannot probe the store for conditional writes now; archiving goes on and retries", "error", err)
+		}
 	}
 	layout := func(server string) sinks.Layout {
 		l, _ := sinks.NewLayout(c.Layout, prefix, server)
@@ -299,6 +318,9 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if c.NATS == "" {
 		return fmt.Errorf("%w: receive needs --nats (or use 'walship run' for the embedded server)", errUsage)
+	}
+	if c.Dest == "" {
+		return fmt.Errorf("%w: receive needs --dest, the destination the archivers write to (with --s3-endpoint if they use one): only their confirmations may move the slot", errUsage)
 	}
 	b, err := connectBus(ctx, c, c.NATS, log)
 	if err != nil {

@@ -404,6 +404,12 @@ func (a *Archiver) inSink(ctx context.Context, key string, ev *pipeline.SegmentE
 		return false, err
 	}
 	if meta.SHA256 == ev.SHA256 {
+		if s, ok := a.sink.(sinks.Syncer); ok {
+			// Another writer may have died before making it durable.
+			if err := s.Sync(ctx, key); err != nil {
+				return false, err
+			}
+		}
 		return true, nil
 	}
 	a.cfg.Metrics.Conflicts.WithLabelValues(ev.Server).Inc()

@@ -270,3 +270,38 @@ func TestHandleCancelledIsHandedBack(t *testing.T) {
 		t.Fatalf("cancelled: %v %s %s", out, d.answer, d.delay)
 	}
 }
+
+// syncSink counts Sync calls on top of the fixture's sink.
+type syncSink struct {
+	*failSink
+	synced []string
+}
+
+func (s *syncSink) Sync(ctx context.Context, key string) error {
+	s.synced = append(s.synced, key)
+	return nil
+}
+
+// Found by the adversarial review: an object another writer linked (and
+// died before making durable) is made durable before it is confirmed.
+func TestHandleSyncsAnObjectFoundInTheSink(t *testing.T) {
+	f := newFixture(t)
+	ss := &syncSink{failSink: f.sink}
+	layout := sinks.BarmanCloud{Prefix: "p", Server: "db1"}
+	a, err := New(Config{Codec: compress.Zstd, Layout: func(string) sinks.Layout { return layout }, Dest: "file:///x",
+		KeepAlive: -1, Metrics: NewMetrics(prometheus.NewRegistry())}, f.bus, ss)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.a = a
+	f.handle(t, f.ev, 1) // archived: nothing found, nothing to sync
+	if len(ss.synced) != 0 {
+		t.Fatalf("synced %v after a fresh upload", ss.synced)
+	}
+	if _, out := f.handle(t, f.ev, 2); out != Acked {
+		t.Fatalf("redelivery: %v", out)
+	}
+	if len(ss.synced) != 1 || ss.synced[0] != f.key {
+		t.Fatalf("synced %v, want the found object %s before its confirmation", ss.synced, f.key)
+	}
+}

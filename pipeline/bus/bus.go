@@ -327,8 +327,17 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 		}
 		c, err := b.js.OrderedConsumer(ctx, b.opts.Names.Archived, cfg)
 		var cc jetstream.ConsumeContext
+		// Callbacks run on the client's goroutine; none may run after the
+		// watch returns (the caller may be gone).
+		var mu sync.Mutex
+		stopped := false
 		if err == nil {
 			cc, err = c.Consume(func(m jetstream.Msg) {
+				mu.Lock()
+				defer mu.Unlock()
+				if stopped {
+					return
+				}
 				if md, err := m.Metadata(); err == nil {
 					last.Store(md.Sequence.Stream)
 				}
@@ -352,6 +361,9 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 		case <-cc.Closed():
 		}
 		cc.Stop()
+		mu.Lock()
+		stopped = true
+		mu.Unlock()
 	}
 	return nil
 }

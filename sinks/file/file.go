@@ -29,6 +29,7 @@ import (
 var _ sinks.Sink = (*Sink)(nil)
 var _ sinks.Deleter = (*Sink)(nil)
 var _ sinks.Lister = (*Sink)(nil)
+var _ sinks.Syncer = (*Sink)(nil)
 
 // Sink stores objects under a root directory.
 type Sink struct {
@@ -139,6 +140,26 @@ func (s *Sink) mkdirDurable(dir string) error {
 		}
 	}
 	s.durable[dir] = true
+	return nil
+}
+
+// Sync implements sinks.Syncer: it fsyncs the object's directory and each
+// parent up to the root, so an object another writer linked (and died
+// before fsyncing) survives a crash once it is confirmed.
+func (s *Sink) Sync(ctx context.Context, key string) error {
+	p, err := s.path(key)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(p)
+	for d := dir; strings.HasPrefix(d, s.root); d = filepath.Dir(d) {
+		if err := s.syncDirs(d); err != nil {
+			return fmt.Errorf("sync %s: %w", key, err)
+		}
+		if d == s.root {
+			break
+		}
+	}
 	return nil
 }
 
