@@ -26,6 +26,13 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 fi
 
+# The race detector needs cgo: a C compiler.
+if ! command -v gcc >/dev/null; then
+  echo "deps.sh: installing gcc for the race detector" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+fi
+
 # barman-cloud-wal-restore (the restore-compatibility test and benchmark)
 # and promtool (the alert rule tests) come from Debian.
 missing=""
