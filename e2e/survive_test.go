@@ -293,3 +293,24 @@ func waitUntil(timeout time.Duration, cond func() bool) bool {
 	}
 	return false
 }
+
+// Defect 10 of issue 8: with a pg_hba.conf that allows walship's role
+// replication connections only, the slot's health is still watched (over
+// a replication connection) instead of the poller failing in silence.
+func TestSlotPollReplicationOnly(t *testing.T) {
+	st := newStack(t)
+	st.pg.Exec(`CREATE ROLE replonly LOGIN REPLICATION`)
+	port := testenv.FreePort(t)
+	args := []string{"receive", "--pg", strings.Replace(st.pg.URL("postgres"), "postgres@", "replonly@", 1), "--nats", st.nats.URL(),
+		"--server", st.server, "--create-slot", "--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(),
+		"--data-dir", t.TempDir(), "--metrics-addr", "127.0.0.1:" + strconv.Itoa(port), "--log-level", "debug"}
+	startWalship(t, st.env(), args...)
+	waitFor(t, 30*time.Second, "streaming as a replication-only role", func() bool { return st.walsenderPID() != "" })
+	waitFor(t, 30*time.Second, "the slot's health to be read over a replication connection", func() bool {
+		v, ok := metricAt(port, "walship_slot_exists")
+		return ok && v == 1
+	})
+	if v, ok := metricAt(port, `walship_errors_total{server="main",stage="slotpoll"}`); !ok || v != 0 {
+		t.Errorf("slot poll errors %v (%v): the fallback did not read the slot", v, ok)
+	}
+}

@@ -120,6 +120,7 @@ func StartPostgres(t testing.TB, o PGOptions) *Postgres {
 		"local all all trust",
 		"host all pwuser 127.0.0.1/32 scram-sha-256",
 		"host replication pwuser 127.0.0.1/32 scram-sha-256",
+		"host all replonly 127.0.0.1/32 reject", // a role allowed replication connections only
 		"host all all 127.0.0.1/32 trust",
 		"host replication all 127.0.0.1/32 trust",
 	}, "\n")+"\n")

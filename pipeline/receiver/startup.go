@@ -129,11 +129,15 @@ func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotStat
 	}
 	if slot.RestartLSN == 0 {
 		// NULL restart_lsn: never reserved, or invalidated. Only
-		// pg_replication_slots tells which.
+		// pg_replication_slots tells which; when it cannot be read (a
+		// pg_hba.conf that allows replication connections only), a NULL
+		// restart_lsn is taken as lost: walship creates its slots with
+		// RESERVE_WAL.
 		if slot.WALStatus == "" {
 			q, err := r.querySlot(ctx)
 			if err != nil {
-				return slot, err
+				r.log.Warn("cannot read pg_replication_slots to tell a lost slot from an unreserved one; taking it as lost", "error", err)
+				q.WALStatus = "lost"
 			}
 			slot.WALStatus = q.WALStatus
 		}
