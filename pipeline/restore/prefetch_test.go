@@ -270,6 +270,7 @@ func TestServeAcrossFileSystems(t *testing.T) {
 	pf := newPrefetch(t, ar.fetcher(), filepath.Join(shm, "pf"))
 	pf.Want(segName(3))
 	runPrefetch(t, pf)
+	waitFile(t, filepath.Join(pf.Dir, segName(4)))
 	waitFile(t, filepath.Join(pf.Dir, segName(5)))
 	dest := filepath.Join(destDir, "RECOVERYXLOG")
 	pf.Want(segName(4))
