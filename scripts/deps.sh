@@ -3,8 +3,9 @@
 # with Go. Sourced by test.sh and bench.sh.
 #   PostgreSQL 15 server binaries (initdb, pg_ctl, pgbench, pg_receivewal)
 #   Versity S3 Gateway (versitygw), built with go install
+#   nats-server at the version in go.mod, built with go install (the
+#     cluster tests run real processes; the others embed the server)
 #   barman-cli-cloud + python3-boto3, prometheus (for promtool)
-# NATS needs nothing: the tests embed nats-server.
 export PATH="$PATH:/usr/local/go/bin"
 GOBIN_DIR="$(go env GOPATH)/bin"
 export PATH="$PATH:$GOBIN_DIR"
@@ -49,3 +50,11 @@ if ! command -v versitygw >/dev/null; then
   go install github.com/versity/versitygw/cmd/versitygw@v1.8.0
 fi
 
+# The version walship is built against, so the processes the cluster tests
+# run are the server the embedded tests use.
+NATS_SERVER_VERSION="$(awk '$1 == "github.com/nats-io/nats-server/v2" { print $2 }' "$(dirname "${BASH_SOURCE[0]}")/../go.mod")"
+if ! "$GOBIN_DIR/nats-server" --version 2>/dev/null | grep -qF "$NATS_SERVER_VERSION"; then
+  echo "deps.sh: installing nats-server $NATS_SERVER_VERSION" >&2
+  GOBIN="$GOBIN_DIR" go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
+fi
+export WALSHIP_NATS_SERVER="$GOBIN_DIR/nats-server"
