@@ -3,6 +3,7 @@ package testenv
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -332,7 +333,8 @@ func (c *NATSCluster) StreamInfo(ctx context.Context, stream string) (*jetstream
 	return s.CachedInfo(), nil
 }
 
-// ErrNoLeader is returned by StreamLeader while a stream has no leader.
+// ErrNoLeader is returned by StreamLeader and ConsumerLeader during an
+// election.
 var ErrNoLeader = errors.New("stream has no leader")
 
 // StreamLeader finds the node that leads a stream, from the stream info's
@@ -351,6 +353,68 @@ func (c *NATSCluster) StreamLeader(ctx context.Context, stream string) (*NATSPro
 		return nil, fmt.Errorf("%s: leader %q is not one of this cluster's nodes", stream, info.Cluster.Leader)
 	}
 	return p, nil
+}
+
+// ConsumerLeader finds the node that leads a durable consumer.
+func (c *NATSCluster) ConsumerLeader(ctx context.Context, stream, consumer string) (*NATSProc, error) {
+	nc, err := c.conn()
+	if err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	cons, err := js.Consumer(ctx, stream, consumer)
+	if err != nil {
+		return nil, err
+	}
+	info := cons.CachedInfo()
+	if info.Cluster == nil || info.Cluster.Leader == "" {
+		return nil, fmt.Errorf("%s/%s: %w", stream, consumer, ErrNoLeader)
+	}
+	p := c.Node(info.Cluster.Leader)
+	if p == nil {
+		return nil, fmt.Errorf("%s/%s: leader %q is not one of this cluster's nodes", stream, consumer, info.Cluster.Leader)
+	}
+	return p, nil
+}
+
+// MetaLeader is the JetStream meta leader (which places streams and
+// answers the cluster-wide API), as a running node's /jsz reports it.
+func (c *NATSCluster) MetaLeader() (*NATSProc, error) {
+	var last error = errors.New("no node running")
+	for _, p := range c.Nodes {
+		if !p.Running() {
+			continue
+		}
+		var jsz struct {
+			Meta *struct {
+				Leader string `json:"leader"`
+			} `json:"meta_cluster"`
+		}
+		cl := http.Client{Timeout: 2 * time.Second}
+		resp, err := cl.Get("http://127.0.0.1:" + strconv.Itoa(p.MonitorPort) + "/jsz")
+		if err != nil {
+			last = err
+			continue
+		}
+		err = json.NewDecoder(resp.Body).Decode(&jsz)
+		resp.Body.Close()
+		if err != nil {
+			last = err
+			continue
+		}
+		if jsz.Meta == nil || jsz.Meta.Leader == "" {
+			last = fmt.Errorf("%s knows no meta leader", p.Name)
+			continue
+		}
+		if l := c.Node(jsz.Meta.Leader); l != nil {
+			return l, nil
+		}
+		last = fmt.Errorf("meta leader %q is not one of this cluster's nodes", jsz.Meta.Leader)
+	}
+	return nil, last
 }
 
 // WaitStreamCurrent waits until a stream has a leader and every replica

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"strings"
 	"sync"
@@ -108,11 +109,32 @@ func Connect(ctx context.Context, url string, opts Options, log *slog.Logger, ex
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	b := &Bus{nc: nc, js: js, opts: opts, log: log, rl: ratelog.New(log, 30*time.Second)}
-	if err := b.setup(ctx); err != nil {
-		nc.Close()
-		return nil, err
+	// In a cluster, processes that start together race to create the same
+	// stream, and nats-server (2.15.2) never answers a create that
+	// duplicates one in flight: it applies it as already answered. So each
+	// attempt has its own deadline, and the next, after a random pause that
+	// ends the race, finds the resources and updates them, which is
+	// answered. setup is idempotent.
+	attempt := 2 * time.Second
+	for {
+		actx, cancel := context.WithTimeout(ctx, attempt)
+		err := b.setup(actx)
+		timedOut := actx.Err() != nil
+		cancel()
+		if err == nil {
+			return b, nil
+		}
+		if !timedOut || ctx.Err() != nil {
+			nc.Close()
+			return nil, err
+		}
+		log.Warn("nats: no answer while setting up JetStream resources; trying again", "error", err)
+		attempt = min(2*attempt, 10*time.Second)
+		select {
+		case <-ctx.Done():
+		case <-time.After(rand.N(time.Second)):
+		}
 	}
-	return b, nil
 }
 
 // Close drains nothing and closes the connection.
