@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,23 +134,49 @@ func (st *stack) clusterArchiverArgs(urls string, metricsPort int) []string {
 }
 
 // leaders names the node leading each of walship's streams and the
-// archivers' consumer ("-" while there is none).
+// archivers' consumer (nil while there is none or it does not answer).
 func leaders(ctx context.Context, nc *testenv.NATSCluster) map[string]*testenv.NATSProc {
 	out := map[string]*testenv.NATSProc{}
-	for _, s := range clusterStreams {
-		qctx, stop := context.WithTimeout(ctx, time.Second)
-		out[s], _ = nc.StreamLeader(qctx, s)
-		stop()
+	for _, r := range clusterResources {
+		out[r], _ = leaderOf(ctx, nc, r)
 	}
-	qctx, stop := context.WithTimeout(ctx, time.Second)
-	out[archiverConsumer], _ = nc.ConsumerLeader(qctx, "WALSHIP_SEGMENTS", archiverConsumer)
-	stop()
+	return out
+}
+
+var clusterResources = append(append([]string{}, clusterStreams...), archiverConsumer)
+
+func leaderOf(ctx context.Context, nc *testenv.NATSCluster, resource string) (*testenv.NATSProc, error) {
+	qctx, stop := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer stop()
+	if resource == archiverConsumer {
+		return nc.ConsumerLeader(qctx, "WALSHIP_SEGMENTS", archiverConsumer)
+	}
+	return nc.StreamLeader(qctx, resource)
+}
+
+// electionTimes polls every resource until it has a leader other than
+// victim and returns how long after since each had one.
+func electionTimes(t *testing.T, ctx context.Context, nc *testenv.NATSCluster, victim *testenv.NATSProc, since time.Time) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for deadline := since.Add(60 * time.Second); len(out) < len(clusterResources); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no leaders after killing %s: only %v", victim.Name, out)
+		}
+		for _, r := range clusterResources {
+			if _, ok := out[r]; ok {
+				continue
+			}
+			if p, err := leaderOf(ctx, nc, r); err == nil && p != victim {
+				out[r] = time.Since(since)
+			}
+		}
+	}
 	return out
 }
 
 func leaderNames(l map[string]*testenv.NATSProc) string {
 	var b strings.Builder
-	for _, k := range append(append([]string{}, clusterStreams...), archiverConsumer) {
+	for _, k := range clusterResources {
 		name := "-"
 		if l[k] != nil {
 			name = l[k].Name
@@ -177,6 +205,18 @@ func TestClusterNodeLoss(t *testing.T) {
 		startWalship(t, st.env(), st.clusterArchiverArgs(urls, archPorts[1])...),
 		startWalship(t, st.env(), st.clusterReceiverArgs(urls, st.metrics)...),
 	}
+	t.Cleanup(func() {
+		if dir := os.Getenv("WALSHIP_KEEP_LOGS"); dir != "" {
+			for i, p := range procs {
+				b, _ := os.ReadFile(p.logPath)
+				os.WriteFile(filepath.Join(dir, fmt.Sprintf("walship-%d.log", i)), b, 0o644)
+			}
+			for _, n := range nc.Nodes {
+				b, _ := os.ReadFile(n.LogPath)
+				os.WriteFile(filepath.Join(dir, n.Name+".log"), b, 0o644)
+			}
+		}
+	})
 	waitFor(t, 60*time.Second, "the receiver to stream", func() bool { return st.walsenderPID() != "" })
 	firstSeg := uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
 
@@ -210,6 +250,7 @@ func TestClusterNodeLoss(t *testing.T) {
 		node                      string
 		at                        time.Time
 		election                  time.Duration // until every stream and the consumer had a live leader
+		elections                 map[string]time.Duration
 		writeStall, flushStall    time.Duration
 		archivedWhileDown         pipeline.LSN
 		caughtUp                  time.Duration // from the restart to every replica current
@@ -221,21 +262,15 @@ func TestClusterNodeLoss(t *testing.T) {
 	down := func(victim *testenv.NATSProc, why string) {
 		before := leaders(ctx, nc)
 		k := kill{node: victim.Name, leadersBefore: leaderNames(before)}
-		t.Logf("kill -9 %s (%s); leaders: %s", victim.Name, why, k.leadersBefore)
+		t.Logf("%s kill -9 %s (%s); leaders: %s", stamp(), victim.Name, why, k.leadersBefore)
 		flushAtKill := flush.last()
 		victim.Kill()
 		k.at = time.Now()
-		waitFor(t, 60*time.Second, "new leaders after killing "+victim.Name, func() bool {
-			l := leaders(ctx, nc)
-			for _, p := range l {
-				if p == nil || p == victim {
-					return false
-				}
-			}
-			k.leadersNow = leaderNames(l)
-			return true
-		})
-		k.election = time.Since(k.at)
+		k.elections = electionTimes(t, ctx, nc, victim, k.at)
+		for _, d := range k.elections {
+			k.election = max(k.election, d)
+		}
+		k.leadersNow = leaderNames(leaders(ctx, nc))
 		waitFor(t, 90*time.Second, "archiving to resume with "+victim.Name+" down", func() bool {
 			return flush.last() >= flushAtKill+2*pipeline.LSN(segSize)
 		})
@@ -253,9 +288,9 @@ func TestClusterNodeLoss(t *testing.T) {
 			}
 		}
 		k.caughtUp = time.Since(restarted)
-		t.Logf("%s: new leaders after %.1fs (%s); write stood still %.1fs, flush %.1fs across the kill; "+
+		t.Logf("%s %s: new leaders after %.1fs (%s; %s); write stood still %.1fs, flush %.1fs across the kill; "+
 			"%d MB archived while it was down; current again %.1fs after its restart",
-			victim.Name, k.election.Seconds(), k.leadersNow, k.writeStall.Seconds(), k.flushStall.Seconds(),
+			stamp(), victim.Name, k.election.Seconds(), k.leadersNow, fmtElections(k.elections), k.writeStall.Seconds(), k.flushStall.Seconds(),
 			k.archivedWhileDown>>20, k.caughtUp.Seconds())
 		kills = append(kills, k)
 	}
@@ -331,4 +366,14 @@ func TestClusterNodeLoss(t *testing.T) {
 	t.Logf("%d segments compared byte for byte, %d invariant samples; under load (%.0fs) write stood still at most %.1fs (from %.0fs), flush %.1fs (from %.0fs)",
 		n, *samples, loadEnd.Sub(loadStart).Seconds(), writeStall.Seconds(), writeAt.Sub(loadStart).Seconds(),
 		flushStall.Seconds(), flushAt.Sub(loadStart).Seconds())
+}
+
+func stamp() string { return time.Now().Format("15:04:05.000") }
+
+func fmtElections(e map[string]time.Duration) string {
+	var b []string
+	for _, r := range clusterResources {
+		b = append(b, fmt.Sprintf("%s %.1fs", r, e[r].Seconds()))
+	}
+	return strings.Join(b, ", ")
 }

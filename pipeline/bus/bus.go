@@ -6,6 +6,7 @@ package bus
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -222,7 +223,80 @@ func (b *Bus) PutObject(ctx context.Context, name string, r io.Reader) error {
 
 // GetObject reads a staged object fully into buf (reused when large
 // enough) and returns the bytes. A missing object wraps os.ErrNotExist.
+//
+// With replicas, any replica may serve a read (the object's info comes by
+// a direct get, its chunks through an ordered consumer), and one a moment
+// behind the leader answers "not found", or ends the chunks early, for an
+// object just staged. So such a read is tried again for a while, and
+// "not found" is believed only when the stream leader says it too.
 func (b *Bus) GetObject(ctx context.Context, name string, buf []byte) ([]byte, error) {
+	delay := 50 * time.Millisecond
+	for {
+		out, err := b.getObject(ctx, name, buf)
+		stale := errors.Is(err, os.ErrNotExist) || errors.Is(err, jetstream.ErrDigestMismatch) ||
+			errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
+		if !stale || b.opts.Replicas <= 1 || ctx.Err() != nil {
+			return out, err
+		}
+		if delay > 2*time.Second {
+			if errors.Is(err, os.ErrNotExist) {
+				if held, lerr := b.leaderHasObject(ctx, name); lerr != nil || held {
+					return nil, fmt.Errorf("get staged object %s: replicas answer not found, the stream leader does not (%v): try again", name, lerr)
+				}
+			}
+			return out, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay *= 2
+	}
+}
+
+// leaderHasObject asks the object store stream's leader, and only it (a
+// STREAM.MSG.GET, not a direct get), whether it holds name.
+func (b *Bus) leaderHasObject(ctx context.Context, name string) (bool, error) {
+	stream := "OBJ_" + b.opts.Names.Spool
+	req, _ := json.Marshal(map[string]string{
+		"last_by_subj": "$O." + b.opts.Names.Spool + ".M." + base64.URLEncoding.EncodeToString([]byte(name)),
+	})
+	msg, err := b.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
+	if err != nil {
+		return false, err
+	}
+	var resp struct {
+		Error *struct {
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Data []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return false, err
+	}
+	if resp.Error != nil {
+		if resp.Error.ErrCode == 10037 { // no message found
+			return false, nil
+		}
+		return false, errors.New(resp.Error.Description)
+	}
+	if resp.Message == nil {
+		return false, errors.New("empty answer")
+	}
+	var info struct {
+		Deleted bool `json:"deleted"`
+	}
+	if err := json.Unmarshal(resp.Message.Data, &info); err != nil {
+		return false, err
+	}
+	return !info.Deleted, nil
+}
+
+func (b *Bus) getObject(ctx context.Context, name string, buf []byte) ([]byte, error) {
 	res, err := b.obj.Get(ctx, name)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return nil, fmt.Errorf("get staged object %s: %w", name, os.ErrNotExist)
