@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -40,24 +42,20 @@ func (p *positionTrack) observe(at time.Time, l pipeline.LSN) {
 	}
 }
 
-// stallAround is how long the position stood still across t: from its
-// last move at or before t to its first move after t (or now).
-func (p *positionTrack) stallAround(t time.Time) time.Duration {
+// stallDuring is the longest time the position stood still in a window
+// that starts at from, counting a standstill that began before it.
+func (p *positionTrack) stallDuring(from, to time.Time) time.Duration {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	before, after := time.Time{}, time.Now()
+	start := from
 	for _, c := range p.changes {
-		if !c.at.After(t) {
-			before = c.at
-		} else {
-			after = c.at
+		if c.at.After(from) {
 			break
 		}
+		start = c.at
 	}
-	if before.IsZero() {
-		return 0
-	}
-	return after.Sub(before)
+	p.mu.Unlock()
+	d, _ := p.longestStall(start, to)
+	return d
 }
 
 // longestStall is the longest time the position stood still between from
@@ -207,6 +205,15 @@ func TestClusterNodeLoss(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		if dir := os.Getenv("WALSHIP_KEEP_LOGS"); dir != "" {
+			if t.Failed() {
+				for i, port := range append(append([]int{}, archPorts...), st.metrics) {
+					if resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/debug/pprof/goroutine?debug=2"); err == nil {
+						b, _ := io.ReadAll(resp.Body)
+						resp.Body.Close()
+						os.WriteFile(filepath.Join(dir, fmt.Sprintf("walship-%d.goroutines", i)), b, 0o644)
+					}
+				}
+			}
 			for i, p := range procs {
 				b, _ := os.ReadFile(p.logPath)
 				os.WriteFile(filepath.Join(dir, fmt.Sprintf("walship-%d.log", i)), b, 0o644)
@@ -276,8 +283,8 @@ func TestClusterNodeLoss(t *testing.T) {
 		})
 		time.Sleep(5 * time.Second) // more load on two nodes
 		k.archivedWhileDown = flush.last() - flushAtKill
-		k.writeStall, k.flushStall = write.stallAround(k.at), flush.stallAround(k.at)
 		restarted := time.Now()
+		k.writeStall, k.flushStall = write.stallDuring(k.at, restarted), flush.stallDuring(k.at, restarted)
 		victim.Start()
 		for _, s := range clusterStreams {
 			cctx, stop := context.WithTimeout(ctx, 60*time.Second)
@@ -288,7 +295,7 @@ func TestClusterNodeLoss(t *testing.T) {
 			}
 		}
 		k.caughtUp = time.Since(restarted)
-		t.Logf("%s %s: new leaders after %.1fs (%s; %s); write stood still %.1fs, flush %.1fs across the kill; "+
+		t.Logf("%s %s: new leaders after %.1fs (%s; %s); while it was down write stood still at most %.1fs, flush %.1fs; "+
 			"%d MB archived while it was down; current again %.1fs after its restart",
 			stamp(), victim.Name, k.election.Seconds(), k.leadersNow, fmtElections(k.elections), k.writeStall.Seconds(), k.flushStall.Seconds(),
 			k.archivedWhileDown>>20, k.caughtUp.Seconds())

@@ -355,6 +355,29 @@ func (c *NATSCluster) StreamLeader(ctx context.Context, stream string) (*NATSPro
 	return p, nil
 }
 
+// MoveStreamLeader asks a stream's leader to step down in favour of node,
+// and waits until node leads it.
+func (c *NATSCluster) MoveStreamLeader(ctx context.Context, stream string, node *NATSProc) error {
+	nc, err := c.conn()
+	if err != nil {
+		return err
+	}
+	req, _ := json.Marshal(map[string]any{"placement": map[string]string{"preferred": node.Name}})
+	for {
+		if l, err := c.StreamLeader(ctx, stream); err == nil && l == node {
+			return nil
+		}
+		rctx, stop := context.WithTimeout(ctx, 2*time.Second)
+		nc.RequestWithContext(rctx, "$JS.API.STREAM.LEADER.STEPDOWN."+stream, req)
+		stop()
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("move the leader of %s to %s: %w", stream, node.Name, ctx.Err())
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
 // ConsumerLeader finds the node that leads a durable consumer.
 func (c *NATSCluster) ConsumerLeader(ctx context.Context, stream, consumer string) (*NATSProc, error) {
 	nc, err := c.conn()

@@ -443,7 +443,9 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 					return
 				}
 				fn(ev)
-			})
+			}, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				b.log.Debug("confirmation watch", "server", server, "error", err)
+			}))
 		}
 		if err != nil {
 			b.rl.Warn("watch/"+server, "cannot watch confirmations; retrying", "server", server, "subject", subject, "error", err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
 )
 
 // A receiver and two archivers started together against a fresh 3-node
@@ -95,5 +96,188 @@ func TestGetObjectJustStagedOnCluster(t *testing.T) {
 	}
 	if _, err := arch.GetObject(ctx, "db1/gone", nil); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a missing object: %v, want os.ErrNotExist", err)
+	}
+}
+
+// Confirmations keep reaching a receiver's watch when the node leading
+// the confirmation stream, or the node the receiver is connected to, is
+// killed: the flush watermark depends on them.
+func TestWatchArchivedSurvivesNodeLoss(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	opts := DefaultOptions()
+	opts.Replicas = 3
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	connect := func() *Bus {
+		b, err := Connect(ctx, c.URLs(), opts, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		return b
+	}
+	watcher, pub := connect(), connect()
+	var mu sync.Mutex
+	got := map[string]time.Time{}
+	wctx, stopWatch := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		watcher.WatchArchived(wctx, "db1", time.Now().Add(-time.Minute), func(ev pipeline.ArchivedEvent) {
+			mu.Lock()
+			got[ev.File] = time.Now()
+			mu.Unlock()
+		}, func(err error) { t.Errorf("undecodable: %v", err) })
+	}()
+	var pubMu sync.Mutex
+	published := map[string]time.Time{}
+	go func() { // one confirmation every 50 ms, each retried until stored
+		defer wg.Done()
+		for i := 1; wctx.Err() == nil; i++ {
+			ev := pipeline.ArchivedEvent{SegmentEvent: event(fmt.Sprintf("00000001%016X", i)), Key: "k", Dest: "s3://b/p"}
+			for wctx.Err() == nil {
+				pctx, stop := context.WithTimeout(wctx, 2*time.Second)
+				err := pub.PublishArchived(pctx, &ev)
+				stop()
+				if err == nil {
+					pubMu.Lock()
+					published[ev.File] = time.Now()
+					pubMu.Unlock()
+					break
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	defer func() { stopWatch(); wg.Wait() }()
+	// seen waits until a confirmation published after t reaches the watch.
+	seen := func(after time.Time) time.Duration {
+		deadline := time.Now().Add(60 * time.Second)
+		for time.Now().Before(deadline) {
+			pubMu.Lock()
+			mu.Lock()
+			for f, at := range published {
+				if at.After(after) {
+					if g, ok := got[f]; ok {
+						mu.Unlock()
+						pubMu.Unlock()
+						return g.Sub(after)
+					}
+				}
+			}
+			mu.Unlock()
+			pubMu.Unlock()
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("no confirmation published after %s reached the watch within 60s", after.Format("15:04:05.000"))
+		return 0
+	}
+	seen(time.Now())
+	for round := range 3 {
+		var victim *testenv.NATSProc
+		why := ""
+		if round == 1 {
+			victim, why = c.Node(watcher.Conn().ConnectedServerName()), "the watcher's server"
+		} else {
+			l, err := c.StreamLeader(ctx, "WALSHIP_ARCHIVED")
+			if err != nil {
+				t.Fatal(err)
+			}
+			victim, why = l, "leader of WALSHIP_ARCHIVED"
+		}
+		t.Logf("%s kill -9 %s (%s)", time.Now().Format("15:04:05.000"), victim.Name, why)
+		victim.Kill()
+		killed := time.Now()
+		t.Logf("confirmations reach the watch again %.1fs after the kill", seen(killed).Seconds())
+		victim.Start()
+		if err := c.WaitStreamCurrent(ctx, "WALSHIP_ARCHIVED"); err != nil {
+			t.Fatal(err)
+		}
+		seen(time.Now())
+	}
+	pubMu.Lock()
+	mu.Lock()
+	defer mu.Unlock()
+	defer pubMu.Unlock()
+	for f := range published {
+		if _, ok := got[f]; !ok && time.Since(published[f]) > 10*time.Second {
+			t.Errorf("confirmation %s never reached the watch", f)
+		}
+	}
+}
+
+func TestWatchArchivedLoop(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	opts := DefaultOptions()
+	opts.Replicas = 3
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	connect := func() *Bus {
+		b, err := Connect(ctx, c.URLs(), opts, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		return b
+	}
+	watcher, pub := connect(), connect()
+	var mu sync.Mutex
+	var lastGot time.Time
+	wctx, stopWatch := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		watcher.WatchArchived(wctx, "db1", time.Now().Add(-time.Minute), func(ev pipeline.ArchivedEvent) {
+			mu.Lock()
+			lastGot = time.Now()
+			mu.Unlock()
+		}, func(err error) { t.Errorf("undecodable: %v", err) })
+	}()
+	go func() {
+		defer wg.Done()
+		for i := 1; wctx.Err() == nil; i++ {
+			ev := pipeline.ArchivedEvent{SegmentEvent: event(fmt.Sprintf("00000001%016X", i)), Key: "k", Dest: "s3://b/p"}
+			for wctx.Err() == nil {
+				pctx, stop := context.WithTimeout(wctx, 2*time.Second)
+				err := pub.PublishArchived(pctx, &ev)
+				stop()
+				if err == nil {
+					break
+				}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	defer func() { stopWatch(); wg.Wait() }()
+	for round := range 8 {
+		victim := c.Node(watcher.Conn().ConnectedServerName())
+		if err := c.MoveStreamLeader(ctx, "WALSHIP_ARCHIVED", victim); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		t.Logf("%s round %d: kill -9 %s (the watcher's server, leader of WALSHIP_ARCHIVED)", time.Now().Format("15:04:05.000"), round, victim.Name)
+		victim.Kill()
+		killed := time.Now()
+		for {
+			mu.Lock()
+			ok := lastGot.After(killed)
+			mu.Unlock()
+			if ok {
+				break
+			}
+			if time.Since(killed) > 60*time.Second {
+				t.Fatalf("round %d: no confirmation 60s after the kill", round)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Logf("round %d: confirmations again after %.1fs", round, time.Since(killed).Seconds())
+		victim.Start()
+		if err := c.WaitStreamCurrent(ctx, "WALSHIP_ARCHIVED"); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
