@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -21,14 +22,27 @@ const repoRoot = "../.."
 
 func loadCompose(t *testing.T) *types.Project {
 	t.Helper()
-	opts, err := cli.NewProjectOptions([]string{filepath.Join(repoRoot, "docker-compose.yml")},
-		cli.WithWorkingDirectory(repoRoot), cli.WithEnv(nil), cli.WithName("walship"))
+	return loadComposeProfile(t, "", "")
+}
+
+// loadComposeProfile loads docker-compose.yml as `docker compose --profile
+// profile --env-file envFile` would (either may be empty).
+func loadComposeProfile(t *testing.T, profile, envFile string) *types.Project {
+	t.Helper()
+	fns := []cli.ProjectOptionsFn{cli.WithWorkingDirectory(repoRoot), cli.WithEnv(nil), cli.WithName("walship")}
+	if profile != "" {
+		fns = append(fns, cli.WithProfiles([]string{profile}))
+	}
+	if envFile != "" {
+		fns = append(fns, cli.WithEnvFiles(filepath.Join(repoRoot, envFile)), cli.WithDotEnv)
+	}
+	opts, err := cli.NewProjectOptions([]string{filepath.Join(repoRoot, "docker-compose.yml")}, fns...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	p, err := opts.LoadProject(context.Background())
 	if err != nil {
-		t.Fatalf("docker-compose.yml does not load: %v", err)
+		t.Fatalf("docker-compose.yml (profile %q, env file %q) does not load: %v", profile, envFile, err)
 	}
 	return p
 }
@@ -36,9 +50,22 @@ func loadCompose(t *testing.T) *types.Project {
 var commandGroups = map[string]flagGroup{"run": runGroups, "receive": receiveGroups, "archive": archiveGroups}
 
 // The compose file loads and validates, every file it mounts or builds from
-// exists, and every walship command line parses with walship's own flags.
+// exists, and every walship command line parses with walship's own flags:
+// the single-node stack, and the 3-node NATS cluster profile with its
+// environment file, where every walship process is given all three nodes
+// and three replicas.
 func TestComposeFile(t *testing.T) {
-	p := loadCompose(t)
+	t.Run("default", func(t *testing.T) {
+		checkCompose(t, loadComposeProfile(t, "", ""), []string{"nats://nats:4222"}, 1)
+	})
+	t.Run("cluster", func(t *testing.T) {
+		p := loadComposeProfile(t, "cluster", "deploy/nats-cluster.env")
+		checkCompose(t, p, []string{"nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"}, 3)
+		checkNATSCluster(t, p, []string{"nats-1", "nats-2", "nats-3"})
+	})
+}
+
+func checkCompose(t *testing.T, p *types.Project, natsURLs []string, replicas int) {
 	abs, _ := filepath.Abs(repoRoot)
 	walships := 0
 	for name, svc := range p.Services {
@@ -58,7 +85,9 @@ func TestComposeFile(t *testing.T) {
 		for dep, d := range svc.DependsOn {
 			ds, ok := p.Services[dep]
 			if !ok {
-				t.Errorf("service %s depends on unknown %s", name, dep)
+				if _, disabled := p.DisabledServices[dep]; !disabled || d.Required {
+					t.Errorf("service %s depends on unknown %s", name, dep)
+				}
 				continue
 			}
 			if d.Condition == types.ServiceConditionHealthy && ds.HealthCheck == nil && ds.Build == nil {
@@ -94,10 +123,78 @@ func TestComposeFile(t *testing.T) {
 		}
 		if err != nil {
 			t.Errorf("service %s: walship rejects its command line: %v", name, err)
+			continue
+		}
+		if groups&gNATS != 0 {
+			if got := strings.Split(c.NATS, ","); !slices.Equal(got, natsURLs) {
+				t.Errorf("service %s: --nats %q, want %q", name, c.NATS, strings.Join(natsURLs, ","))
+			}
+			if c.NATSReplicas != replicas {
+				t.Errorf("service %s: --nats-replicas %d, want %d", name, c.NATSReplicas, replicas)
+			}
+			for _, u := range natsURLs {
+				host := strings.TrimSuffix(strings.TrimPrefix(u, "nats://"), ":4222")
+				if _, ok := p.Services[host]; !ok {
+					t.Errorf("service %s uses NATS at %s, which is not a service", name, u)
+				}
+				if d, ok := svc.DependsOn[host]; !ok || d.Condition != types.ServiceConditionHealthy {
+					t.Errorf("service %s does not wait for %s to be healthy", name, host)
+				}
+			}
 		}
 	}
 	if walships < 3 {
 		t.Errorf("%d walship services, want a receiver and two archivers", walships)
+	}
+}
+
+// checkNATSCluster: the nodes form one JetStream cluster, each with its own
+// name, store volume and a route to every node.
+func checkNATSCluster(t *testing.T, p *types.Project, nodes []string) {
+	var routes []string
+	for _, n := range nodes {
+		routes = append(routes, "nats://"+n+":6222")
+	}
+	volumes := map[string]string{}
+	for _, n := range nodes {
+		svc, ok := p.Services[n]
+		if !ok {
+			t.Errorf("no service %s in the cluster profile", n)
+			continue
+		}
+		if svc.HealthCheck == nil {
+			t.Errorf("%s has no healthcheck", n)
+		}
+		flags := map[string]string{}
+		for i, a := range svc.Command {
+			if strings.HasPrefix(a, "-") && i+1 < len(svc.Command) && !strings.HasPrefix(svc.Command[i+1], "-") {
+				flags[a] = svc.Command[i+1]
+			} else if strings.HasPrefix(a, "-") {
+				flags[a] = ""
+			}
+		}
+		if _, ok := flags["-js"]; !ok {
+			t.Errorf("%s: JetStream not enabled (-js): %v", n, svc.Command)
+		}
+		if flags["--name"] != n || flags["--cluster_name"] != "walship" || flags["--cluster"] != "nats://0.0.0.0:6222" {
+			t.Errorf("%s: name %q, cluster %q on %q", n, flags["--name"], flags["--cluster_name"], flags["--cluster"])
+		}
+		if got := strings.Split(flags["--routes"], ","); !slices.Equal(got, routes) {
+			t.Errorf("%s: routes %v, want %v", n, got, routes)
+		}
+		store := flags["-sd"]
+		for _, v := range svc.Volumes {
+			if v.Target == store && v.Type == types.VolumeTypeVolume {
+				if other, dup := volumes[v.Source]; dup {
+					t.Errorf("%s and %s share the store volume %s", n, other, v.Source)
+				}
+				volumes[v.Source] = n
+				store = ""
+			}
+		}
+		if store != "" {
+			t.Errorf("%s: its store %q is not on a volume of its own", n, flags["-sd"])
+		}
 	}
 }
 
