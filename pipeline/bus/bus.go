@@ -415,7 +415,12 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 	bo := backoff.New(250*time.Millisecond, 10*time.Second)
 	var last atomic.Uint64 // stream sequence of the last event delivered
 	for ctx.Err() == nil {
-		cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}}
+		// One reset attempt: nats.go resets an ordered consumer under the
+		// same consumer name, and in a cluster an R1 consumer placed on a
+		// node that has just died keeps that name unanswered until the
+		// node returns. A failed reset is reported to the error handler,
+		// and the watch starts over with a new consumer, placed afresh.
+		cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}, MaxResetAttempts: 1}
 		if seq := last.Load(); seq == 0 {
 			cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &since
 		} else {
@@ -427,6 +432,8 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 		// watch returns (the caller may be gone).
 		var mu sync.Mutex
 		stopped := false
+		var delivered atomic.Bool
+		restart := make(chan error, 1)
 		if err == nil {
 			cc, err = c.Consume(func(m jetstream.Msg) {
 				mu.Lock()
@@ -434,6 +441,7 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 				if stopped {
 					return
 				}
+				delivered.Store(true)
 				if md, err := m.Metadata(); err == nil {
 					last.Store(md.Sequence.Stream)
 				}
@@ -445,6 +453,12 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 				fn(ev)
 			}, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
 				b.log.Debug("confirmation watch", "server", server, "error", err)
+				if !errors.Is(err, jetstream.ErrNoHeartbeat) { // which nats.go resets itself
+					select {
+					case restart <- err:
+					default:
+					}
+				}
 			}))
 		}
 		if err != nil {
@@ -453,15 +467,20 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 			continue
 		}
 		b.rl.Reset("watch/" + server)
-		bo.Reset()
 		select {
 		case <-ctx.Done():
 		case <-cc.Closed():
+		case err := <-restart:
+			b.rl.Warn("watch/"+server, "confirmation watch interrupted; starting it again", "server", server, "error", err)
 		}
 		cc.Stop()
 		mu.Lock()
 		stopped = true
 		mu.Unlock()
+		if delivered.Load() {
+			bo.Reset()
+		}
+		bo.Wait(ctx)
 	}
 	return nil
 }
