@@ -89,7 +89,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.BoolVar(&c.Synchronous, "synchronous", false, "fsync and report the write position as soon as caught up, for synchronous_commit = remote_write")
 	}
 	if has(gNATS) {
-		fs.StringVar(&c.NATS, "nats", "", "NATS server URL (run: empty starts an embedded JetStream server)")
+		fs.StringVar(&c.NATS, "nats", "", "NATS server URL, or a cluster's nodes comma-separated (run: empty starts an embedded JetStream server)")
 		fs.IntVar(&c.NATSReplicas, "nats-replicas", 1, "JetStream replicas for walship's streams (1 for one node, 3 in a cluster)")
 		fs.DurationVar(&c.AckWait, "ack-wait", time.Minute, "how long an archiver may hold a segment event without a progress signal before JetStream delivers it to another")
 	}
