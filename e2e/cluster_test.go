@@ -260,6 +260,7 @@ func TestClusterNodeLoss(t *testing.T) {
 		elections                 map[string]time.Duration
 		writeStall, flushStall    time.Duration
 		archivedWhileDown         pipeline.LSN
+		resumed                   time.Duration // until WAL written after the kill was archived
 		caughtUp                  time.Duration // from the restart to every replica current
 		leadersBefore, leadersNow string
 	}
@@ -271,6 +272,9 @@ func TestClusterNodeLoss(t *testing.T) {
 		k := kill{node: victim.Name, leadersBefore: leaderNames(before)}
 		t.Logf("%s kill -9 %s (%s); leaders: %s", stamp(), victim.Name, why, k.leadersBefore)
 		flushAtKill := flush.last()
+		// Archiving has resumed when WAL written after the kill is in the
+		// bucket and confirmed: two segments past the one being written.
+		resumeAt := segSize.Start(st.currentLSN()) + 2*pipeline.LSN(segSize)
 		victim.Kill()
 		k.at = time.Now()
 		k.elections = electionTimes(t, ctx, nc, victim, k.at)
@@ -279,8 +283,9 @@ func TestClusterNodeLoss(t *testing.T) {
 		}
 		k.leadersNow = leaderNames(leaders(ctx, nc))
 		waitFor(t, 90*time.Second, "archiving to resume with "+victim.Name+" down", func() bool {
-			return flush.last() >= flushAtKill+2*pipeline.LSN(segSize)
+			return flush.last() >= resumeAt
 		})
+		k.resumed = time.Since(k.at)
 		time.Sleep(5 * time.Second) // more load on two nodes
 		k.archivedWhileDown = flush.last() - flushAtKill
 		restarted := time.Now()
@@ -295,9 +300,9 @@ func TestClusterNodeLoss(t *testing.T) {
 			}
 		}
 		k.caughtUp = time.Since(restarted)
-		t.Logf("%s %s: new leaders after %.1fs (%s; %s); while it was down write stood still at most %.1fs, flush %.1fs; "+
+		t.Logf("%s %s: new leaders after %.1fs (%s; %s); WAL written after the kill archived %.1fs after it; while it was down write stood still at most %.1fs, flush %.1fs; "+
 			"%d MB archived while it was down; current again %.1fs after its restart",
-			stamp(), victim.Name, k.election.Seconds(), k.leadersNow, fmtElections(k.elections), k.writeStall.Seconds(), k.flushStall.Seconds(),
+			stamp(), victim.Name, k.election.Seconds(), k.leadersNow, fmtElections(k.elections), k.resumed.Seconds(), k.writeStall.Seconds(), k.flushStall.Seconds(),
 			k.archivedWhileDown>>20, k.caughtUp.Seconds())
 		kills = append(kills, k)
 	}
