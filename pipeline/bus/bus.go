@@ -260,7 +260,7 @@ func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) (ui
 	if err != nil {
 		return 0, err
 	}
-	ack, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()))
+	ack, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.PublishID()))
 	if err != nil {
 		return 0, fmt.Errorf("publish segment event %s: %w", ev.File, err)
 	}
@@ -292,7 +292,7 @@ func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) e
 	if err != nil {
 		return err
 	}
-	if _, err := b.js.Publish(ctx, ArchivedSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()+"/archived")); err != nil {
+	if _, err := b.js.Publish(ctx, ArchivedSubject(ev.Server), data, jetstream.WithMsgID(ev.PublishID()+"/archived")); err != nil {
 		return fmt.Errorf("publish archived event %s: %w", ev.File, err)
 	}
 	return nil
