@@ -27,11 +27,14 @@ var (
 	chaosSeed   = flag.Uint64("chaos.seed", 0, "seed of the chaos test's choices (default: from the clock, printed)")
 )
 
-// chaosTimers shrink every timer walship has, so that outages of seconds
+// The chaos timers shrink every timer walship has, so that outages of seconds
 // outlast them all: a late confirmation is checked after 5s, an event held
 // 5s without progress goes to another archiver, a conflict is retried
 // every 5s. The defaults stay production-sized.
-var chaosTimers = []string{"--republish-after", "5s", "--ack-wait", "5s", "--conflict-retry", "5s", "--status-interval", "1s"}
+var (
+	chaosRecvTimers = []string{"--republish-after", "5s", "--ack-wait", "5s", "--status-interval", "1s"}
+	chaosArchTimers = []string{"--ack-wait", "5s", "--conflict-retry", "5s"}
+)
 
 // fault is one kind of trouble the chaos test injects.
 type fault struct {
@@ -77,10 +80,10 @@ func TestChaos(t *testing.T) {
 	recvPort := testenv.FreePort(t)
 	recvArgs := append(append([]string{"receive", "--pg", st.pg.URL("postgres"), "--server", st.server, "--create-slot",
 		"--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--spool-dir", spool, "--data-dir", t.TempDir(),
-		"--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, common...), chaosTimers...)
+		"--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, common...), chaosRecvTimers...)
 	archArgs := func() []string {
 		return append(append([]string{"archive", "--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--s3-path-style",
-			"--workers", "2", "--data-dir", t.TempDir(), "--metrics-addr", ""}, common...), chaosTimers...)
+			"--workers", "2", "--data-dir", t.TempDir(), "--metrics-addr", ""}, common...), chaosArchTimers...)
 	}
 	recv := startWalship(t, st.env(), recvArgs...)
 	archs := []*proc{startWalship(t, st.env(), archArgs()...), startWalship(t, st.env(), archArgs()...)}
@@ -209,7 +212,7 @@ type chaosSampler struct {
 	mu            sync.Mutex
 	during        string // the fault being injected
 	samples       int
-	blind         int // samples taken while S3 was unreachable
+	blind         int // samples taken while S3 was down or cut off
 	longest       time.Duration
 	longestDuring string
 }
@@ -257,6 +260,9 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		cur, _ := pipeline.ParseLSN(current)
 		s.mu.Lock()
 		s.samples++
+		if strings.Contains(s.during, "S3") {
+			s.blind++
+		}
 		if r > end || f > end {
 			t.Errorf("invariant broken during %q: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", s.during, r, f, end)
 		}
