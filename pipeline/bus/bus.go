@@ -83,7 +83,7 @@ type Bus struct {
 	setupMu sync.Mutex
 	res     atomic.Pointer[resources] // nil until Setup created them
 	ready   chan struct{}             // closed when res is set
-	wake    chan struct{}             // a connection was made: try Setup now
+	wake    chan struct{}             // the connection was made or lost: check now
 	connErr atomic.Pointer[error]     // the last failed connection attempt
 
 	consMu sync.Mutex
@@ -130,7 +130,7 @@ func Connect(ctx context.Context, url string, opts Options, log *slog.Logger, ex
 // Open is Connect for a process that waits out an unreachable NATS: it
 // returns at once, the client connects (and reconnects) in the background
 // every second, and the resources are created by Setup, which the caller
-// retries until it succeeds (Reconnected says when a connection was made).
+// retries until it succeeds (ConnChanged says when a connection was made).
 // Only a malformed URL or option is an error.
 func Open(url string, opts Options, log *slog.Logger, extra ...nats.Option) (*Bus, error) {
 	return dial(url, opts, log, true, extra...)
@@ -155,6 +155,7 @@ func dial(url string, opts Options, log *slog.Logger, retry bool, extra ...nats.
 			if err != nil {
 				log.Warn("nats disconnected", "error", err)
 			}
+			nudge()
 		}),
 		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -189,9 +190,9 @@ func (b *Bus) Close() { b.nc.Close() }
 // Conn is the underlying connection, for health checks.
 func (b *Bus) Conn() *nats.Conn { return b.nc }
 
-// Reconnected is signalled when the client (re)connects to a server: a
-// moment to call Setup without waiting for the next retry.
-func (b *Bus) Reconnected() <-chan struct{} { return b.wake }
+// ConnChanged is signalled when the client connects, reconnects or
+// disconnects: a moment to call Setup without waiting for the next retry.
+func (b *Bus) ConnChanged() <-chan struct{} { return b.wake }
 
 // Setup creates or updates walship's resources once a server answers, and
 // after that reports whether the bus can be used now: nil when connected

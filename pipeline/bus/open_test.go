@@ -131,7 +131,7 @@ func TestOpenWhileNATSDown(t *testing.T) {
 
 	n.Start()
 	select {
-	case <-b.Reconnected():
+	case <-b.ConnChanged():
 	case <-time.After(20 * time.Second):
 		t.Fatal("no signal that the client connected")
 	}

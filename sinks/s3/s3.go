@@ -258,11 +258,11 @@ func (s *Sink) CheckBucket(ctx context.Context) error {
 
 // Unavailable reports whether err means the store cannot be reached or
 // cannot answer now — a refused, reset or timed-out connection, a name that
-// does not resolve (a stopped container's name stops resolving), a 5xx, 408
-// or 429 answer — so that waiting and trying again may succeed. Everything
-// else is taken for a misconfiguration that no retry fixes: no such bucket,
-// access denied (403), a wrong region (301, 400), a malformed endpoint, no
-// credentials. The distinction decides whether a process starts and waits
+// does not resolve (a stopped container's name stops resolving), a 5xx
+// other than 501, 408 or 429 answer — so that waiting and trying again may
+// succeed. Everything else is taken for a misconfiguration that no retry
+// fixes: no such bucket, access denied (403), a wrong region (301, 400), a
+// feature the store lacks (501), a malformed endpoint, no credentials. The distinction decides whether a process starts and waits
 // or exits with the error at start-up.
 func Unavailable(err error) bool {
 	if err == nil || errors.Is(err, ErrNoBucket) {
@@ -271,7 +271,7 @@ func Unavailable(err error) bool {
 	var re interface{ HTTPStatusCode() int }
 	if errors.As(err, &re) && re.HTTPStatusCode() != 0 {
 		code := re.HTTPStatusCode()
-		return code >= 500 || code == http.StatusRequestTimeout || code == http.StatusTooManyRequests
+		return code >= 500 && code != http.StatusNotImplemented || code == http.StatusRequestTimeout || code == http.StatusTooManyRequests
 	}
 	var ae *net.AddrError
 	if errors.As(err, &ae) {

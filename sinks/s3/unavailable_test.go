@@ -59,6 +59,7 @@ func TestUnavailable(t *testing.T) {
 		{"access denied on put", stub.URL, "403-AccessDenied", true, false},
 		{"wrong region", stub.URL, "301-PermanentRedirect", false, false},
 		{"bad request", stub.URL, "400-InvalidRequest", true, false},
+		{"not implemented", stub.URL, "501-NotImplemented", true, false},
 		{"endpoint without a scheme", "127.0.0.1:9000", "wal", false, false},
 		{"endpoint with a bad port", "http://127.0.0.1:99999", "wal", false, false},
 	}
