@@ -164,6 +164,7 @@ func TestRunRestartsWithS3Down(t *testing.T) {
 	waitFor(t, 30*time.Second, "the spool to take the WAL written meanwhile", func() bool {
 		return st.lsn(`SELECT write_lsn::text FROM pg_stat_replication WHERE application_name = 'walship'`) >= end
 	})
+	time.Sleep(3 * time.Second) // the archivers try the uploads, fail, and retry
 	stillUp(t, w, "walship run")
 	st.heldAt(t, held)
 	st.checkFails(t, "bucket", "connection refused")
@@ -252,6 +253,7 @@ func TestReceiveRestartsWithNATSDown(t *testing.T) {
 	waitFor(t, 30*time.Second, "the spool to take the WAL written meanwhile", func() bool {
 		return st.lsn(`SELECT write_lsn::text FROM pg_stat_replication WHERE application_name = 'walship'`) >= end
 	})
+	time.Sleep(3 * time.Second) // the receiver tries to publish, fails, and retries
 	stillUp(t, recv, "walship receive")
 	stillUp(t, arch, "walship archive")
 	st.heldAt(t, held)

@@ -156,6 +156,9 @@ func Watch(ctx context.Context, d *Dependency, p Policy, confirmed bool, check f
 	}
 	bo := backoff.New(p.Min, p.Max)
 	lastLog := time.Time{}
+	if d.Err() != nil {
+		lastLog = time.Now() // the caller said so at start-up
+	}
 	for {
 		wait := p.Every
 		if d.Err() != nil {
