@@ -354,3 +354,33 @@ func TestMisconfigurationExits(t *testing.T) {
 		oneLine(t, string(b), p.err, "does not exist")
 	})
 }
+
+// Several archivers on one host: a second one given the same
+// --metrics-addr exits at once saying how to run several; one with an
+// empty --metrics-addr runs beside the first, and `walship status
+// --processes` lists both.
+func TestTwoArchiversOnOneHost(t *testing.T) {
+	st := newStack(t)
+	port := testenv.FreePort(t)
+	first := startWalship(t, st.env(), st.archArgs(port)...)
+	waitReady(t, port, "s3")
+	second := startWalship(t, st.env(), st.archArgs(port)...)
+	select {
+	case <-second.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a second archiver on the same --metrics-addr still runs after 15s")
+	}
+	b, _ := os.ReadFile(second.logPath)
+	if out := strings.TrimSpace(string(b)); second.err == nil || !strings.Contains(out, "is in use") || !strings.Contains(out, "its own --metrics-addr") {
+		t.Errorf("second archiver on the same --metrics-addr (%v):\n%s", second.err, out)
+	}
+	third := startWalship(t, st.env(), st.archArgs(port, "--metrics-addr", "")...)
+	var out string
+	waitFor(t, 20*time.Second, "status to list both archivers", func() bool {
+		out, _ = runWalship(t, nil, "status", "--processes", "--nats", st.nats.URL())
+		return strings.Count(out, "archive on ") == 2 && !strings.Contains(out, "NOT READY")
+	})
+	stillUp(t, first, "the first archiver")
+	stillUp(t, third, "the archiver without metrics")
+	t.Logf("status --processes:\n%s", out)
+}

@@ -364,7 +364,11 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 			TTL:         ProcessTTL,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("create key-value %s: %w", n.Processes, err)
+			// Only `walship status` reads it: a process that may not create
+			// it (an operator made the resources, permissions are narrow)
+			// works without.
+			b.log.Warn("cannot create the processes bucket; this process will not show in 'walship status --processes'", "bucket", n.Processes, "error", err)
+			r.procs = nil
 		}
 	}
 	return r, nil
