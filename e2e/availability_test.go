@@ -172,6 +172,7 @@ func TestRunRestartsWithS3Down(t *testing.T) {
 	if err != nil || !strings.Contains(out, "run on ") || !strings.Contains(out, "NOT READY") || !strings.Contains(out, "s3: UNAVAILABLE") {
 		t.Errorf("walship status does not say that run cannot reach S3 (%v):\n%s", err, out)
 	}
+	t.Logf("walship status:\n%s", out)
 	stillUp(t, w, "walship run")
 
 	st.s3.Start()

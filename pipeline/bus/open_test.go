@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,6 +52,7 @@ func TestUnavailable(t *testing.T) {
 		unavailable bool
 	}{
 		{"connection refused", refused, true},
+		{"never answers", "nats://" + strings.TrimPrefix(testenv.BlackHole(t), "http://"), true},
 		{"name does not resolve", "nats://walship-no-such-host.invalid:4222", true},
 		{"JetStream disabled", noJS, false},
 		{"wrong password", authURL("wrong"), false},
