@@ -177,7 +177,7 @@ func printProcesses(w io.Writer, ps []pipeline.ProcessState, now time.Time, asJS
 			if d.Up {
 				fmt.Fprintf(w, "    %s: up\n", d.Name)
 			} else {
-				fmt.Fprintf(w, "    %s: UNAVAILABLE for %s: %s\n", d.Name, p.Updated.Sub(d.Since).Round(time.Second), d.Error)
+				fmt.Fprintf(w, "    %s: UNAVAILABLE for %s: %s\n", d.Name, now.Sub(d.Since).Round(time.Second), d.Error)
 			}
 		}
 	}
