@@ -8,8 +8,10 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
 )
 
 // Two processes given one --metrics-addr: the second fails at once, before
@@ -72,5 +74,37 @@ func TestProcessKey(t *testing.T) {
 		if got := processKey("archive", host, 7); got != want {
 			t.Errorf("processKey(%q) = %q, want %q", host, got, want)
 		}
+	}
+}
+
+func TestPrintProcesses(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	ps := []pipeline.ProcessState{
+		{Role: "run", Host: "b", PID: 2, Ready: true, Updated: now.Add(-2 * time.Second),
+			Dependencies: []pipeline.DependencyState{{Name: "nats", Up: true}, {Name: "s3", Up: true}}},
+		{Role: "archive", Host: "a", PID: 1, Ready: false, Updated: now.Add(-time.Second),
+			Dependencies: []pipeline.DependencyState{{Name: "nats", Up: true}, {Name: "s3", Error: "connection refused", Since: now.Add(-40 * time.Second)}}},
+		{Role: "archive", Host: "c", PID: 3, Ready: true, Updated: now.Add(-5 * time.Minute)},
+	}
+	var b strings.Builder
+	if err := printProcesses(&b, ps, now, false); err != nil {
+		t.Fatal(err)
+	}
+	want := `processes:
+  archive on a (pid 1): NOT READY
+    nats: up
+    s3: UNAVAILABLE for 40s: connection refused
+  archive on c (pid 3): stale (record 300s old: stopped, or cannot reach NATS)
+  run on b (pid 2): ready
+    nats: up
+    s3: up
+`
+	if b.String() != want {
+		t.Errorf("got:\n%s\nwant:\n%s", b.String(), want)
+	}
+	b.Reset()
+	printProcesses(&b, nil, now, true)
+	if strings.TrimSpace(b.String()) != "[]" {
+		t.Errorf("no processes as JSON: %q", b.String())
 	}
 }
