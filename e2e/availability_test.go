@@ -364,7 +364,7 @@ func TestTwoArchiversOnOneHost(t *testing.T) {
 	st := newStack(t)
 	port := testenv.FreePort(t)
 	first := startWalship(t, st.env(), st.archArgs(port)...)
-	waitReady(t, port, "s3")
+	waitFor(t, 30*time.Second, "the first archiver to be ready", func() bool { code, _ := readyz(port); return code == http.StatusOK })
 	second := startWalship(t, st.env(), st.archArgs(port)...)
 	select {
 	case <-second.done:
