@@ -3,7 +3,7 @@ BIN ?= bin/walship
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD = -trimpath -ldflags "-s -w -X main.version=$(VERSION)"
 
-.PHONY: build test bench
+.PHONY: build test bench chaos sim
 build:
 	CGO_ENABLED=0 go build $(GOFLAGS_BUILD) -o $(BIN) ./cmd/walship
 
@@ -12,3 +12,11 @@ test:
 
 bench:
 	bash scripts/bench.sh
+
+# The long runs: 200 faults on real servers (about 20 minutes), and 10,000
+# seeds of the deterministic simulation (about 2 minutes on two cores).
+chaos:
+	bash -c 'source scripts/deps.sh && go test -count=1 -timeout 45m -run "TestChaos$$" ./e2e/ -chaos.faults=200 -v'
+
+sim:
+	go test -count=1 -timeout 30m -run 'TestSimulation$$' ./pipeline/sim/ -sim.seeds=10000 -v

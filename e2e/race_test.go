@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"sync"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,8 +41,17 @@ func TestPipelineUnderRaceDetector(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	samples, waitSampler := st.invariantSampler(ctx, t, firstSeg)
 	defer func() { cancel(); waitSampler() }()
+	// A paced load: the race detector makes walship several times slower,
+	// and the point here is races, not throughput.
 	loadCtx, stopLoad := context.WithCancel(ctx)
-	wg := st.load(loadCtx, t)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for loadCtx.Err() == nil {
+			st.pg.Pgbench(loadCtx, "-c", "2", "-R", "800", "-T", "5", "-n")
+		}
+	}()
 	time.Sleep(5 * time.Second)
 	st.s3.Stop()
 	time.Sleep(8 * time.Second) // past --republish-after and --ack-wait
@@ -59,7 +69,11 @@ func TestPipelineUnderRaceDetector(t *testing.T) {
 	stopLoad()
 	wg.Wait()
 	end := st.switchWAL()
-	waitFor(t, 120*time.Second, "archiving to catch up", func() bool { return st.replFlush() >= end })
+	if !waitUntil(120*time.Second, func() bool { return st.replFlush() >= end }) {
+		b, _ := os.ReadFile(w.logPath)
+		os.WriteFile("/tmp/race-walship.log", b, 0o644)
+		t.Fatalf("timed out waiting for archiving to catch up (flush %s, end %s)", st.replFlush(), end)
+	}
 	cancel()
 	waitSampler()
 	if err := w.stop(t); err != nil {

@@ -45,6 +45,10 @@ type SegmentEvent struct {
 	// 0 the first time; more after a restart or when no confirmation came.
 	// An archiver looks in the sink first when it is not 0.
 	Attempt int `json:"attempt,omitempty"`
+	// Run names the receiver's run (one per start) that published the
+	// event; with Attempt it makes each publication distinct, so a file
+	// published again is never dropped as a duplicate of an earlier one.
+	Run string `json:"run,omitempty"`
 }
 
 // ArchivedEvent confirms that a WAL file is durably in the sink. It is
@@ -60,10 +64,18 @@ type ArchivedEvent struct {
 	Existed        bool    `json:"existed"`         // the sink already held identical bytes
 }
 
-// MsgID is the Nats-Msg-Id that deduplicates the event: one per system,
-// file and kind.
+// MsgID names the WAL file: one per system, file and kind. The receiver
+// matches confirmations with its pending files by it.
 func (e *SegmentEvent) MsgID() string {
 	return e.SystemID + "/" + e.File + "/" + string(e.Kind)
+}
+
+// PublishID is the Nats-Msg-Id of one publication of the file: retries of
+// the same publication (a lost acknowledgement) are deduplicated by it; a
+// new publication (another attempt, or another run of the receiver) is
+// not.
+func (e *SegmentEvent) PublishID() string {
+	return e.MsgID() + "/" + e.Run + "/" + strconv.Itoa(e.Attempt)
 }
 
 var (

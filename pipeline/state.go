@@ -23,3 +23,26 @@ type ServerState struct {
 	Standby      bool      `json:"standby"` // waiting for the slot held by another receiver
 	Updated      time.Time `json:"updated"`
 }
+
+// ProcessState is what a walship process (run, receive, archive) records
+// about itself every few seconds in the WALSHIP_PROCESSES key-value
+// bucket, whose entries expire: `walship status` shows from any host which
+// processes run and whether they can reach NATS and the bucket.
+type ProcessState struct {
+	V            int               `json:"v"`
+	Role         string            `json:"role"` // run, receive, archive
+	Host         string            `json:"host"`
+	PID          int               `json:"pid"`
+	Version      string            `json:"version,omitempty"`
+	Ready        bool              `json:"ready"`
+	Dependencies []DependencyState `json:"dependencies"`
+	Updated      time.Time         `json:"updated"`
+}
+
+// DependencyState is whether a process can use a service it needs now.
+type DependencyState struct {
+	Name  string    `json:"name"` // nats, s3
+	Up    bool      `json:"up"`
+	Error string    `json:"error,omitempty"` // why not
+	Since time.Time `json:"since"`           // of the last change
+}

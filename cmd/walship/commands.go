@@ -12,7 +12,6 @@ import (
 	"net/http/pprof"
 	"net/url"
 	"os"
-	"path"
 	"path/filepath"
 	"runtime/debug"
 	"strings"
@@ -25,6 +24,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/internal/health"
 	"github.com/walship/walship/pipeline/archiver"
 	"github.com/walship/walship/pipeline/bus"
 	"github.com/walship/walship/pipeline/receiver"
@@ -111,7 +111,7 @@ func openSinkChecked(ctx context.Context, c *config, check bool) (sinks.Sink, st
 	return nil, "", fmt.Errorf("%w: malformed --dest %q: scheme %q; use s3://bucket/prefix or file:///absolute/path", errUsage, c.Dest, u.Scheme)
 }
 
-func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logger, reg prometheus.Registerer, readSpool bool) (*archiver.Archiver, error) {
+func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logger, reg prometheus.Registerer, deps *health.Set, readSpool bool) (*archiver.Archiver, watcher, error) {
 	// Each worker holds a raw segment and its compressed copy; collecting
 	// garbage at 50% growth instead of 100% keeps the archiver's RSS near
 	// what it really uses (measured: 150 MB -> 110 MB with two workers on
@@ -121,31 +121,19 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	}
 	codec, err := compress.ParseCodec(c.Compression)
 	if err != nil {
-		return nil, fmt.Errorf("%w: --%v", errUsage, err)
+		return nil, nil, fmt.Errorf("%w: --%v", errUsage, err)
 	}
 	if _, err := sinks.NewLayout(c.Layout, "", "x"); err != nil {
-		return nil, fmt.Errorf("%w: --%v", errUsage, err)
+		return nil, nil, fmt.Errorf("%w: --%v", errUsage, err)
 	}
-	sink, prefix, err := openSink(ctx, c)
+	sink, prefix, err := openSinkChecked(ctx, c, false)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if p, ok := sink.(interface {
-		ProbeConditionalWrites(context.Context, string) error
-	}); ok {
-		// A store that ignores If-None-Match would let an archive be
-		// overwritten: refuse it at start, unless the operator accepted
-		// HEAD before PUT.
-		host, _ := os.Hostname()
-		key := path.Join(prefix, fmt.Sprintf(".walship-probe-%s-%d", host, os.Getpid()))
-		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := p.ProbeConditionalWrites(pctx, key)
-		cancel()
-		if errors.Is(err, s3sink.ErrNoConditionalWrites) {
-			return nil, err
-		}
-		if err != nil {
-			log.Warn("cannot probe the store for conditional writes now; archiving goes on and retries", "error", err)
+	var watch watcher
+	if s, ok := sink.(*s3sink.Sink); ok {
+		if watch, err = watchBucket(ctx, s, prefix, log, deps); err != nil {
+			return nil, nil, err
 		}
 	}
 	layout := func(server string) sinks.Layout {
@@ -154,16 +142,16 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	}
 	dest, err := sinks.DestID(c.Dest, c.S3Endpoint)
 	if err != nil {
-		return nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
+		return nil, nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
 	}
 	a, err := archiver.New(archiver.Config{
 		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry,
 		Log: log, Metrics: archiver.NewMetrics(reg),
 	}, b, sink)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
+		return nil, nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
-	return a, nil
+	return a, watch, nil
 }
 
 func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) (*receiver.Receiver, error) {
@@ -197,17 +185,6 @@ func source(b *bus.Bus) archiver.Source {
 	})
 }
 
-func connectBus(ctx context.Context, c *config, url string, log *slog.Logger) (*bus.Bus, error) {
-	opts := bus.DefaultOptions()
-	opts.Replicas = c.NATSReplicas
-	if c.AckWait > 0 {
-		opts.AckWait = c.AckWait
-	}
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	return bus.Connect(cctx, url, opts, log)
-}
-
 // startEmbeddedNATS runs a JetStream server in this process, storing under
 // the data directory.
 func startEmbeddedNATS(c *config, log *slog.Logger) (*server.Server, string, error) {
@@ -235,14 +212,11 @@ func startEmbeddedNATS(c *config, log *slog.Logger) (*server.Server, string, err
 	return ns, ns.ClientURL(), nil
 }
 
-// serveMetrics serves /metrics, /healthz and /readyz until ctx is done.
-func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error, log *slog.Logger) (func() error, error) {
-	if addr == "" {
-		return func() error { <-ctx.Done(); return nil }, nil
-	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics-addr %s: %v", addr, err)
+// serveMetrics serves /metrics, /healthz and /readyz on ln (nil: nothing)
+// until ctx is done.
+func serveMetrics(ctx context.Context, ln net.Listener, reg *prometheus.Registry, ready func() error, log *slog.Logger) func() error {
+	if ln == nil {
+		return func() error { <-ctx.Done(); return nil }
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
@@ -252,7 +226,7 @@ func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, re
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := ready(); err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		io.WriteString(w, "ok\n")
@@ -270,7 +244,7 @@ func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, re
 			return err
 		}
 		return nil
-	}, nil
+	}
 }
 
 func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
@@ -284,6 +258,12 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := os.MkdirAll(c.DataDir, 0o750); err != nil {
 		return fmt.Errorf("--data-dir: %v", err)
 	}
+	ln, err := listenMetrics(c.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	defer closeListener(ln)
+	deps := health.NewSet(reg)
 	natsURL := c.NATS
 	stage := true
 	if natsURL == "" {
@@ -295,12 +275,14 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 		natsURL = u
 		stage = false // only this process's archivers exist; they read the spool
 	}
-	b, err := connectBus(ctx, c, natsURL, log)
+	// An external NATS that is unreachable is waited for when the receiver
+	// has run before; on a first start it is taken for a mistake.
+	b, watchNATS, err := connectBus(ctx, c, natsURL, log, deps, c.NATS != "" && spoolUsed(c))
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	arch, err := newArchiver(ctx, c, b, log, reg, true)
+	arch, watchS3, err := newArchiver(ctx, c, b, log, reg, deps, true)
 	if err != nil {
 		return err
 	}
@@ -308,7 +290,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, c, reg, log, b, recv, arch)
+	return runAll(ctx, "run", ln, reg, log, deps, b, recv, arch, watchNATS, watchS3)
 }
 
 func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -322,7 +304,13 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 	if c.Dest == "" {
 		return fmt.Errorf("%w: receive needs --dest, the destination the archivers write to (with --s3-endpoint if they use one): only their confirmations may move the slot", errUsage)
 	}
-	b, err := connectBus(ctx, c, c.NATS, log)
+	ln, err := listenMetrics(c.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	defer closeListener(ln)
+	deps := health.NewSet(reg)
+	b, watchNATS, err := connectBus(ctx, c, c.NATS, log, deps, spoolUsed(c))
 	if err != nil {
 		return err
 	}
@@ -331,7 +319,7 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, c, reg, log, b, recv, nil)
+	return runAll(ctx, "receive", ln, reg, log, deps, b, recv, nil, watchNATS)
 }
 
 func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -345,36 +333,42 @@ func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
 	if c.Dest == "" {
 		return fmt.Errorf("%w: archive needs --dest s3://bucket/prefix or file:///path", errUsage)
 	}
-	b, err := connectBus(ctx, c, c.NATS, log)
+	ln, err := listenMetrics(c.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	defer closeListener(ln)
+	deps := health.NewSet(reg)
+	// Archivers hold no state: they wait for an unreachable NATS.
+	b, watchNATS, err := connectBus(ctx, c, c.NATS, log, deps, true)
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	arch, err := newArchiver(ctx, c, b, log, reg, false)
+	arch, watchS3, err := newArchiver(ctx, c, b, log, reg, deps, false)
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, c, reg, log, b, nil, arch)
+	return runAll(ctx, "archive", ln, reg, log, deps, b, nil, arch, watchNATS, watchS3)
 }
 
-// runAll runs the receiver and/or archiver and the metrics server until ctx
-// is done or one fails. A receiver that stops on its own ends the process.
-func runAll(ctx context.Context, c *config, reg *prometheus.Registry, log *slog.Logger, b *bus.Bus, recv *receiver.Receiver, arch *archiver.Archiver) error {
-	ready := func() error {
-		if !b.Conn().IsConnected() {
-			return errors.New("nats not connected")
-		}
-		return nil
-	}
+// runAll runs the receiver and/or archiver, the metrics server, the
+// dependency watchers and the process record until ctx is done or one
+// fails. A receiver that stops on its own ends the process; so does a
+// watcher that finds a misconfiguration when its dependency first answers.
+func runAll(ctx context.Context, role string, ln net.Listener, reg *prometheus.Registry, log *slog.Logger, deps *health.Set,
+	b *bus.Bus, recv *receiver.Receiver, arch *archiver.Archiver, watchers ...watcher) error {
 	g, gctx := errgroup.WithContext(ctx)
-	serve, err := serveMetrics(gctx, c.MetricsAddr, reg, ready, log)
-	if err != nil {
-		return err
-	}
 	// The archivers keep running while the receiver shuts down, so that its
 	// last segments can still be confirmed; they stop when it has.
 	archCtx, stopArch := context.WithCancel(context.WithoutCancel(ctx))
-	g.Go(serve)
+	g.Go(serveMetrics(gctx, ln, reg, deps.Ready, log))
+	for _, w := range watchers {
+		if w != nil {
+			g.Go(func() error { return w(gctx) })
+		}
+	}
+	g.Go(func() error { return recordProcess(gctx, role, b, deps, log) })
 	if arch != nil {
 		g.Go(func() error {
 			err := arch.Run(archCtx, source(b))
@@ -396,12 +390,18 @@ func runAll(ctx context.Context, c *config, reg *prometheus.Registry, log *slog.
 			return nil
 		})
 	}
-	err = g.Wait()
+	err := g.Wait()
 	stopArch()
 	if err == nil {
 		log.Info("stopped")
 	}
 	return err
+}
+
+func closeListener(ln net.Listener) {
+	if ln != nil {
+		ln.Close()
+	}
 }
 
 func absPath(p string) string {

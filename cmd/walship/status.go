@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"sort"
 	"time"
 
 	"github.com/walship/walship/pipeline"
@@ -38,6 +39,7 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := newFlagSet("status", c, gPG|gNATS)
 	asJSON := fs.Bool("json", false, "print as JSON")
 	server := fs.String("server", "", "only this server")
+	processes := fs.Bool("processes", false, "list the walship processes and what they can reach (with --json: as JSON)")
 	rest, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -54,8 +56,11 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var out []serverStatus
 	now := time.Now()
+	if *processes {
+		return printProcesses(stdout, snap.Processes, now, *asJSON)
+	}
+	var out []serverStatus
 	for _, st := range snap.States {
 		if *server != "" && st.Server != *server {
 			continue
@@ -106,7 +111,7 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 			fmt.Fprintf(stdout, "  slot %s: exists %v, wal_status %s, restart_lsn %s, active %v\n", s.ServerState.Slot, s.Slot.Exists, s.Slot.WALStatus, s.Slot.RestartLSN, s.Slot.Active)
 		}
 	}
-	return nil
+	return printProcesses(stdout, snap.Processes, now, false)
 }
 
 func pgSlotInfo(ctx context.Context, c *config, slot string) *slotInfo {
@@ -130,4 +135,51 @@ func pgSlotInfo(ctx context.Context, c *config, slot string) *slotInfo {
 		info.ReplWrite, info.ReplFlush = string(res.Rows[0][0]), string(res.Rows[0][1])
 	}
 	return info
+}
+
+// printProcesses lists the processes that recorded themselves, and what
+// each cannot reach. A record not refreshed for a minute is marked stale:
+// its process stopped, or cannot reach NATS.
+func printProcesses(w io.Writer, ps []pipeline.ProcessState, now time.Time, asJSON bool) error {
+	sort.Slice(ps, func(i, j int) bool {
+		if ps[i].Role != ps[j].Role {
+			return ps[i].Role < ps[j].Role
+		}
+		if ps[i].Host != ps[j].Host {
+			return ps[i].Host < ps[j].Host
+		}
+		return ps[i].PID < ps[j].PID
+	})
+	if asJSON {
+		if ps == nil {
+			ps = []pipeline.ProcessState{}
+		}
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(ps)
+	}
+	if len(ps) == 0 {
+		fmt.Fprintln(w, "no walship processes recorded in NATS in the last few minutes")
+		return nil
+	}
+	fmt.Fprintln(w, "processes:")
+	for _, p := range ps {
+		age := now.Sub(p.Updated)
+		state := "ready"
+		switch {
+		case age > time.Minute:
+			state = fmt.Sprintf("stale (record %.0fs old: stopped, or cannot reach NATS)", age.Seconds())
+		case !p.Ready:
+			state = "NOT READY"
+		}
+		fmt.Fprintf(w, "  %s on %s (pid %d): %s\n", p.Role, p.Host, p.PID, state)
+		for _, d := range p.Dependencies {
+			if d.Up {
+				fmt.Fprintf(w, "    %s: up\n", d.Name)
+			} else {
+				fmt.Fprintf(w, "    %s: UNAVAILABLE for %s: %s\n", d.Name, now.Sub(d.Since).Round(time.Second), d.Error)
+			}
+		}
+	}
+	return nil
 }

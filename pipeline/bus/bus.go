@@ -14,10 +14,12 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -35,16 +37,20 @@ type Names struct {
 	Spool    string // object store of staged segment bytes
 	State    string // key-value bucket of per-server state
 	Consumer string // durable consumer of the archiver pool
+	// Processes is the key-value bucket where each walship process records
+	// whether it can reach what it needs; its entries expire.
+	Processes string
 }
 
 // DefaultNames are the resource names DESIGN.md gives.
 func DefaultNames() Names {
 	return Names{
-		Segments: "WALSHIP_SEGMENTS",
-		Archived: "WALSHIP_ARCHIVED",
-		Spool:    "WALSHIP_SPOOL",
-		State:    "WALSHIP_STATE",
-		Consumer: "walship-archivers",
+		Segments:  "WALSHIP_SEGMENTS",
+		Archived:  "WALSHIP_ARCHIVED",
+		Spool:     "WALSHIP_SPOOL",
+		State:     "WALSHIP_STATE",
+		Consumer:  "walship-archivers",
+		Processes: "WALSHIP_PROCESSES",
 	}
 }
 
@@ -64,19 +70,41 @@ func DefaultOptions() Options {
 	return Options{Names: DefaultNames(), Replicas: 1, AckWait: time.Minute, ArchivedMaxAge: 7 * 24 * time.Hour, DedupWindow: 2 * time.Minute}
 }
 
-// Bus is a connection to JetStream with walship's resources in place.
+// Bus is a connection to JetStream with walship's resources in place, or,
+// from Open, on its way there: until Setup has created the resources every
+// operation fails with an error wrapping ErrNotReady (Next and
+// WatchArchived wait instead).
 type Bus struct {
 	nc   *nats.Conn
 	js   jetstream.JetStream
+	url  string
 	opts Options
-	obj  jetstream.ObjectStore
-	kv   jetstream.KeyValue
 	log  *slog.Logger
 	rl   *ratelog.Limiter
+
+	setupMu sync.Mutex
+	res     atomic.Pointer[resources] // nil until Setup created them
+	ready   chan struct{}             // closed when res is set
+	wake    chan struct{}             // the connection was made or lost: check now
+	connErr atomic.Pointer[error]     // the last failed connection attempt
 
 	consMu sync.Mutex
 	cons   jetstream.Consumer // the archivers' consumer, looked up on first use
 }
+
+// resources are what Setup creates.
+type resources struct {
+	obj   jetstream.ObjectStore
+	kv    jetstream.KeyValue
+	procs jetstream.KeyValue
+}
+
+// ErrNotReady is wrapped by operations tried before Setup has created
+// walship's resources (NATS unreachable since the process started).
+var ErrNotReady = errors.New("nats not ready")
+
+// errNotConnected is the reason while no connection attempt has failed yet.
+var errNotConnected = errors.New("not connected")
 
 // SegmentSubject is the subject of a server's segment events.
 func SegmentSubject(server string) string { return "walship." + server + ".segment" }
@@ -84,58 +112,78 @@ func SegmentSubject(server string) string { return "walship." + server + ".segme
 // ArchivedSubject is the subject of a server's archived confirmations.
 func ArchivedSubject(server string) string { return "walship." + server + ".archived" }
 
-// Connect dials NATS and creates or updates the resources. After a
-// successful connect the client reconnects forever; callers see errors from
-// individual operations while NATS is away, and retry.
+// Connect dials NATS and creates or updates the resources; an unreachable
+// server is an error at once. After a successful connect the client
+// reconnects forever; callers see errors from individual operations while
+// NATS is away, and retry. Unavailable tells from its error whether NATS
+// was only unreachable.
 func Connect(ctx context.Context, url string, opts Options, log *slog.Logger, extra ...nats.Option) (*Bus, error) {
+	b, err := dial(url, opts, log, false, extra...)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.Setup(ctx); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// Open is Connect for a process that waits out an unreachable NATS: it
+// returns at once, the client connects (and reconnects) in the background
+// every second, and the resources are created by Setup, which the caller
+// retries until it succeeds (ConnChanged says when a connection was made).
+// Only a malformed URL or option is an error.
+func Open(url string, opts Options, log *slog.Logger, extra ...nats.Option) (*Bus, error) {
+	return dial(url, opts, log, true, extra...)
+}
+
+func dial(url string, opts Options, log *slog.Logger, retry bool, extra ...nats.Option) (*Bus, error) {
+	b := &Bus{url: url, opts: opts, log: log, rl: ratelog.New(log, 30*time.Second),
+		ready: make(chan struct{}), wake: make(chan struct{}, 1)}
+	nudge := func() {
+		select {
+		case b.wake <- struct{}{}:
+		default:
+		}
+	}
 	nopts := append([]nats.Option{
 		nats.Name("walship"),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
 		nats.Timeout(5 * time.Second),
+		nats.RetryOnFailedConnect(retry),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				log.Warn("nats disconnected", "error", err)
 			}
+			nudge()
 		}),
-		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", "url", c.ConnectedUrlRedacted()) }),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				b.connErr.Store(&err)
+			}
+		}),
+		nats.ConnectHandler(func(c *nats.Conn) {
+			log.Info("nats connected", "url", c.ConnectedUrlRedacted())
+			nudge()
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) {
+			log.Info("nats reconnected", "url", c.ConnectedUrlRedacted())
+			nudge()
+		}),
 	}, extra...)
 	nc, err := nats.Connect(url, nopts...)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach NATS at %s: %v: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
+		return nil, fmt.Errorf("cannot reach NATS at %s: %w: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
-	b := &Bus{nc: nc, js: js, opts: opts, log: log, rl: ratelog.New(log, 30*time.Second)}
-	// In a cluster, processes that start together race to create the same
-	// stream, and nats-server (2.15.2) never answers a create that
-	// duplicates one in flight: it applies it as already answered. So each
-	// attempt has its own deadline, and the next, after a random pause that
-	// ends the race, finds the resources and updates them, which is
-	// answered. setup is idempotent.
-	attempt := 2 * time.Second
-	for {
-		actx, cancel := context.WithTimeout(ctx, attempt)
-		err := b.setup(actx)
-		timedOut := actx.Err() != nil
-		cancel()
-		if err == nil {
-			return b, nil
-		}
-		if !timedOut || ctx.Err() != nil {
-			nc.Close()
-			return nil, err
-		}
-		log.Warn("nats: no answer while setting up JetStream resources; trying again", "error", err)
-		attempt = min(2*attempt, 10*time.Second)
-		select {
-		case <-ctx.Done():
-		case <-time.After(rand.N(time.Second)):
-		}
-	}
+	b.nc, b.js = nc, js
+	return b, nil
 }
 
 // Close drains nothing and closes the connection.
@@ -144,13 +192,139 @@ func (b *Bus) Close() { b.nc.Close() }
 // Conn is the underlying connection, for health checks.
 func (b *Bus) Conn() *nats.Conn { return b.nc }
 
-func (b *Bus) setup(ctx context.Context) error {
+// ConnChanged is signalled when the client connects, reconnects or
+// disconnects: a moment to call Setup without waiting for the next retry.
+func (b *Bus) ConnChanged() <-chan struct{} { return b.wake }
+
+// Setup creates or updates walship's resources once a server answers, and
+// after that reports whether the bus can be used now: nil when connected
+// and JetStream answers. Its errors satisfy Unavailable when NATS is only
+// unreachable or not answering, so that the caller waits and tries again.
+func (b *Bus) Setup(ctx context.Context) error {
+	b.setupMu.Lock()
+	defer b.setupMu.Unlock()
+	if !b.nc.IsConnected() {
+		return b.unreachable()
+	}
+	if b.res.Load() != nil {
+		if _, err := b.js.AccountInfo(ctx); err != nil {
+			return fmt.Errorf("nats at %s: jetstream: %w", redact(b.url), err)
+		}
+		return nil
+	}
+	r, err := b.setupRetrying(ctx)
+	if err != nil {
+		return err
+	}
+	b.res.Store(r)
+	close(b.ready)
+	return nil
+}
+
+// unreachable says why there is no connection.
+func (b *Bus) unreachable() error {
+	cause := errNotConnected
+	if p := b.connErr.Load(); p != nil {
+		cause = *p
+	}
+	if b.nc.IsClosed() {
+		cause = fmt.Errorf("%w: %w", nats.ErrConnectionClosed, cause)
+	}
+	return fmt.Errorf("cannot reach NATS at %s: %w", redact(b.url), cause)
+}
+
+// resources returns walship's resources, or why they are not there yet.
+func (b *Bus) resources() (*resources, error) {
+	if r := b.res.Load(); r != nil {
+		return r, nil
+	}
+	reason := errors.New("creating walship's JetStream resources")
+	if !b.nc.IsConnected() {
+		reason = b.unreachable()
+	}
+	return nil, fmt.Errorf("%w: %w", ErrNotReady, reason)
+}
+
+// awaitSetup waits up to d for Setup to have created the resources.
+func (b *Bus) awaitSetup(ctx context.Context, d time.Duration) bool {
+	if b.res.Load() != nil {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-b.ready:
+		return true
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	return false
+}
+
+// Unavailable reports whether err means NATS cannot be reached or cannot
+// answer now — no connection, a timeout, no responders, a JetStream
+// that is temporarily unavailable (a cluster without a leader), out of
+// resources — so that waiting and trying again may succeed. Everything
+// else is taken for a misconfiguration that no retry fixes: a malformed
+// URL, authorization or TLS failures, JetStream disabled, a resource
+// configured otherwise than walship needs.
+func Unavailable(err error) bool {
+	if err == nil || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) ||
+		errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
+		return false
+	}
+	for _, target := range []error{ErrNotReady, errNotConnected, nats.ErrNoServers, nats.ErrTimeout, nats.ErrNoResponders,
+		nats.ErrConnectionReconnecting, nats.ErrDisconnected, nats.ErrStaleConnection, context.DeadlineExceeded, io.EOF} {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		return api.Code == 503 || api.ErrorCode == 10008 // JetStream system temporarily unavailable
+	}
+	var ae *net.AddrError
+	if errors.As(err, &ae) {
+		return false
+	}
+	var oe *net.OpError
+	var de *net.DNSError
+	return errors.As(err, &oe) || errors.As(err, &de) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// setupRetrying is setup with attempts of their own deadline. In a
+// cluster, processes that start together race to create the same stream,
+// and nats-server (2.15.2) never answers a create that duplicates one in
+// flight: it applies it as already answered. The next attempt, after a
+// random pause that ends the race, finds the resources and updates them,
+// which is answered. setup is idempotent.
+func (b *Bus) setupRetrying(ctx context.Context) (*resources, error) {
+	attempt := 2 * time.Second
+	for {
+		actx, cancel := context.WithTimeout(ctx, attempt)
+		r, err := b.setup(actx)
+		timedOut := actx.Err() != nil
+		cancel()
+		if err == nil || !timedOut || ctx.Err() != nil {
+			return r, err
+		}
+		b.log.Warn("nats: no answer while setting up JetStream resources; trying again", "error", err)
+		attempt = min(2*attempt, 10*time.Second)
+		select {
+		case <-ctx.Done():
+		case <-time.After(rand.N(time.Second)):
+		}
+	}
+}
+
+func (b *Bus) setup(ctx context.Context) (*resources, error) {
 	n := b.opts.Names
 	if _, err := b.js.AccountInfo(ctx); err != nil {
 		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
-			return errors.New("NATS server has JetStream disabled: start nats-server with -js")
+			return nil, fmt.Errorf("NATS server has JetStream disabled (%w): start nats-server with -js", err)
 		}
-		return fmt.Errorf("jetstream account info: %w", err)
+		return nil, fmt.Errorf("jetstream account info: %w", err)
 	}
 	_, err := b.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        n.Segments,
@@ -162,7 +336,7 @@ func (b *Bus) setup(ctx context.Context) error {
 		Duplicates:  b.opts.DedupWindow,
 	})
 	if err != nil {
-		return fmt.Errorf("create stream %s: %w", n.Segments, err)
+		return nil, fmt.Errorf("create stream %s: %w", n.Segments, err)
 	}
 	_, err = b.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        n.Archived,
@@ -175,7 +349,7 @@ func (b *Bus) setup(ctx context.Context) error {
 		Duplicates:  b.opts.DedupWindow,
 	})
 	if err != nil {
-		return fmt.Errorf("create stream %s: %w", n.Archived, err)
+		return nil, fmt.Errorf("create stream %s: %w", n.Archived, err)
 	}
 	_, err = b.js.CreateOrUpdateConsumer(ctx, n.Segments, jetstream.ConsumerConfig{
 		Durable:       n.Consumer,
@@ -187,35 +361,59 @@ func (b *Bus) setup(ctx context.Context) error {
 		FilterSubject: "walship.*.segment",
 	})
 	if err != nil {
-		return fmt.Errorf("create consumer %s: %w", n.Consumer, err)
+		return nil, fmt.Errorf("create consumer %s: %w", n.Consumer, err)
 	}
-	b.obj, err = b.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+	r := &resources{}
+	r.obj, err = b.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
 		Bucket:      n.Spool,
 		Description: "walship staged segment bytes",
 		Storage:     jetstream.FileStorage,
 		Replicas:    b.opts.Replicas,
 	})
 	if err != nil {
-		return fmt.Errorf("create object store %s: %w", n.Spool, err)
+		return nil, fmt.Errorf("create object store %s: %w", n.Spool, err)
 	}
-	b.kv, err = b.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	r.kv, err = b.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 		Bucket:      n.State,
 		Description: "walship per-server state",
 		Storage:     jetstream.FileStorage,
 		Replicas:    b.opts.Replicas,
 	})
 	if err != nil {
-		return fmt.Errorf("create key-value %s: %w", n.State, err)
+		return nil, fmt.Errorf("create key-value %s: %w", n.State, err)
 	}
-	return nil
+	if n.Processes != "" {
+		r.procs, err = b.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      n.Processes,
+			Description: "walship processes and what they can reach; entries expire",
+			Storage:     jetstream.FileStorage,
+			Replicas:    b.opts.Replicas,
+			TTL:         ProcessTTL,
+		})
+		if err != nil {
+			// Only `walship status` reads it: a process that may not create
+			// it (an operator made the resources, permissions are narrow)
+			// works without.
+			b.log.Warn("cannot create the processes bucket; this process will not show in 'walship status --processes'", "bucket", n.Processes, "error", err)
+			r.procs = nil
+		}
+	}
+	return r, nil
 }
+
+// ProcessTTL is how long a process's record outlives its last refresh.
+const ProcessTTL = 10 * time.Minute
 
 // PutObject stages a WAL file's bytes in the object store.
 func (b *Bus) PutObject(ctx context.Context, name string, r io.Reader) error {
+	res, err := b.resources()
+	if err != nil {
+		return fmt.Errorf("stage object %s: %w", name, err)
+	}
 	// Large chunks mean fewer messages per segment: less CPU on both ends.
 	chunk := min(b.nc.MaxPayload()-8192, 1<<20)
 	meta := jetstream.ObjectMeta{Name: name, Opts: &jetstream.ObjectMetaOptions{ChunkSize: uint32(max(chunk, 128<<10))}}
-	if _, err := b.obj.Put(ctx, meta, r); err != nil {
+	if _, err := res.obj.Put(ctx, meta, r); err != nil {
 		return fmt.Errorf("stage object %s: %w", name, err)
 	}
 	return nil
@@ -297,7 +495,11 @@ func (b *Bus) leaderHasObject(ctx context.Context, name string) (bool, error) {
 }
 
 func (b *Bus) getObject(ctx context.Context, name string, buf []byte) ([]byte, error) {
-	res, err := b.obj.Get(ctx, name)
+	rs, err := b.resources()
+	if err != nil {
+		return nil, fmt.Errorf("get staged object %s: %w", name, err)
+	}
+	res, err := rs.obj.Get(ctx, name)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return nil, fmt.Errorf("get staged object %s: %w", name, os.ErrNotExist)
 	}
@@ -322,7 +524,11 @@ func (b *Bus) getObject(ctx context.Context, name string, buf []byte) ([]byte, e
 
 // DeleteObject removes a staged object; a missing one is not an error.
 func (b *Bus) DeleteObject(ctx context.Context, name string) error {
-	if err := b.obj.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+	res, err := b.resources()
+	if err != nil {
+		return fmt.Errorf("delete staged object %s: %w", name, err)
+	}
+	if err := res.obj.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
 		return fmt.Errorf("delete staged object %s: %w", name, err)
 	}
 	return nil
@@ -331,7 +537,11 @@ func (b *Bus) DeleteObject(ctx context.Context, name string) error {
 // HasObject reports whether the object store holds name with the given
 // SHA-256 (hex), so a republish needs no new copy of the bytes.
 func (b *Bus) HasObject(ctx context.Context, name, sha256 string) (bool, error) {
-	info, err := b.obj.GetInfo(ctx, name)
+	res, err := b.resources()
+	if err != nil {
+		return false, fmt.Errorf("staged object %s: %w", name, err)
+	}
+	info, err := res.obj.GetInfo(ctx, name)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return false, nil
 	}
@@ -352,11 +562,14 @@ func (b *Bus) HasObject(ctx context.Context, name, sha256 string) (bool, error) 
 // PublishSegment publishes a segment event, waits for JetStream's ack and
 // returns the event's stream sequence.
 func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) (uint64, error) {
+	if _, err := b.resources(); err != nil {
+		return 0, fmt.Errorf("publish segment event %s: %w", ev.File, err)
+	}
 	data, err := json.Marshal(ev)
 	if err != nil {
 		return 0, err
 	}
-	ack, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()))
+	ack, err := b.js.Publish(ctx, SegmentSubject(ev.Server), data, jetstream.WithMsgID(ev.PublishID()))
 	if err != nil {
 		return 0, fmt.Errorf("publish segment event %s: %w", ev.File, err)
 	}
@@ -367,6 +580,9 @@ func (b *Bus) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) (ui
 // message ID msgID is still in the work queue: not yet acknowledged or
 // terminated by an archiver.
 func (b *Bus) Queued(ctx context.Context, seq uint64, msgID string) (bool, error) {
+	if _, err := b.resources(); err != nil {
+		return false, err
+	}
 	s, err := b.js.Stream(ctx, b.opts.Names.Segments)
 	if err != nil {
 		return false, fmt.Errorf("stream %s: %w", b.opts.Names.Segments, err)
@@ -384,11 +600,14 @@ func (b *Bus) Queued(ctx context.Context, seq uint64, msgID string) (bool, error
 // PublishArchived publishes an archived confirmation and waits for
 // JetStream's ack.
 func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) error {
+	if _, err := b.resources(); err != nil {
+		return fmt.Errorf("publish archived event %s: %w", ev.File, err)
+	}
 	data, err := json.Marshal(ev)
 	if err != nil {
 		return err
 	}
-	if _, err := b.js.Publish(ctx, ArchivedSubject(ev.Server), data, jetstream.WithMsgID(ev.MsgID()+"/archived")); err != nil {
+	if _, err := b.js.Publish(ctx, ArchivedSubject(ev.Server), data, jetstream.WithMsgID(ev.PublishID()+"/archived")); err != nil {
 		return fmt.Errorf("publish archived event %s: %w", ev.File, err)
 	}
 	return nil
@@ -396,6 +615,9 @@ func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) e
 
 // Consumer is the archiver pool's durable consumer.
 func (b *Bus) consumer(ctx context.Context) (jetstream.Consumer, error) {
+	if _, err := b.resources(); err != nil {
+		return nil, err
+	}
 	c, err := b.js.Consumer(ctx, b.opts.Names.Segments, b.opts.Names.Consumer)
 	if err != nil {
 		return nil, fmt.Errorf("consumer %s: %w", b.opts.Names.Consumer, err)
@@ -415,6 +637,9 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 	bo := backoff.New(250*time.Millisecond, 10*time.Second)
 	var last atomic.Uint64 // stream sequence of the last event delivered
 	for ctx.Err() == nil {
+		if !b.awaitSetup(ctx, time.Minute) {
+			continue
+		}
 		// One reset attempt: nats.go resets an ordered consumer under the
 		// same consumer name, and in a cluster an R1 consumer placed on a
 		// node that has just died keeps that name unanswered until the
@@ -487,10 +712,40 @@ func (b *Bus) WatchArchived(ctx context.Context, server string, since time.Time,
 
 // PutState records a server's state (JSON) in the key-value bucket.
 func (b *Bus) PutState(ctx context.Context, server string, state []byte) error {
-	if _, err := b.kv.Put(ctx, server, state); err != nil {
+	res, err := b.resources()
+	if err != nil {
+		return fmt.Errorf("put state %s: %w", server, err)
+	}
+	if _, err := res.kv.Put(ctx, server, state); err != nil {
 		return fmt.Errorf("put state %s: %w", server, err)
 	}
 	return nil
+}
+
+// PutProcess records a process's state (JSON) under key in the processes
+// bucket, where it expires ProcessTTL after its last refresh. Keys are
+// made of letters, digits, '-', '_', '=' and '.'.
+func (b *Bus) PutProcess(ctx context.Context, key string, state []byte) error {
+	res, err := b.resources()
+	if err != nil {
+		return fmt.Errorf("put process %s: %w", key, err)
+	}
+	if res.procs == nil {
+		return nil
+	}
+	if _, err := res.procs.Put(ctx, key, state); err != nil {
+		return fmt.Errorf("put process %s: %w", key, err)
+	}
+	return nil
+}
+
+// DeleteProcess removes a process's record, when it stops.
+func (b *Bus) DeleteProcess(ctx context.Context, key string) error {
+	res, err := b.resources()
+	if err != nil || res.procs == nil {
+		return err
+	}
+	return res.procs.Delete(ctx, key)
 }
 
 // Pending is the number of segment events not yet acknowledged by the
@@ -564,6 +819,7 @@ type Snapshot struct {
 	ArchivedAt   map[string]time.Time
 	Backlog      uint64
 	BacklogKnown bool
+	Processes    []pipeline.ProcessState // walship processes that recorded themselves recently
 }
 
 // ReadSnapshot reads every server's state, its last archived
@@ -603,6 +859,21 @@ func ReadSnapshot(ctx context.Context, url string, names Names) (*Snapshot, erro
 				if ev, err := pipeline.DecodeArchivedEvent(m.Data); err == nil {
 					snap.LastArchived[st.Server] = &ev
 					snap.ArchivedAt[st.Server] = m.Time
+				}
+			}
+		}
+	}
+	if names.Processes != "" {
+		if pkv, err := js.KeyValue(ctx, names.Processes); err == nil {
+			pkeys, _ := pkv.Keys(ctx)
+			for _, k := range pkeys {
+				e, err := pkv.Get(ctx, k)
+				if err != nil {
+					continue
+				}
+				var ps pipeline.ProcessState
+				if json.Unmarshal(e.Value(), &ps) == nil && ps.Role != "" {
+					snap.Processes = append(snap.Processes, ps)
 				}
 			}
 		}

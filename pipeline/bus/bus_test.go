@@ -47,7 +47,7 @@ func TestQueued(t *testing.T) {
 	if err != nil || seq == 0 {
 		t.Fatalf("publish: seq %d, %v", seq, err)
 	}
-	if q, err := b.Queued(ctx, seq, ev.MsgID()); err != nil || !q {
+	if q, err := b.Queued(ctx, seq, ev.PublishID()); err != nil || !q {
 		t.Fatalf("fresh event: queued %v, %v", q, err)
 	}
 	if q, _ := b.Queued(ctx, seq, "someone/else"); q {
@@ -60,7 +60,7 @@ func TestQueued(t *testing.T) {
 	if err := d.Ack(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if q, err := b.Queued(ctx, seq, ev.MsgID()); err != nil || q {
+	if q, err := b.Queued(ctx, seq, ev.PublishID()); err != nil || q {
 		t.Errorf("acknowledged event: queued %v, %v", q, err)
 	}
 }

@@ -36,9 +36,13 @@ func (d *Delivery) Term(reason string) error { return d.msg.TermWithReason(reaso
 func (d *Delivery) InProgress() error { return d.msg.InProgress() }
 
 // Next waits up to expires for the next segment event for the archivers;
-// it returns nil, nil when none came. The consumer is looked up again after
+// it returns nil, nil when none came (also while Setup has not yet created
+// the resources). The consumer is looked up again after
 // an error, so a recreated stream or consumer is picked up.
 func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error) {
+	if !b.awaitSetup(ctx, expires) {
+		return nil, nil // NATS not reached since the start: nothing to fetch yet
+	}
 	b.consMu.Lock()
 	cons := b.cons
 	b.consMu.Unlock()

@@ -2,11 +2,14 @@ package receiver
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,6 +46,9 @@ type Core struct {
 	// after a restart) never interleave, so a removal never takes a newer
 	// file than the one confirmed.
 	fileMu sync.Mutex
+	// done are the markers of archived segments (path by segment), removed
+	// once flush passes them.
+	done map[pipeline.Segment]string
 }
 
 // CoreConfig configures a Core.
@@ -58,7 +64,10 @@ type CoreConfig struct {
 	StageObjects bool
 	// Dest is the destination confirmations must name (sinks.DestID);
 	// empty accepts any.
-	Dest    string
+	Dest string
+	// Run names this run of the receiver in its events (see
+	// pipeline.SegmentEvent.Run); empty: random.
+	Run     string
 	Log     *slog.Logger
 	Metrics *Metrics
 }
@@ -76,6 +85,11 @@ func NewCore(cfg CoreConfig) (*Core, error) {
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(prometheus.NewRegistry())
+	}
+	if cfg.Run == "" {
+		var b [6]byte
+		rand.Read(b[:])
+		cfg.Run = hex.EncodeToString(b[:])
 	}
 	sp, err := newSpool(cfg.FS, cfg.Dir, cfg.Size)
 	if err != nil {
@@ -144,6 +158,10 @@ func (c *Core) Start(in StartInput) error {
 	c.tli = p.tli
 	c.tliSeen.Store(c.tli)
 	c.tr = newTracker(c.cfg.Size, p.floor, p.start, c.cfg.Dest)
+	c.done = map[pipeline.Segment]string{}
+	for _, f := range p.done {
+		c.done[f.seg] = join(c.spool.dir, f.name)
+	}
 	c.since = c.cfg.Now()
 	for _, f := range p.pending {
 		c.addFound(f)
@@ -233,10 +251,23 @@ func (c *Core) addFound(f spoolFile) {
 // confirmation came first) leaves the spool at once.
 func (c *Core) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
 	if c.tr.add(ev, hold) {
-		if err := c.spool.remove(ev.Spool); err != nil {
-			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
-		}
+		c.archivedFile(ev, ev.Spool)
 		c.m.archivedSegs.Inc()
+	}
+}
+
+// archivedFile takes a file the bucket holds out of the spool; a segment
+// leaves a marker, so that a restart does not stream it again.
+func (c *Core) archivedFile(ev pipeline.SegmentEvent, path string) {
+	if ev.Kind == pipeline.KindSegment {
+		if err := c.spool.markDone(path); err != nil {
+			c.rl.Warn("remove", "cannot mark an archived segment in the spool; it stays there", "segment", ev.File, "error", err)
+			return
+		}
+		c.done[pipeline.SegmentOf(ev.Timeline, ev.StartLSN, c.cfg.Size)] = path + doneSuffix
+	}
+	if err := c.spool.remove(path); err != nil {
+		c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
 	}
 }
 
@@ -373,8 +404,24 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 		return
 	}
 	if path != "" {
-		if err := c.spool.remove(path); err != nil {
-			c.rl.Warn("remove", "cannot remove an archived file from the spool", "segment", ev.File, "error", err)
+		c.archivedFile(ev.SegmentEvent, path)
+	}
+	if moved {
+		// Markers behind flush are no longer needed: a restart starts
+		// after them.
+		flush := c.Flush()
+		var gone []pipeline.Segment
+		for seg := range c.done {
+			if seg.EndLSN(c.cfg.Size) <= flush {
+				gone = append(gone, seg)
+			}
+		}
+		sort.Slice(gone, func(i, j int) bool {
+			return gone[i].No < gone[j].No || gone[i].No == gone[j].No && gone[i].Timeline < gone[j].Timeline
+		})
+		for _, seg := range gone {
+			c.cfg.FS.Remove(c.done[seg])
+			delete(c.done, seg)
 		}
 	}
 	c.m.archivedSegs.Inc()
@@ -419,7 +466,7 @@ func (c *Core) Publish(ctx context.Context, pub Publisher, p PublishItem) error 
 	}
 	if it.check {
 		if qc, ok := pub.(QueueChecker); ok && it.seq != 0 {
-			queued, err := qc.Queued(ctx, it.seq, it.ev.MsgID())
+			queued, err := qc.Queued(ctx, it.seq, it.ev.PublishID())
 			if err != nil {
 				return err
 			}
@@ -497,7 +544,7 @@ func (c *Core) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
 		File: name, Kind: pipeline.KindSegment,
 		StartLSN: seg.StartLSN(c.cfg.Size), EndLSN: seg.EndLSN(c.cfg.Size),
 		Size: int64(c.cfg.Size), SegSize: uint64(c.cfg.Size), SHA256: sum,
-		Spool: c.spool.path(seg),
+		Spool: c.spool.path(seg), Run: c.cfg.Run,
 	}
 	if c.cfg.StageObjects {
 		ev.Object = c.cfg.Server + "/" + name
@@ -526,7 +573,7 @@ func (c *Core) historyEvent(tli uint32, path string, data []byte) pipeline.Segme
 	ev := pipeline.SegmentEvent{
 		V: pipeline.EventVersion, Server: c.cfg.Server, SystemID: c.cfg.SystemID, Timeline: tli,
 		File: pipeline.HistoryFileName(tli), Kind: pipeline.KindHistory,
-		Size: int64(len(data)), SegSize: uint64(c.cfg.Size), SHA256: sha256Hex(data), Spool: path,
+		Size: int64(len(data)), SegSize: uint64(c.cfg.Size), SHA256: sha256Hex(data), Spool: path, Run: c.cfg.Run,
 	}
 	if c.cfg.StageObjects {
 		ev.Object = c.cfg.Server + "/" + ev.File

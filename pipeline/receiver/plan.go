@@ -35,6 +35,8 @@ type plan struct {
 	// size or checksum). Those whose WAL the server still has are written
 	// again: streaming starts at the first of them.
 	damaged []spoolFile
+	// done are markers of archived segments still ahead of the slot.
+	done []spoolFile
 }
 
 // ownerOf is the timeline that wrote position x on the server's line.
@@ -104,6 +106,16 @@ func makePlan(in planInput) plan {
 			whole[f.seg] = true
 			last = max(last, f.seg.EndLSN(size))
 		}
+	}
+	for _, f := range in.spool.done {
+		// Archived: its file left the spool after its confirmation.
+		if restart != 0 && f.seg.EndLSN(size) <= restart {
+			p.remove = append(p.remove, f.name) // the slot passed it: no longer needed
+			continue
+		}
+		whole[f.seg] = true
+		last = max(last, f.seg.EndLSN(size))
+		p.done = append(p.done, f)
 	}
 	for _, f := range in.spool.ended {
 		keep(f)

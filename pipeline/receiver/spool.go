@@ -50,6 +50,7 @@ const (
 	partialSuffix = ".partial"
 	endedInfix    = ".partial.ended"
 	sumSuffix     = ".sha256"
+	doneSuffix    = ".done"
 	lockName      = ".lock"
 )
 
@@ -103,6 +104,7 @@ type listing struct {
 	partials  []spoolFile // <segment>.partial, being written
 	ended     []spoolFile // ended timelines' last segments
 	histories []spoolFile // <tli>.history
+	done      []spoolFile // <segment>.done: archived segments whose file is gone
 	other     []string    // temporary files and anything unrecognised but ours
 }
 
@@ -170,6 +172,8 @@ func (s *spool) list() (listing, error) {
 			l.complete = append(l.complete, f)
 		case rest == partialSuffix:
 			l.partials = append(l.partials, f)
+		case rest == doneSuffix:
+			l.done = append(l.done, f)
 		case rest == endedInfix:
 			f.kind = pipeline.KindPartial
 			l.ended = append(l.ended, f) // written by an older walship: end unknown
@@ -203,6 +207,13 @@ func (s *spool) writeSum(path, sum string) error {
 func (s *spool) readSum(path string) (string, error) {
 	data, err := readAll(s.fs, path+sumSuffix)
 	return strings.TrimSpace(string(data)), err
+}
+
+// markDone leaves a durable empty marker for a segment the bucket holds,
+// before its file goes: a restart then knows the segment is archived and
+// does not stream it again, though it is missing from the spool.
+func (s *spool) markDone(path string) error {
+	return s.fs.WriteFile(path+doneSuffix, nil)
 }
 
 // remove deletes a WAL file, then its sidecar.

@@ -176,7 +176,10 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 }
 
 func splitExt(name string) (string, compress.Codec) {
-	for _, c := range []compress.Codec{compress.Zstd, compress.Gzip, compress.Snappy} {
+	for _, c := range compress.Codecs() {
+		if c.Ext() == "" {
+			continue
+		}
 		if f, ok := strings.CutSuffix(name, c.Ext()); ok {
 			return f, c
 		}

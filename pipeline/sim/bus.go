@@ -177,7 +177,7 @@ func (p publisher) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent
 		return 0, err
 	}
 	data, _ := json.Marshal(ev)
-	m, _ := p.js.segments.publish(p.js.w, ev.MsgID(), data)
+	m, _ := p.js.segments.publish(p.js.w, ev.PublishID(), data)
 	p.js.w.count("published")
 	if err := p.js.w.maybeLostReply(); err != nil {
 		return 0, err
@@ -237,7 +237,7 @@ func (b busFor) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent)
 		return err
 	}
 	data, _ := json.Marshal(ev)
-	b.js.archived.publish(b.js.w, ev.MsgID()+"/archived", data)
+	b.js.archived.publish(b.js.w, ev.PublishID()+"/archived", data)
 	return b.js.w.maybeLostReply()
 }
 

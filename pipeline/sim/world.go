@@ -285,6 +285,7 @@ func (w *World) startReceiver() {
 	core, err := receiver.NewCore(receiver.CoreConfig{
 		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
 		FS: w.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
+		Run: fmt.Sprintf("r%d", w.steps),
 		Log: w.logger("receiver"), Metrics: w.recvM,
 	})
 	if err != nil {

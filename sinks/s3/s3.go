@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -253,6 +254,36 @@ func (s *Sink) CheckBucket(ctx context.Context) error {
 		return fmt.Errorf("s3 bucket %q: %w", s.bucket, describe(err))
 	}
 	return nil
+}
+
+// Unavailable reports whether err means the store cannot be reached or
+// cannot answer now — a refused, reset or timed-out connection, a name that
+// does not resolve (a stopped container's name stops resolving), a 5xx
+// other than 501, 408 or 429 answer — so that waiting and trying again may
+// succeed. Everything else is taken for a misconfiguration that no retry
+// fixes: no such bucket, access denied (403), a wrong region (301, 400), a
+// feature the store lacks (501), a malformed endpoint, no credentials. The distinction decides whether a process starts and waits
+// or exits with the error at start-up.
+func Unavailable(err error) bool {
+	if err == nil || errors.Is(err, ErrNoBucket) {
+		return false
+	}
+	var re interface{ HTTPStatusCode() int }
+	if errors.As(err, &re) && re.HTTPStatusCode() != 0 {
+		code := re.HTTPStatusCode()
+		return code >= 500 && code != http.StatusNotImplemented || code == http.StatusRequestTimeout || code == http.StatusTooManyRequests
+	}
+	var ae *net.AddrError
+	if errors.As(err, &ae) {
+		return false // an endpoint with a malformed address or port
+	}
+	var ne net.Error
+	var oe *net.OpError
+	var de *net.DNSError
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout() ||
+		errors.As(err, &oe) || errors.As(err, &de) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 func isStatus(err error, code int) bool {

@@ -1,0 +1,345 @@
+package e2e
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
+)
+
+var (
+	chaosFaults = flag.Int("chaos.faults", 0, "faults the chaos test injects (default 30, or $WALSHIP_CHAOS_FAULTS; make chaos: 200)")
+	chaosSeed   = flag.Uint64("chaos.seed", 0, "seed of the chaos test's choices (default: from the clock, printed)")
+)
+
+// The chaos timers shrink every timer walship has, so that outages of seconds
+// outlast them all: a late confirmation is checked after 5s, an event held
+// 5s without progress goes to another archiver, a conflict is retried
+// every 5s. The defaults stay production-sized.
+var (
+	chaosRecvTimers = []string{"--republish-after", "5s", "--ack-wait", "5s", "--status-interval", "1s"}
+	chaosArchTimers = []string{"--ack-wait", "5s", "--conflict-retry", "5s"}
+)
+
+// fault is one kind of trouble the chaos test injects.
+type fault struct {
+	name   string
+	weight int
+	do     func(rng *rand.Rand) // breaks something, waits, repairs it
+}
+
+// TestChaos runs the split shape (a receiver and two archivers, talking to
+// NATS and S3 through loopback proxies that can be cut) under load, and
+// injects faults chosen from a seed: processes killed, NATS and S3 down for
+// longer than every timer, partitions, PostgreSQL restarted fast and
+// immediately, the spool's disk full. A sampler checks the invariant the
+// whole time, reading the bucket's files directly so that it keeps watching
+// while S3 is down; at the end every segment is compared with pg_wal.
+func TestChaos(t *testing.T) {
+	n := *chaosFaults
+	if n == 0 {
+		n = 30
+		if v, err := strconv.Atoi(os.Getenv("WALSHIP_CHAOS_FAULTS")); err == nil && v > 0 {
+			n = v
+		}
+	}
+	seed := *chaosSeed
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	t.Logf("chaos seed %d; replay: go test ./e2e -run 'TestChaos$' -chaos.seed=%d -chaos.faults=%d -v", seed, seed, n)
+	rng := rand.New(rand.NewPCG(seed, seed^0xC4A05))
+
+	st := newStack(t, "wal_sender_timeout = '5s'")
+	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "1", "-q"); err != nil {
+		t.Fatal(err)
+	}
+	st.pg.Exec(`CREATE TABLE bulk (id bigserial primary key, payload text)`)
+	natsProxy := testenv.StartProxy(t, strings.TrimPrefix(st.nats.URL(), "nats://"))
+	s3Proxy := testenv.StartProxy(t, strings.TrimPrefix(st.s3.Endpoint(), "http://"))
+	spool := t.TempDir()
+	disk := mountSmallDisk(t, spool, 64<<20)
+
+	dest := "s3://" + st.s3.Bucket + "/" + st.prefix
+	common := []string{"--nats", natsProxy.URL("nats"), "--log-level", "debug"}
+	recvPort := testenv.FreePort(t)
+	recvArgs := append(append([]string{"receive", "--pg", st.pg.URL("postgres"), "--server", st.server, "--create-slot",
+		"--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--spool-dir", spool, "--data-dir", t.TempDir(),
+		"--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, common...), chaosRecvTimers...)
+	archArgs := func() []string {
+		return append(append([]string{"archive", "--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--s3-path-style",
+			"--workers", "2", "--data-dir", t.TempDir(), "--metrics-addr", ""}, common...), chaosArchTimers...)
+	}
+	recv := startWalship(t, st.env(), recvArgs...)
+	archs := []*proc{startWalship(t, st.env(), archArgs()...), startWalship(t, st.env(), archArgs()...)}
+	waitFor(t, 60*time.Second, "streaming", func() bool { return st.walsenderPID() != "" })
+	initial := st.slotRestart()
+	firstSeg := uint64(segSize.Start(initial)) / uint64(segSize)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	smp := &chaosSampler{st: st, first: firstSeg, initial: initial}
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	wg.Add(2)
+	go func() { defer wg.Done(); smp.run(ctx, t) }()
+	go func() { defer wg.Done(); chaosLoad(ctx, st) }()
+
+	restart := func(p **proc, args []string) {
+		(*p).cmd.Process.Kill()
+		<-(*p).done
+		time.Sleep(time.Duration(rng.IntN(2000)) * time.Millisecond)
+		*p = startWalship(t, st.env(), args...)
+	}
+	pause := func(lo, hi int) { time.Sleep(time.Duration(lo+rng.IntN(hi-lo)) * time.Millisecond) }
+	faults := []fault{
+		{"kill -9 receiver", 4, func(rng *rand.Rand) { restart(&recv, recvArgs) }},
+		{"kill -9 archiver", 4, func(rng *rand.Rand) { i := rng.IntN(len(archs)); restart(&archs[i], archArgs()) }},
+		{"kill -9 receiver and archivers", 2, func(rng *rand.Rand) {
+			recv.cmd.Process.Kill()
+			for _, a := range archs {
+				a.cmd.Process.Kill()
+			}
+			<-recv.done
+			for i := range archs {
+				<-archs[i].done
+				archs[i] = startWalship(t, st.env(), archArgs()...)
+			}
+			recv = startWalship(t, st.env(), recvArgs...)
+		}},
+		{"NATS down", 3, func(rng *rand.Rand) { st.nats.Stop(); pause(1000, 7000); st.nats.Start() }},
+		{"S3 down past every timer", 3, func(rng *rand.Rand) { st.s3.Stop(); pause(6000, 12000); st.s3.Start() }},
+		{"PostgreSQL fast restart", 2, func(rng *rand.Rand) { st.pg.Stop("fast"); st.pg.Start() }},
+		{"PostgreSQL immediate restart", 2, func(rng *rand.Rand) { st.pg.Stop("immediate"); st.pg.Start() }},
+		{"partition from NATS", 3, func(rng *rand.Rand) { natsProxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); natsProxy.Heal() }},
+		{"partition from S3", 3, func(rng *rand.Rand) { s3Proxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); s3Proxy.Heal() }},
+	}
+	if disk != nil {
+		faults = append(faults, fault{"spool disk full", 2, func(rng *rand.Rand) {
+			disk.fill(t)
+			pause(3000, 7000)
+			disk.free()
+		}})
+	}
+	total := 0
+	for _, f := range faults {
+		total += f.weight
+	}
+	done := map[string]int{}
+	began := time.Now()
+	for i := 0; i < n; i++ {
+		r := rng.IntN(total)
+		for _, f := range faults {
+			if r -= f.weight; r < 0 {
+				smp.mark(f.name)
+				f.do(rng)
+				smp.mark("")
+				done[f.name]++
+				break
+			}
+		}
+		pause(500, 3000)
+	}
+	faultTime := time.Since(began)
+
+	// Everything is back: the archive catches up and equals pg_wal.
+	time.Sleep(2 * time.Second)
+	waitFor(t, 60*time.Second, "PostgreSQL to accept connections", func() bool {
+		c, err := pgx.Connect(context.Background(), st.pg.URL("postgres"))
+		if err == nil {
+			c.Close(context.Background())
+		}
+		return err == nil
+	})
+	end := st.switchWAL()
+	waitFor(t, 240*time.Second, "archiving to catch up after the faults", func() bool { return st.replFlush() >= end })
+	cancel()
+	wg.Wait()
+	if recv.exited() {
+		t.Errorf("the receiver exited on its own: %v", recv.err)
+	}
+	compared := st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+	var kinds []string
+	for k, v := range done {
+		kinds = append(kinds, fmt.Sprintf("%s %d", k, v))
+	}
+	sort.Strings(kinds)
+	t.Logf("%d faults in %s: %s", n, faultTime.Round(time.Second), strings.Join(kinds, ", "))
+	t.Logf("%d invariant samples (%d while S3 was down), 0 ahead of the bucket; %d segments compared byte for byte; longest flush stall %s (during: %s)",
+		smp.samples, smp.blind, compared, smp.longest.Round(100*time.Millisecond), smp.longestDuring)
+}
+
+// chaosLoad writes WAL through restarts: pgbench and bulk inserts, errors
+// ignored (the server may be restarting).
+func chaosLoad(ctx context.Context, st *stack) {
+	for ctx.Err() == nil {
+		c, stop := context.WithTimeout(ctx, 3*time.Second)
+		st.pg.Pgbench(c, "-c", "2", "-T", "2", "-n")
+		stop()
+		if conn, err := pgx.Connect(ctx, st.pg.URL("postgres")); err == nil {
+			conn.Exec(ctx, `INSERT INTO bulk (payload) SELECT md5(random()::text) || repeat('x', 200) FROM generate_series(1, 5000)`)
+			conn.Close(context.Background())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// chaosSampler checks, every 100 ms, that neither the slot's restart_lsn
+// nor the reported flush is past the contiguous run of segments in the
+// bucket. It reads the bucket's files on the gateway's disk, so it keeps
+// sampling while S3 is down or partitioned, and PostgreSQL through its own
+// connection, reconnecting through restarts.
+type chaosSampler struct {
+	st      *stack
+	first   uint64
+	initial pipeline.LSN
+
+	mu            sync.Mutex
+	during        string // the fault being injected
+	samples       int
+	blind         int // samples taken while S3 was down or cut off
+	longest       time.Duration
+	longestDuring string
+}
+
+func (s *chaosSampler) mark(fault string) {
+	s.mu.Lock()
+	s.during = fault
+	s.mu.Unlock()
+}
+
+func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background())
+		}
+	}()
+	var lastFlush pipeline.LSN
+	stallSince, stallDuring := time.Now(), ""
+	for ctx.Err() == nil {
+		time.Sleep(100 * time.Millisecond)
+		if conn == nil {
+			c, err := pgx.Connect(ctx, s.st.pg.URL("postgres"))
+			if err != nil {
+				continue
+			}
+			conn = c
+		}
+		var restart, flush, current string
+		err := conn.QueryRow(ctx, `SELECT coalesce((SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'), ''),
+			coalesce((SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = 'walship'), ''),
+			pg_current_wal_lsn()::text`).Scan(&restart, &flush, &current)
+		if err != nil {
+			conn.Close(context.Background())
+			conn = nil
+			continue
+		}
+		have, err := bucketOnDisk(s.st)
+		if err != nil {
+			continue
+		}
+		end := max(contiguousEnd(have, s.first), s.initial)
+		r, _ := pipeline.ParseLSN(restart)
+		f, _ := pipeline.ParseLSN(flush)
+		cur, _ := pipeline.ParseLSN(current)
+		s.mu.Lock()
+		s.samples++
+		if strings.Contains(s.during, "S3") {
+			s.blind++
+		}
+		if r > end || f > end {
+			t.Errorf("invariant broken during %q: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", s.during, r, f, end)
+		}
+		now := time.Now()
+		switch {
+		case f > lastFlush || cur <= f+pipeline.LSN(segSize):
+			if d := now.Sub(stallSince); d > s.longest {
+				s.longest, s.longestDuring = d, stallDuring
+			}
+			lastFlush, stallSince, stallDuring = max(f, lastFlush), now, ""
+		case s.during != "" && !strings.Contains(stallDuring, s.during):
+			stallDuring = strings.TrimPrefix(stallDuring+", "+s.during, ", ")
+		}
+		s.mu.Unlock()
+	}
+}
+
+// bucketOnDisk lists the timeline-1 segments the gateway holds, from its
+// posix store, without the gateway.
+func bucketOnDisk(st *stack) (map[uint64]string, error) {
+	dir := filepath.Join(st.s3.Root, st.s3.Bucket, st.prefix, st.server, "wals")
+	out := map[uint64]string{}
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			if os.IsNotExist(err) {
+				return nil
+			}
+			return err
+		}
+		name := strings.TrimSuffix(d.Name(), filepath.Ext(d.Name()))
+		if seg, err := pipeline.ParseSegmentName(name, segSize); err == nil && seg.Timeline == 1 && !d.IsDir() {
+			out[seg.No] = p
+		}
+		return nil
+	})
+	return out, err
+}
+
+// smallDisk is a tmpfs mounted for the spool, which a ballast file fills.
+type smallDisk struct {
+	dir     string
+	ballast string
+}
+
+// mountSmallDisk mounts a tmpfs of size bytes at dir (root only); nil when
+// it cannot, and the disk-full fault is left out.
+func mountSmallDisk(t *testing.T, dir string, size int) *smallDisk {
+	if os.Geteuid() != 0 {
+		t.Log("not root: no small disk for the spool; the disk-full fault is left out")
+		return nil
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+strconv.Itoa(size), "walship-chaos", dir).CombinedOutput(); err != nil {
+		t.Logf("mount tmpfs: %v %s; the disk-full fault is left out", err, out)
+		return nil
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return &smallDisk{dir: dir, ballast: filepath.Join(dir, ".ballast")}
+}
+
+// fill takes all the free space.
+func (d *smallDisk) fill(t *testing.T) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(d.dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * st.Bsize
+	f, err := os.Create(d.ballast)
+	if err != nil {
+		return // full already
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for written := int64(0); written < free; written += int64(len(buf)) {
+		if _, err := f.Write(buf); err != nil {
+			break
+		}
+	}
+}
+
+func (d *smallDisk) free() { os.Remove(d.ballast) }
