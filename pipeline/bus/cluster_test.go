@@ -204,3 +204,54 @@ func TestWatchArchivedSurvivesNodeLoss(t *testing.T) {
 	}
 	t.Logf("%d confirmations published, %d seen", len(published), len(got))
 }
+
+// An archiver hands an event back (Nak with a delay) just after the
+// archivers' consumer lost its leader: the nak must reach the next leader,
+// so that the event comes back after the delay, not after AckWait (the
+// flush watermark waits for it).
+func TestNakAcrossConsumerLeaderLoss(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	opts := DefaultOptions()
+	opts.Replicas = 3
+	opts.AckWait = 45 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b, err := Connect(ctx, c.URLs(), opts, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ev := event("000000010000000000000005")
+	if _, err := b.PublishSegment(ctx, &ev); err != nil {
+		t.Fatal(err)
+	}
+	d, err := b.Next(ctx, 5*time.Second)
+	if err != nil || d == nil {
+		t.Fatalf("next: %v %v", d, err)
+	}
+	leader, err := c.ConsumerLeader(ctx, "WALSHIP_SEGMENTS", "walship-archivers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader.Kill()
+	killed := time.Now()
+	if err := d.Nak(time.Second); err != nil {
+		t.Fatalf("nak after the consumer's leader died: %v", err)
+	}
+	t.Logf("nak confirmed %.1fs after %s died", time.Since(killed).Seconds(), leader.Name)
+	for time.Since(killed) < opts.AckWait {
+		d2, err := b.Next(ctx, 2*time.Second)
+		if err != nil || d2 == nil {
+			continue
+		}
+		t.Logf("delivered again %.1fs after the kill (AckWait %s)", time.Since(killed).Seconds(), opts.AckWait)
+		if d2.NumDelivered() != 2 {
+			t.Errorf("delivery count %d, want 2", d2.NumDelivered())
+		}
+		if time.Since(killed) > 25*time.Second {
+			t.Errorf("the nak was lost: the event came back only after %.1fs", time.Since(killed).Seconds())
+		}
+		return
+	}
+	t.Fatalf("the event did not come back within AckWait")
+}

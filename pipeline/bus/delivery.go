@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -15,6 +16,7 @@ import (
 type Delivery struct {
 	msg jetstream.Msg
 	n   uint64
+	nc  *nats.Conn
 }
 
 // Data is the event's body.
@@ -26,8 +28,32 @@ func (d *Delivery) NumDelivered() uint64 { return d.n }
 // Ack acknowledges the event and waits for JetStream to confirm it.
 func (d *Delivery) Ack(ctx context.Context) error { return d.msg.DoubleAck(ctx) }
 
-// Nak hands the event back, to be delivered again after delay.
-func (d *Delivery) Nak(delay time.Duration) error { return d.msg.NakWithDelay(delay) }
+// Nak hands the event back, to be delivered again after delay, and waits
+// for JetStream to confirm it. In a cluster the consumer's leader may have
+// just died, its successor elected seconds later: a nak nobody received
+// leaves the event for --ack-wait instead of delay, and the flush
+// watermark with it. So while the connection is up, an unconfirmed nak is
+// sent again, for up to nakConfirmFor.
+func (d *Delivery) Nak(delay time.Duration) error {
+	body := []byte("-NAK")
+	if delay > 0 {
+		body = fmt.Appendf(nil, `-NAK {"delay": %d}`, delay.Nanoseconds())
+	}
+	deadline := time.Now().Add(nakConfirmFor)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := d.nc.RequestWithContext(ctx, d.msg.Reply(), body)
+		cancel()
+		if err == nil || !d.nc.IsConnected() || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// nakConfirmFor bounds how long Nak tries to have its nak confirmed: a
+// consumer leader election takes a few seconds.
+const nakConfirmFor = 15 * time.Second
 
 // Term removes the event from the work queue for good.
 func (d *Delivery) Term(reason string) error { return d.msg.TermWithReason(reason) }
@@ -77,7 +103,7 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 		if md, err := msg.Metadata(); err == nil {
 			n = md.NumDelivered
 		}
-		d = &Delivery{msg: msg, n: n}
+		d = &Delivery{msg: msg, n: n, nc: b.nc}
 	}
 	if err := batch.Error(); err != nil && d == nil && !errors.Is(err, jetstream.ErrNoMessages) &&
 		!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
