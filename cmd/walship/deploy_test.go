@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
@@ -56,16 +57,16 @@ var commandGroups = map[string]flagGroup{"run": runGroups, "receive": receiveGro
 // and three replicas.
 func TestComposeFile(t *testing.T) {
 	t.Run("default", func(t *testing.T) {
-		checkCompose(t, loadComposeProfile(t, "", ""), []string{"nats://nats:4222"}, 1)
+		checkCompose(t, loadComposeProfile(t, "", ""), []string{"nats://nats:4222"}, 1, time.Minute)
 	})
 	t.Run("cluster", func(t *testing.T) {
 		p := loadComposeProfile(t, "cluster", "deploy/nats-cluster.env")
-		checkCompose(t, p, []string{"nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"}, 3)
+		checkCompose(t, p, []string{"nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"}, 3, 30*time.Second)
 		checkNATSCluster(t, p, []string{"nats-1", "nats-2", "nats-3"})
 	})
 }
 
-func checkCompose(t *testing.T, p *types.Project, natsURLs []string, replicas int) {
+func checkCompose(t *testing.T, p *types.Project, natsURLs []string, replicas int, ackWait time.Duration) {
 	abs, _ := filepath.Abs(repoRoot)
 	walships := 0
 	for name, svc := range p.Services {
@@ -131,6 +132,9 @@ func checkCompose(t *testing.T, p *types.Project, natsURLs []string, replicas in
 			}
 			if c.NATSReplicas != replicas {
 				t.Errorf("service %s: --nats-replicas %d, want %d", name, c.NATSReplicas, replicas)
+			}
+			if c.AckWait != ackWait {
+				t.Errorf("service %s: --ack-wait %s, want %s (the same on every process)", name, c.AckWait, ackWait)
 			}
 			for _, u := range natsURLs {
 				host := strings.TrimSuffix(strings.TrimPrefix(u, "nats://"), ":4222")
