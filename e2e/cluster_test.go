@@ -196,7 +196,7 @@ func leaderOf(ctx context.Context, nc *testenv.NATSCluster, resource string) (*t
 
 // electionTimes polls every resource until it has a leader other than
 // victim and returns how long after since each had one.
-func electionTimes(t *testing.T, ctx context.Context, nc *testenv.NATSCluster, victim *testenv.NATSProc, since time.Time) map[string]time.Duration {
+func electionTimes(ctx context.Context, t *testing.T, nc *testenv.NATSCluster, victim *testenv.NATSProc, since time.Time) map[string]time.Duration {
 	out := map[string]time.Duration{}
 	for deadline := since.Add(60 * time.Second); len(out) < len(clusterResources); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -245,6 +245,8 @@ func TestClusterNodeLoss(t *testing.T) {
 		startWalship(t, st.env(), st.clusterArchiverArgs(urls, archPorts[1])...),
 		startWalship(t, st.env(), st.clusterReceiverArgs(urls, st.metrics)...),
 	}
+	// WALSHIP_KEEP_LOGS=<dir> keeps every process's log there (and, when
+	// the test fails, walship's goroutines) for a post-mortem.
 	t.Cleanup(func() {
 		if dir := os.Getenv("WALSHIP_KEEP_LOGS"); dir != "" {
 			if t.Failed() {
@@ -317,7 +319,7 @@ func TestClusterNodeLoss(t *testing.T) {
 		flushAtKill := flush.last()
 		victim.Kill()
 		k.at = time.Now()
-		k.elections = electionTimes(t, ctx, nc, victim, k.at)
+		k.elections = electionTimes(ctx, t, nc, victim, k.at)
 		for _, d := range k.elections {
 			k.election = max(k.election, d)
 		}
