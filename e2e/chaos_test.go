@@ -65,7 +65,8 @@ func TestChaos(t *testing.T) {
 	t.Logf("chaos seed %d; replay: go test ./e2e -run 'TestChaos$' -chaos.seed=%d -chaos.faults=%d -v", seed, seed, n)
 	rng := rand.New(rand.NewPCG(seed, seed^0xC4A05))
 
-	st := newStack(t, "wal_sender_timeout = '5s'")
+	// pg_wal keeps every segment for the final comparison with the bucket.
+	st := newStack(t, "wal_sender_timeout = '5s'", "wal_keep_size = '16GB'")
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "1", "-q"); err != nil {
 		t.Fatal(err)
 	}
@@ -184,12 +185,13 @@ func TestChaos(t *testing.T) {
 		smp.samples, smp.blind, compared, smp.longest.Round(100*time.Millisecond), smp.longestDuring)
 }
 
-// chaosLoad writes WAL through restarts: pgbench and bulk inserts, errors
-// ignored (the server may be restarting).
+// chaosLoad writes WAL through restarts, paced (a few MB/s) so that a long
+// run fits in pg_wal for the final comparison: pgbench and bulk inserts,
+// errors ignored (the server may be restarting).
 func chaosLoad(ctx context.Context, st *stack) {
 	for ctx.Err() == nil {
 		c, stop := context.WithTimeout(ctx, 3*time.Second)
-		st.pg.Pgbench(c, "-c", "2", "-T", "2", "-n")
+		st.pg.Pgbench(c, "-c", "2", "-R", "400", "-T", "2", "-n")
 		stop()
 		if conn, err := pgx.Connect(ctx, st.pg.URL("postgres")); err == nil {
 			conn.Exec(ctx, `INSERT INTO bulk (payload) SELECT md5(random()::text) || repeat('x', 200) FROM generate_series(1, 5000)`)
