@@ -71,7 +71,10 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.pg.Exec(`CREATE TABLE bulk (id bigserial primary key, payload text)`)
-	natsProxy := testenv.StartProxy(t, strings.TrimPrefix(st.nats.URL(), "nats://"))
+	// A real nats-server process, so that "NATS down" is a kill -9 and a
+	// restart on the same store.
+	natsd := testenv.StartNATSProc(t).Nodes[0]
+	natsProxy := testenv.StartProxy(t, strings.TrimPrefix(natsd.URL(), "nats://"))
 	s3Proxy := testenv.StartProxy(t, strings.TrimPrefix(st.s3.Endpoint(), "http://"))
 	spool := t.TempDir()
 	disk := mountSmallDisk(t, spool, 64<<20)
@@ -123,7 +126,7 @@ func TestChaos(t *testing.T) {
 			}
 			recv = startWalship(t, st.env(), recvArgs...)
 		}},
-		{"NATS down", 3, func(rng *rand.Rand) { st.nats.Stop(); pause(1000, 7000); st.nats.Start() }},
+		{"kill -9 NATS", 3, func(rng *rand.Rand) { natsd.Kill(); pause(1000, 7000); natsd.Start() }},
 		{"S3 down past every timer", 3, func(rng *rand.Rand) { st.s3.Stop(); pause(6000, 12000); st.s3.Start() }},
 		{"PostgreSQL fast restart", 2, func(rng *rand.Rand) { st.pg.Stop("fast"); st.pg.Start() }},
 		{"PostgreSQL immediate restart", 2, func(rng *rand.Rand) { st.pg.Stop("immediate"); st.pg.Start() }},

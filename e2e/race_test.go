@@ -2,11 +2,11 @@ package e2e
 
 import (
 	"context"
-	"sync"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
