@@ -326,13 +326,20 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 		}
 		return nil, fmt.Errorf("jetstream account info: %w", err)
 	}
+	// Replicas only ever go up: a process started with the default (1)
+	// must not scale down what a cluster's operator made R3.
+	replicas := b.opts.Replicas
+	if s, err := b.js.Stream(ctx, n.Segments); err == nil && s.CachedInfo().Config.Replicas > replicas {
+		replicas = s.CachedInfo().Config.Replicas
+		b.log.Warn("walship's streams have more replicas than --nats-replicas asks; keeping them", "replicas", replicas, "nats_replicas", b.opts.Replicas)
+	}
 	_, err := b.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        n.Segments,
 		Description: "walship segment events, consumed once by the archiver pool",
 		Subjects:    []string{"walship.*.segment"},
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     jetstream.FileStorage,
-		Replicas:    b.opts.Replicas,
+		Replicas:    replicas,
 		Duplicates:  b.opts.DedupWindow,
 	})
 	if err != nil {
@@ -344,7 +351,7 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 		Subjects:    []string{"walship.*.archived"},
 		Retention:   jetstream.LimitsPolicy,
 		Storage:     jetstream.FileStorage,
-		Replicas:    b.opts.Replicas,
+		Replicas:    replicas,
 		MaxAge:      b.opts.ArchivedMaxAge,
 		Duplicates:  b.opts.DedupWindow,
 	})
@@ -368,7 +375,7 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 		Bucket:      n.Spool,
 		Description: "walship staged segment bytes",
 		Storage:     jetstream.FileStorage,
-		Replicas:    b.opts.Replicas,
+		Replicas:    replicas,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create object store %s: %w", n.Spool, err)
@@ -377,7 +384,7 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 		Bucket:      n.State,
 		Description: "walship per-server state",
 		Storage:     jetstream.FileStorage,
-		Replicas:    b.opts.Replicas,
+		Replicas:    replicas,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create key-value %s: %w", n.State, err)
@@ -387,7 +394,7 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 			Bucket:      n.Processes,
 			Description: "walship processes and what they can reach; entries expire",
 			Storage:     jetstream.FileStorage,
-			Replicas:    b.opts.Replicas,
+			Replicas:    replicas,
 			TTL:         ProcessTTL,
 		})
 		if err != nil {

@@ -55,6 +55,32 @@ func TestConnectTogetherOnCluster(t *testing.T) {
 	}
 }
 
+// A process started without --nats-replicas 3 (the default, 1) on a
+// cluster whose streams are R3 does not scale them down.
+func TestReplicasNeverScaleDown(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, r := range []int{3, 1} {
+		opts := DefaultOptions()
+		opts.Replicas = r
+		b, err := Connect(ctx, c.URLs(), opts, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatalf("connect with %d replicas: %v", r, err)
+		}
+		b.Close()
+	}
+	for _, s := range []string{"WALSHIP_SEGMENTS", "WALSHIP_ARCHIVED", "OBJ_WALSHIP_SPOOL", "KV_WALSHIP_STATE"} {
+		info, err := c.StreamInfo(ctx, s)
+		if err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+		if info.Config.Replicas != 3 {
+			t.Errorf("%s scaled down to %d replicas by a process asking for 1", s, info.Config.Replicas)
+		}
+	}
+}
+
 // An object staged through one connection is read at once through
 // another, as an archiver reads what the receiver just staged. A replica
 // a moment behind the leader may serve the read; GetObject must still
