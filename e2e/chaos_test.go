@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -66,11 +67,18 @@ func TestChaos(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed^0xC4A05))
 
 	// pg_wal keeps every segment for the final comparison with the bucket.
-	st := newStack(t, "wal_sender_timeout = '5s'", "wal_keep_size = '16GB'")
+	conf := []string{"wal_sender_timeout = '5s'", "wal_keep_size = '16GB'"}
+	st := newStack(t, conf...)
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "1", "-q"); err != nil {
 		t.Fatal(err)
 	}
 	st.pg.Exec(`CREATE TABLE bulk (id bigserial primary key, payload text)`)
+	// walship streams from a standby, which the chaos may promote.
+	primary := st.pg
+	standby := primary.StartStandby(conf...)
+	st.pg = standby
+	var writer atomic.Pointer[testenv.Postgres] // where the load writes
+	writer.Store(primary)
 	// A real nats-server process, so that "NATS down" is a kill -9 and a
 	// restart on the same store.
 	natsd := testenv.StartNATSProc(t).Nodes[0]
@@ -102,8 +110,10 @@ func TestChaos(t *testing.T) {
 	defer func() { cancel(); wg.Wait() }()
 	wg.Add(2)
 	go func() { defer wg.Done(); smp.run(ctx, t) }()
-	go func() { defer wg.Done(); chaosLoad(ctx, st) }()
+	go func() { defer wg.Done(); chaosLoad(ctx, &writer) }()
 
+	promoted := false
+	actual := "" // set by a fault that did something else than its name
 	restart := func(p **proc, args []string) {
 		(*p).cmd.Process.Kill()
 		<-(*p).done
@@ -130,6 +140,28 @@ func TestChaos(t *testing.T) {
 		{"S3 down past every timer", 3, func(rng *rand.Rand) { st.s3.Stop(); pause(6000, 12000); st.s3.Start() }},
 		{"PostgreSQL fast restart", 2, func(rng *rand.Rand) { st.pg.Stop("fast"); st.pg.Start() }},
 		{"PostgreSQL immediate restart", 2, func(rng *rand.Rand) { st.pg.Stop("immediate"); st.pg.Start() }},
+		{"promotion of the standby walship streams from", 2, func(rng *rand.Rand) {
+			if promoted {
+				st.pg.Stop("fast") // a restart instead: there is one promotion per run
+				st.pg.Start()
+				actual = "PostgreSQL fast restart"
+				return
+			}
+			primary.Stop("fast")
+			standby.Promote()
+			waitFor(t, 60*time.Second, "the promotion", func() bool { return standby.QueryString(`SELECT pg_is_in_recovery()::text`) == "false" })
+			writer.Store(standby)
+			hist, err := os.ReadFile(filepath.Join(standby.WALDir(), "00000002.history"))
+			if err != nil {
+				t.Fatalf("promoted, but no 00000002.history: %v", err)
+			}
+			at, err := pipeline.ParseLSN(strings.Fields(string(hist))[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			smp.setSwitch(at)
+			promoted = true
+		}},
 		{"partition from NATS", 3, func(rng *rand.Rand) { natsProxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); natsProxy.Heal() }},
 		{"partition from S3", 3, func(rng *rand.Rand) { s3Proxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); s3Proxy.Heal() }},
 	}
@@ -151,9 +183,14 @@ func TestChaos(t *testing.T) {
 		for _, f := range faults {
 			if r -= f.weight; r < 0 {
 				smp.mark(f.name)
+				actual = ""
 				f.do(rng)
 				smp.mark("")
-				done[f.name]++
+				if actual != "" {
+					done[actual]++
+				} else {
+					done[f.name]++
+				}
 				break
 			}
 		}
@@ -164,20 +201,38 @@ func TestChaos(t *testing.T) {
 	// Everything is back: the archive catches up and equals pg_wal.
 	time.Sleep(2 * time.Second)
 	waitFor(t, 60*time.Second, "PostgreSQL to accept connections", func() bool {
-		c, err := pgx.Connect(context.Background(), st.pg.URL("postgres"))
+		c, err := pgx.Connect(context.Background(), writer.Load().URL("postgres"))
 		if err == nil {
 			c.Close(context.Background())
 		}
 		return err == nil
 	})
-	end := st.switchWAL()
+	var end pipeline.LSN
+	if promoted {
+		end = st.switchWAL()
+	} else {
+		primary.Exec(`SELECT pg_switch_wal()`)
+		at, _ := pipeline.ParseLSN(primary.QueryString(`SELECT pg_current_wal_lsn()::text`))
+		end = segSize.Start(at)
+		waitFor(t, 60*time.Second, "the standby to replay the switch", func() bool { return st.lsn(`SELECT pg_last_wal_replay_lsn()::text`) >= end })
+	}
 	waitFor(t, 240*time.Second, "archiving to catch up after the faults", func() bool { return st.replFlush() >= end })
 	cancel()
 	wg.Wait()
 	if recv.exited() {
 		t.Errorf("the receiver exited on its own: %v", recv.err)
 	}
-	compared := st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+	if min := int(faultTime.Seconds()); smp.samples < min {
+		t.Errorf("only %d invariant samples in %s of faults: the sampler was not watching", smp.samples, faultTime)
+	}
+	var compared int
+	if promoted {
+		at, n := st.checkPromotedArchive(t, standby, firstSeg, end)
+		t.Logf("promoted at %s", at)
+		compared = n
+	} else {
+		compared = st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+	}
 	var kinds []string
 	for k, v := range done {
 		kinds = append(kinds, fmt.Sprintf("%s %d", k, v))
@@ -188,15 +243,17 @@ func TestChaos(t *testing.T) {
 		smp.samples, smp.blind, compared, smp.longest.Round(100*time.Millisecond), smp.longestDuring)
 }
 
-// chaosLoad writes WAL through restarts, paced (a few MB/s) so that a long
-// run fits in pg_wal for the final comparison: pgbench and bulk inserts,
-// errors ignored (the server may be restarting).
-func chaosLoad(ctx context.Context, st *stack) {
+// chaosLoad writes WAL through restarts and a promotion, paced (a few
+// MB/s) so that a long run fits in pg_wal for the final comparison:
+// pgbench and bulk inserts on whichever server takes writes, errors
+// ignored (the server may be restarting).
+func chaosLoad(ctx context.Context, writer *atomic.Pointer[testenv.Postgres]) {
 	for ctx.Err() == nil {
+		pg := writer.Load()
 		c, stop := context.WithTimeout(ctx, 3*time.Second)
-		st.pg.Pgbench(c, "-c", "2", "-R", "400", "-T", "2", "-n")
+		pg.Pgbench(c, "-c", "2", "-R", "400", "-T", "2", "-n")
 		stop()
-		if conn, err := pgx.Connect(ctx, st.pg.URL("postgres")); err == nil {
+		if conn, err := pgx.Connect(ctx, pg.URL("postgres")); err == nil {
 			conn.Exec(ctx, `INSERT INTO bulk (payload) SELECT md5(random()::text) || repeat('x', 200) FROM generate_series(1, 5000)`)
 			conn.Close(context.Background())
 		}
@@ -215,11 +272,18 @@ type chaosSampler struct {
 	initial pipeline.LSN
 
 	mu            sync.Mutex
-	during        string // the fault being injected
+	switchAt      pipeline.LSN // where timeline 2 began (0: no promotion yet)
+	during        string       // the fault being injected
 	samples       int
 	blind         int // samples taken while S3 was down or cut off
 	longest       time.Duration
 	longestDuring string
+}
+
+func (s *chaosSampler) setSwitch(at pipeline.LSN) {
+	s.mu.Lock()
+	s.switchAt = at
+	s.mu.Unlock()
 }
 
 func (s *chaosSampler) mark(fault string) {
@@ -249,7 +313,7 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		var restart, flush, current string
 		err := conn.QueryRow(ctx, `SELECT coalesce((SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'), ''),
 			coalesce((SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = 'walship'), ''),
-			pg_current_wal_lsn()::text`).Scan(&restart, &flush, &current)
+			coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END::text, '0/0')`).Scan(&restart, &flush, &current)
 		if err != nil {
 			conn.Close(context.Background())
 			conn = nil
@@ -259,7 +323,10 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		if err != nil {
 			continue
 		}
-		end := max(contiguousEnd(have, s.first), s.initial)
+		s.mu.Lock()
+		switchAt := s.switchAt
+		s.mu.Unlock()
+		end := max(lineEnd(have, s.first, switchAt), s.initial)
 		r, _ := pipeline.ParseLSN(restart)
 		f, _ := pipeline.ParseLSN(flush)
 		cur, _ := pipeline.ParseLSN(current)
@@ -285,11 +352,27 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 	}
 }
 
-// bucketOnDisk lists the timeline-1 segments the gateway holds, from its
-// posix store, without the gateway.
-func bucketOnDisk(st *stack) (map[uint64]string, error) {
+// lineEnd is the end of the WAL the bucket holds contiguously from
+// segment first, on timeline 1 and, after a promotion at switchAt, on
+// timeline 2 from the segment holding the switch (whose timeline-2 copy
+// holds timeline 1's WAL before it).
+func lineEnd(have map[pipeline.Segment]bool, first uint64, switchAt pipeline.LSN) pipeline.LSN {
+	for n := first; ; n++ {
+		tli := uint32(1)
+		if switchAt != 0 && n >= uint64(switchAt)/uint64(segSize) {
+			tli = 2
+		}
+		if !have[pipeline.Segment{Timeline: tli, No: n}] {
+			return pipeline.LSN(n * uint64(segSize))
+		}
+	}
+}
+
+// bucketOnDisk lists the segments the gateway holds, from its posix
+// store, without the gateway.
+func bucketOnDisk(st *stack) (map[pipeline.Segment]bool, error) {
 	dir := filepath.Join(st.s3.Root, st.s3.Bucket, st.prefix, st.server, "wals")
-	out := map[uint64]string{}
+	out := map[pipeline.Segment]bool{}
 	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
 			if os.IsNotExist(err) {
@@ -298,8 +381,8 @@ func bucketOnDisk(st *stack) (map[uint64]string, error) {
 			return err
 		}
 		name := strings.TrimSuffix(d.Name(), filepath.Ext(d.Name()))
-		if seg, err := pipeline.ParseSegmentName(name, segSize); err == nil && seg.Timeline == 1 && !d.IsDir() {
-			out[seg.No] = p
+		if seg, err := pipeline.ParseSegmentName(name, segSize); err == nil && !d.IsDir() {
+			out[seg] = true
 		}
 		return nil
 	})
