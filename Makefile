@@ -13,10 +13,11 @@ test:
 bench:
 	bash scripts/bench.sh
 
-# The long runs: 200 faults on real servers (about 20 minutes), and 10,000
+# The long runs: 200 faults on real servers and the NATS cluster losing nodes
+# (about 20 minutes), and 10,000
 # seeds of the deterministic simulation (about 2 minutes on two cores).
 chaos:
-	bash -c 'source scripts/deps.sh && go test -count=1 -timeout 45m -run "TestChaos$$" ./e2e/ -chaos.faults=200 -v'
+	bash -c 'source scripts/deps.sh && go test -count=1 -timeout 45m -run "TestChaos$$|TestClusterNodeLoss" ./e2e/ -chaos.faults=200 -v'
 
 sim:
 	go test -count=1 -timeout 30m -run 'TestSimulation$$' ./pipeline/sim/ -sim.seeds=10000 -v
