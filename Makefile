@@ -13,9 +13,9 @@ test:
 bench:
 	bash scripts/bench.sh
 
-# The long runs: 200 faults on real servers and the NATS cluster losing nodes
-# (about 20 minutes), and 10,000
-# seeds of the deterministic simulation (about 2 minutes on two cores).
+# The long runs: 200 faults on real servers and the NATS cluster losing
+# nodes (about 20 minutes), and 10,000 seeds of the deterministic
+# simulation (about 75 seconds on two cores).
 chaos:
 	bash -c 'source scripts/deps.sh && go test -count=1 -timeout 45m -run "TestChaos$$|TestClusterNodeLoss" ./e2e/ -chaos.faults=200 -v'
 
