@@ -25,7 +25,7 @@ import (
 
 var (
 	chaosFaults = flag.Int("chaos.faults", 0, "faults the chaos test injects (default 30, or $WALSHIP_CHAOS_FAULTS; make chaos: 200)")
-	chaosSeed   = flag.Uint64("chaos.seed", 0, "seed of the chaos test's choices (default: from the clock, printed)")
+	chaosSeed   = flag.Uint64("chaos.seed", 0, "seed of the chaos test's choices (or $WALSHIP_CHAOS_SEED; default: fixed for the short form, from the clock for longer runs; always printed)")
 )
 
 // The chaos timers shrink every timer walship has, so that outages of seconds
@@ -60,6 +60,12 @@ func TestChaos(t *testing.T) {
 		}
 	}
 	seed := *chaosSeed
+	if v, err := strconv.ParseUint(os.Getenv("WALSHIP_CHAOS_SEED"), 10, 64); err == nil && seed == 0 {
+		seed = v
+	}
+	if seed == 0 && n <= 30 {
+		seed = 1129 // the short form in the test command: the same faults every run
+	}
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
