@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -96,9 +97,13 @@ func TestChaos(t *testing.T) {
 	dest := "s3://" + st.s3.Bucket + "/" + st.prefix
 	common := []string{"--nats", natsProxy.URL("nats"), "--log-level", "debug"}
 	recvPort := testenv.FreePort(t)
-	recvArgs := append(append([]string{"receive", "--pg", st.pg.URL("postgres"), "--server", st.server, "--create-slot",
-		"--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--spool-dir", spool, "--data-dir", t.TempDir(),
-		"--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, common...), chaosRecvTimers...)
+	recvData := t.TempDir()
+	recvArgsFor := func(pg *testenv.Postgres) []string {
+		return append(append([]string{"receive", "--pg", pg.URL("postgres"), "--server", st.server, "--create-slot",
+			"--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--spool-dir", spool, "--data-dir", recvData,
+			"--metrics-addr", "127.0.0.1:" + strconv.Itoa(recvPort)}, common...), chaosRecvTimers...)
+	}
+	recvArgs := recvArgsFor(st.pg)
 	archArgs := func() []string {
 		return append(append([]string{"archive", "--dest", dest, "--s3-endpoint", s3Proxy.URL("http"), "--s3-path-style",
 			"--workers", "2", "--data-dir", t.TempDir(), "--metrics-addr", ""}, common...), chaosArchTimers...)
@@ -112,14 +117,15 @@ func TestChaos(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	smp := &chaosSampler{st: st, first: firstSeg, initial: initial}
+	smp.source.Store(st.pg)
 	var wg sync.WaitGroup
 	defer func() { cancel(); wg.Wait() }()
 	wg.Add(2)
 	go func() { defer wg.Done(); smp.run(ctx, t) }()
 	go func() { defer wg.Done(); chaosLoad(ctx, &writer) }()
 
-	promoted := false
-	actual := "" // set by a fault that did something else than its name
+	var switches []pipeline.LSN             // switches[i]: where timeline i+2 began
+	writers := []*testenv.Postgres{primary} // writers[i]: the server that wrote timeline i+1
 	restart := func(p **proc, args []string) {
 		(*p).cmd.Process.Kill()
 		<-(*p).done
@@ -146,27 +152,46 @@ func TestChaos(t *testing.T) {
 		{"S3 down past every timer", 3, func(rng *rand.Rand) { st.s3.Stop(); pause(6000, 12000); st.s3.Start() }},
 		{"PostgreSQL fast restart", 2, func(rng *rand.Rand) { st.pg.Stop("fast"); st.pg.Start() }},
 		{"PostgreSQL immediate restart", 2, func(rng *rand.Rand) { st.pg.Stop("immediate"); st.pg.Start() }},
-		{"promotion of the standby walship streams from", 2, func(rng *rand.Rand) {
-			if promoted {
-				st.pg.Stop("fast") // a restart instead: there is one promotion per run
-				st.pg.Start()
-				actual = "PostgreSQL fast restart"
-				return
-			}
-			primary.Stop("fast")
-			standby.Promote()
-			waitFor(t, 60*time.Second, "the promotion", func() bool { return standby.QueryString(`SELECT pg_is_in_recovery()::text`) == "false" })
-			writer.Store(standby)
-			hist, err := os.ReadFile(filepath.Join(standby.WALDir(), "00000002.history"))
+		{"promotion of the standby walship streams from", 3, func(rng *rand.Rand) {
+			// The writer stops, the standby walship streams from takes over
+			// on a new timeline, a new standby is built from it for the next
+			// round, and walship is moved there once the archive holds
+			// everything before the new standby's slot (an operator who
+			// moved it earlier would leave a gap that only the old server
+			// holds).
+			old, src := writer.Load(), st.pg
+			old.Stop("fast")
+			src.Promote()
+			waitFor(t, 60*time.Second, "the promotion", func() bool { return src.QueryString(`SELECT pg_is_in_recovery()::text`) == "false" })
+			writer.Store(src)
+			tli := uint32(len(switches) + 2)
+			raw, err := os.ReadFile(filepath.Join(src.WALDir(), fmt.Sprintf("%08X.history", tli)))
 			if err != nil {
-				t.Fatalf("promoted, but no 00000002.history: %v", err)
+				t.Fatalf("promoted, but no history file for timeline %d: %v", tli, err)
 			}
-			at, err := pipeline.ParseLSN(strings.Fields(string(hist))[1])
+			hist, err := pipeline.ParseHistory(raw)
 			if err != nil {
 				t.Fatal(err)
 			}
-			smp.setSwitch(at)
-			promoted = true
+			_, at, _ := pipeline.SwitchPoint(hist)
+			switches = append(switches, at)
+			writers = append(writers, src)
+			smp.setSwitches(switches)
+
+			next := src.StartStandby(conf...)
+			next.Exec(`SELECT pg_create_physical_replication_slot('walship', true)`)
+			reserved, err := pipeline.ParseLSN(next.QueryString(`SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, 180*time.Second, "the archive to reach the new standby's slot", func() bool { return st.slotRestart() >= reserved })
+			recv.cmd.Process.Signal(syscall.SIGTERM)
+			<-recv.done
+			st.pg = next
+			smp.source.Store(next)
+			recvArgs = recvArgsFor(next)
+			recv = startWalship(t, st.env(), recvArgs...)
+			waitFor(t, 60*time.Second, "streaming from the new standby", func() bool { return st.walsenderPID() != "" })
 		}},
 		{"partition from NATS", 3, func(rng *rand.Rand) { natsProxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); natsProxy.Heal() }},
 		{"partition from S3", 3, func(rng *rand.Rand) { s3Proxy.Cut(rng.IntN(2) == 0); pause(2000, 8000); s3Proxy.Heal() }},
@@ -189,14 +214,9 @@ func TestChaos(t *testing.T) {
 		for _, f := range faults {
 			if r -= f.weight; r < 0 {
 				smp.mark(f.name)
-				actual = ""
 				f.do(rng)
 				smp.mark("")
-				if actual != "" {
-					done[actual]++
-				} else {
-					done[f.name]++
-				}
+				done[f.name]++
 				break
 			}
 		}
@@ -213,15 +233,13 @@ func TestChaos(t *testing.T) {
 		}
 		return err == nil
 	})
-	var end pipeline.LSN
-	if promoted {
-		end = st.switchWAL()
-	} else {
-		primary.Exec(`SELECT pg_switch_wal()`)
-		at, _ := pipeline.ParseLSN(primary.QueryString(`SELECT pg_current_wal_lsn()::text`))
-		end = segSize.Start(at)
-		waitFor(t, 60*time.Second, "the standby to replay the switch", func() bool { return st.lsn(`SELECT pg_last_wal_replay_lsn()::text`) >= end })
-	}
+	// walship streams from a standby of the writer: a switch on the
+	// writer, replayed there, ends the last segment.
+	w := writer.Load()
+	w.Exec(`SELECT pg_switch_wal()`)
+	at, _ := pipeline.ParseLSN(w.QueryString(`SELECT pg_current_wal_lsn()::text`))
+	end := segSize.Start(at)
+	waitFor(t, 60*time.Second, "the standby to replay the switch", func() bool { return st.lsn(`SELECT pg_last_wal_replay_lsn()::text`) >= end })
 	waitFor(t, 240*time.Second, "archiving to catch up after the faults", func() bool { return st.replFlush() >= end })
 	cancel()
 	wg.Wait()
@@ -231,13 +249,9 @@ func TestChaos(t *testing.T) {
 	if min := int(faultTime.Seconds()); smp.samples < min {
 		t.Errorf("only %d invariant samples in %s of faults: the sampler was not watching", smp.samples, faultTime)
 	}
-	var compared int
-	if promoted {
-		at, n := st.checkPromotedArchive(t, standby, firstSeg, end)
-		t.Logf("promoted at %s", at)
-		compared = n
-	} else {
-		compared = st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+	compared := st.checkChain(t, writers, switches, firstSeg, end)
+	for i, at := range switches {
+		t.Logf("timeline %d began at %s", i+2, at)
 	}
 	var kinds []string
 	for k, v := range done {
@@ -276,19 +290,20 @@ type chaosSampler struct {
 	st      *stack
 	first   uint64
 	initial pipeline.LSN
+	source  atomic.Pointer[testenv.Postgres] // the server walship streams from
 
 	mu            sync.Mutex
-	switchAt      pipeline.LSN // where timeline 2 began (0: no promotion yet)
-	during        string       // the fault being injected
+	switches      []pipeline.LSN // switches[i]: where timeline i+2 began
+	during        string         // the fault being injected
 	samples       int
 	blind         int // samples taken while S3 was down or cut off
 	longest       time.Duration
 	longestDuring string
 }
 
-func (s *chaosSampler) setSwitch(at pipeline.LSN) {
+func (s *chaosSampler) setSwitches(at []pipeline.LSN) {
 	s.mu.Lock()
-	s.switchAt = at
+	s.switches = append([]pipeline.LSN(nil), at...)
 	s.mu.Unlock()
 }
 
@@ -306,15 +321,21 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		}
 	}()
 	var lastFlush pipeline.LSN
+	var connected *testenv.Postgres
 	stallSince, stallDuring := time.Now(), ""
 	for ctx.Err() == nil {
 		time.Sleep(100 * time.Millisecond)
+		if src := s.source.Load(); conn != nil && connected != src {
+			conn.Close(context.Background())
+			conn = nil
+		}
 		if conn == nil {
-			c, err := pgx.Connect(ctx, s.st.pg.URL("postgres"))
+			src := s.source.Load()
+			c, err := pgx.Connect(ctx, src.URL("postgres"))
 			if err != nil {
 				continue
 			}
-			conn = c
+			conn, connected = c, src
 		}
 		var restart, flush, current string
 		err := conn.QueryRow(ctx, `SELECT coalesce((SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'), ''),
@@ -330,9 +351,9 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 			continue
 		}
 		s.mu.Lock()
-		switchAt := s.switchAt
+		switches := s.switches
 		s.mu.Unlock()
-		end := max(lineEnd(have, s.first, switchAt), s.initial)
+		end := max(lineEnd(have, s.first, switches), s.initial)
 		r, _ := pipeline.ParseLSN(restart)
 		f, _ := pipeline.ParseLSN(flush)
 		cur, _ := pipeline.ParseLSN(current)
@@ -359,19 +380,94 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 }
 
 // lineEnd is the end of the WAL the bucket holds contiguously from
-// segment first, on timeline 1 and, after a promotion at switchAt, on
-// timeline 2 from the segment holding the switch (whose timeline-2 copy
-// holds timeline 1's WAL before it).
-func lineEnd(have map[pipeline.Segment]bool, first uint64, switchAt pipeline.LSN) pipeline.LSN {
+// segment first, each segment on the timeline that owns it after the
+// switches (a switch's segment belongs to the new timeline, whose copy
+// holds the old timeline's WAL before the switch).
+func lineEnd(have map[pipeline.Segment]bool, first uint64, switches []pipeline.LSN) pipeline.LSN {
 	for n := first; ; n++ {
-		tli := uint32(1)
-		if switchAt != 0 && n >= uint64(switchAt)/uint64(segSize) {
-			tli = 2
-		}
-		if !have[pipeline.Segment{Timeline: tli, No: n}] {
+		if !have[pipeline.Segment{Timeline: timelineOf(n, switches), No: n}] {
 			return pipeline.LSN(n * uint64(segSize))
 		}
 	}
+}
+
+// timelineOf is the timeline that owns segment n after the switches.
+func timelineOf(n uint64, switches []pipeline.LSN) uint32 {
+	tli := uint32(1)
+	for _, at := range switches {
+		if n >= uint64(at)/uint64(segSize) {
+			tli++
+		}
+	}
+	return tli
+}
+
+// checkChain compares the archive after any number of promotions with the
+// pg_wal of the servers that wrote each timeline (writers[i] wrote timeline
+// i+1): every history file, each old timeline's last segment as .partial up
+// to its switch, and every segment from first to end on the timeline that
+// owns it. It returns how many segments it compared.
+func (st *stack) checkChain(t *testing.T, writers []*testenv.Postgres, switches []pipeline.LSN, first uint64, end pipeline.LSN) int {
+	t.Helper()
+	files := st.archivedFiles()
+	for i, at := range switches {
+		promoted := writers[i+1]
+		name := fmt.Sprintf("%08X.history", i+2)
+		key, ok := files[name]
+		if !ok {
+			t.Errorf("%s not archived", name)
+		} else if got, _ := st.object(key); !bytes.Equal(got, mustRead(t, filepath.Join(promoted.WALDir(), name))) {
+			t.Errorf("archived %s differs from the server's", name)
+		}
+		if segSize.Offset(at) == 0 {
+			continue
+		}
+		seg := pipeline.SegmentOf(uint32(i+1), at, segSize)
+		key, ok = files[seg.Name(segSize)+".partial"]
+		if !ok {
+			t.Errorf("timeline %d's last segment %s.partial not archived", i+1, seg.Name(segSize))
+			continue
+		}
+		got, _ := st.object(key)
+		// PostgreSQL keeps the old timeline's last segment as .partial
+		// when archiving is on, else under its own name.
+		want, err := os.ReadFile(filepath.Join(promoted.WALDir(), seg.Name(segSize)+".partial"))
+		if err != nil {
+			want = mustRead(t, filepath.Join(promoted.WALDir(), seg.Name(segSize)))
+		}
+		n := segSize.Offset(at)
+		if len(got) != int(segSize) || len(want) < int(n) || !bytes.Equal(got[:n], want[:n]) {
+			t.Errorf("archived %s.partial differs from the server's up to the switch at %s", seg.Name(segSize), at)
+		}
+	}
+	compared := 0
+	for no := first; no < uint64(end)/uint64(segSize); no++ {
+		tli := timelineOf(no, switches)
+		name := pipeline.Segment{Timeline: tli, No: no}.Name(segSize)
+		key, ok := files[name]
+		if !ok {
+			t.Errorf("segment %s missing from the bucket", name)
+			continue
+		}
+		got, meta := st.object(key)
+		if !bytes.Equal(got, mustRead(t, filepath.Join(writers[tli-1].WALDir(), name))) {
+			t.Errorf("segment %s differs from the pg_wal of the server that wrote timeline %d", name, tli)
+		}
+		if meta["walship-timeline"] != strconv.Itoa(int(tli)) {
+			t.Errorf("segment %s: metadata timeline %q, want %d", name, meta["walship-timeline"], tli)
+		}
+		compared++
+	}
+	return compared
+}
+
+func mustRead(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // bucketOnDisk lists the segments the gateway holds, from its posix
