@@ -92,6 +92,19 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 		core.Release()
 		return nil, err
 	}
+	// Start checks every spool file and may take a while: another
+	// receiver may have taken the slot over and moved it meanwhile. This
+	// plan would then be stale, and a flush reported below the slot would
+	// move the slot back onto WAL the server may have removed.
+	now, err := r.readSlot(ctx, conn)
+	if err != nil {
+		core.Release()
+		return nil, err
+	}
+	if now.RestartLSN > core.Flush() {
+		core.Release()
+		return nil, fmt.Errorf("%w: restart_lsn %s moved past %s while the spool was checked", errReplan, now.RestartLSN, core.Flush())
+	}
 	r.core = core
 	tli, start := core.Resume()
 	r.received.Store(uint64(start))

@@ -186,15 +186,15 @@ func (w *World) checkFlush(flush pipeline.LSN) {
 // checkWrite: the write position reported is durable in the spool: the
 // open segment's directory entry and its bytes up to write survive a
 // crash, and are the server's.
-func (w *World) checkWrite(write pipeline.LSN) {
+func (w *World) checkWrite(h *host, write pipeline.LSN) {
 	off := w.size.Offset(write)
 	if off == 0 {
 		return
 	}
-	tli := w.core.Timeline()
+	tli := h.core.Timeline()
 	seg := pipeline.SegmentOf(tli, write, w.size)
 	name := path.Join(spoolDir, seg.Name(w.size)+".partial")
-	data, ok := w.fs.durableBytes(name)
+	data, ok := h.fs.durableBytes(name)
 	if !ok || int64(len(data)) < off {
 		w.fail("write %s reported, but a crash would leave %s with %d durable bytes (entry durable: %v)", write, path.Base(name), len(data), ok)
 	}

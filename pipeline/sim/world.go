@@ -72,12 +72,10 @@ type World struct {
 	initial  pipeline.LSN // restart_lsn when the slot was created
 	recycled uint64       // segments below this number are gone from the server
 
-	// The receiver process.
-	fs       *fileSystem
-	core     *receiver.Core
-	sess     *session
-	watched  uint64 // sequence of the last confirmation delivered
-	lastSent pipeline.LSN
+	// The receiver processes: one, or two on different hosts taking the
+	// slot over from each other (--standby), each with its own spool.
+	hosts    []*host
+	lastSent pipeline.LSN // the last flush the server was sent
 
 	js    *jetStream
 	bkt   *bucket
@@ -95,7 +93,6 @@ type World struct {
 
 	want   map[string]wanted // expected archive contents, by file name
 	acts   []action
-	recvM  *receiver.Metrics
 	buf    []byte
 	wbuf   []byte
 	busy   map[string]bool
@@ -109,6 +106,63 @@ type World struct {
 type session struct {
 	tli uint32
 	pos pipeline.LSN
+}
+
+// host is one receiver process and its spool.
+type host struct {
+	name    string
+	fs      *fileSystem
+	core    *receiver.Core
+	sess    *session
+	watched uint64 // sequence of the last confirmation delivered
+	m       *receiver.Metrics
+	// sessions: connections since the core started; the first one's
+	// slot check happened in Start.
+	sessions int
+}
+
+// actor names one of the host's loops; one host keeps the old names.
+func (h *host) actor(loop string) string {
+	if h.name == "recv" {
+		return loop
+	}
+	return loop + "-" + h.name
+}
+
+// idle: none of the host's loops is in the middle of a call.
+func (w *World) idle(h *host) bool {
+	return !w.busy[h.actor("repl")] && !w.busy[h.actor("pub")] && !w.busy[h.actor("watch")] && !w.busy[h.actor("house")]
+}
+
+// connecting: some host's replication loop is in the middle of a call.
+func (w *World) connecting() bool {
+	for _, h := range w.hosts {
+		if w.busy[h.actor("repl")] {
+			return true
+		}
+	}
+	return false
+}
+
+// holder is the host whose session streams the slot, if any.
+func (w *World) holder() *host {
+	for _, h := range w.hosts {
+		if h.sess != nil {
+			return h
+		}
+	}
+	return nil
+}
+
+// downHost is a host whose receiver is not running, for faults that need
+// one; nil when all run.
+func (w *World) downHost() *host {
+	for _, i := range w.rng.Perm(len(w.hosts)) {
+		if w.hosts[i].core == nil {
+			return w.hosts[i]
+		}
+	}
+	return nil
 }
 
 // arch is one archiver process.
@@ -225,8 +279,18 @@ func (w *World) setup() {
 	w.budget = w.end + pipeline.LSN(segs)*pipeline.LSN(w.size)
 	w.contig = w.recycled
 	w.layout = sinks.BarmanCloud{Prefix: "prefix", Server: server}
-	w.fs = newFileSystem(w)
-	w.fs.onRemove = w.checkRemove
+	nh := 1
+	if w.stage && w.rng.IntN(3) == 0 {
+		nh = 2 // walship receive --standby on two hosts (walship run has one)
+	}
+	for i := 0; i < nh; i++ {
+		h := &host{name: "recv", fs: newFileSystem(w), m: receiver.NewMetrics(prometheus.NewRegistry())}
+		if nh > 1 {
+			h.name = string(rune('a' + i))
+		}
+		h.fs.onRemove = w.checkRemove
+		w.hosts = append(w.hosts, h)
+	}
 	w.js = newJetStream(w)
 	w.bkt = &bucket{w: w, objs: map[string]*stored{}}
 	n := 1 + w.rng.IntN(3)
@@ -236,8 +300,8 @@ func (w *World) setup() {
 		w.startArchiver(a)
 	}
 	w.faultsOn = true
-	w.logf("setup pg14=%v size=%d codec=%s stage=%v archivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, w.stage, n, w.slot, w.budget)
-	w.startReceiver()
+	w.logf("setup pg14=%v size=%d codec=%s stage=%v archivers=%d receivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, w.stage, n, nh, w.slot, w.budget)
+	w.startReceiver(w.hosts[0])
 }
 
 func (w *World) tli() uint32 { return w.hist[len(w.hist)-1].TLI }
@@ -269,7 +333,7 @@ func (w *World) startArchiver(a *arch) {
 	var err error
 	a.a, err = archiver.New(archiver.Config{
 		Codec: w.codec, Layout: func(string) sinks.Layout { return w.layout }, Dest: dest,
-		ReadSpool: !w.stage, OpenSpool: func(p string) (io.ReadCloser, error) { return w.fs.handle().Open(p) }, KeepAlive: -1,
+		ReadSpool: !w.stage, OpenSpool: func(p string) (io.ReadCloser, error) { return w.hosts[0].fs.handle().Open(p) }, KeepAlive: -1,
 		Log: w.logger(a.name), Metrics: a.m,
 	}, busFor{js: w.js, a: a}, &bucketFor{b: w.bkt, a: a})
 	if err != nil {
@@ -278,15 +342,12 @@ func (w *World) startArchiver(a *arch) {
 	a.w = a.a.NewWorker()
 }
 
-func (w *World) startReceiver() {
-	if w.recvM == nil {
-		w.recvM = receiver.NewMetrics(prometheus.NewRegistry())
-	}
+func (w *World) startReceiver(h *host) {
 	core, err := receiver.NewCore(receiver.CoreConfig{
 		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
-		FS: w.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
-		Run: fmt.Sprintf("r%d", w.steps),
-		Log: w.logger("receiver"), Metrics: w.recvM,
+		FS: h.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
+		Run: fmt.Sprintf("%s%d", h.name, w.steps),
+		Log: w.logger(h.name), Metrics: h.m,
 	})
 	if err != nil {
 		w.fail("receiver: new core: %v", err)
@@ -302,16 +363,15 @@ func (w *World) startReceiver() {
 		return w.historyFile(tli), nil
 	}
 	if err := core.Start(receiver.StartInput{Slot: slot, ServerTLI: w.tli(), ServerPos: w.end, History: history}); err != nil {
-		w.logf("receiver start failed: %v", err)
+		w.logf("%s: receiver start failed: %v", h.name, err)
 		w.count("start failed")
 		core.Release()
 		return
 	}
-	w.core = core
-	w.watched = w.js.archivedSince(core.ReplaySince())
-	w.lastSent = 0
+	h.core, h.sessions = core, 0
+	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
-	w.logf("receiver started: resume %d/%s flush %s", tli, start, core.Flush())
+	w.logf("%s: receiver started: resume %d/%s flush %s", h.name, tli, start, core.Flush())
 	w.count("receiver starts")
 }
 
@@ -333,33 +393,40 @@ func (w *World) actions() []action {
 }
 
 func (w *World) makeActions() []action {
-	recvUp := func() bool { return w.core != nil }
 	acts := []action{
 		{"pg-write", "pg", 12, false, func() bool { return w.end < w.budget }, w.pgWrite},
-		{"recv-connect", "repl", 6, false, func() bool { return recvUp() && w.sess == nil }, w.recvConnect},
-		{"recv-stream", "repl", 20, false, func() bool { return recvUp() && w.sess != nil }, w.recvStream},
-		{"recv-status", "repl", 8, false, func() bool { return recvUp() && w.sess != nil }, w.recvStatus},
-		{"recv-publish", "pub", 12, false, func() bool { return recvUp() }, w.recvPublish},
-		{"recv-confirm", "watch", 10, false, func() bool { return recvUp() && !w.js.down() }, w.recvConfirm},
-		{"recv-tick", "house", 3, false, func() bool { return recvUp() }, w.recvTick},
-		{"recv-start", "repl", 3, false, func() bool { return !recvUp() && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"] }, w.startReceiver},
+	}
+	for _, h := range w.hosts {
+		h := h
+		up := func() bool { return h.core != nil }
+		acts = append(acts,
+			action{"recv-connect", h.actor("repl"), 6, false, func() bool { return up() && h.sess == nil }, func() { w.recvConnect(h) }},
+			action{"recv-stream", h.actor("repl"), 20, false, func() bool { return up() && h.sess != nil }, func() { w.recvStream(h) }},
+			action{"recv-status", h.actor("repl"), 8, false, func() bool { return up() && h.sess != nil }, func() { w.recvStatus(h) }},
+			action{"recv-publish", h.actor("pub"), 12, false, up, func() { w.recvPublish(h) }},
+			action{"recv-confirm", h.actor("watch"), 10, false, func() bool { return up() && !w.js.down() }, func() { w.recvConfirm(h) }},
+			action{"recv-tick", h.actor("house"), 3, false, up, func() { w.recvTick(h) }},
+			// A receiver starts (or a standby takes over) when the slot
+			// is free.
+			action{"recv-start", h.actor("repl"), 3, false, func() bool { return !up() && !h.fs.dying && w.idle(h) && w.holder() == nil }, func() { w.startReceiver(h) }},
+			action{"recv-crash", "fault", 2, true, func() bool { return up() && w.idle(h) }, func() { w.recvCrash(h) }},
+		)
+	}
+	acts = append(acts, []action{
 		{"clock", "clock", 3, false, func() bool { return true }, w.clockJump},
-		{"recv-crash", "fault", 2, true, func() bool {
-			return recvUp() && !w.busy["repl"] && !w.busy["pub"] && !w.busy["watch"] && !w.busy["house"]
-		}, w.recvCrash},
-		{"pg-restart", "fault", 2, true, func() bool { return w.sess != nil && !w.busy["repl"] }, w.pgRestart},
-		{"pg-promote", "fault", 1, true, func() bool { return int(w.tli()) < maxTimelines && !w.busy["repl"] }, w.pgPromote},
+		{"pg-restart", "fault", 2, true, func() bool { h := w.holder(); return h != nil && !w.busy[h.actor("repl")] }, w.pgRestart},
+		{"pg-promote", "fault", 1, true, func() bool { return int(w.tli()) < maxTimelines && !w.connecting() }, w.pgPromote},
 		{"nats-outage", "fault", 1, true, func() bool { return !w.js.down() }, w.natsOutage},
 		{"nats-crash", "fault", 1, true, func() bool { return true }, w.natsCrash},
 		{"s3-outage", "fault", 1, true, func() bool { return !w.now.Before(w.bkt.downTill) }, w.s3Outage},
 		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
 		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
-		{"spool-truncate", "fault", 1, true, func() bool { return !recvUp() }, w.truncateSpool},
-		{"spool-damage", "fault", 1, true, func() bool { return !recvUp() }, w.damageSpool},
-		{"spool-delete", "fault", 1, true, func() bool { return !recvUp() }, w.deleteSpoolFile},
-		{"slot-recreate", "fault", 1, true, func() bool { return !recvUp() }, w.recreateSlot},
+		{"spool-truncate", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.truncateSpool(w.downHost()) }},
+		{"spool-damage", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.damageSpool(w.downHost()) }},
+		{"spool-delete", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.deleteSpoolFile(w.downHost()) }},
+		{"slot-recreate", "fault", 1, true, func() bool { return w.holder() == nil && w.downHost() != nil }, w.recreateSlot},
 		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
-	}
+	}...)
 	for _, a := range w.archs {
 		a := a
 		acts = append(acts,
@@ -375,9 +442,11 @@ func (w *World) step(faults bool) {
 	w.steps++
 	w.now = w.now.Add(time.Duration(w.rng.IntN(300)) * time.Millisecond)
 	w.pick(faults, nil)
-	if w.fs.dying {
-		w.res.Faults["recv-crash-in-file-op"]++
-		w.recvCrash()
+	for _, h := range w.hosts {
+		if h.fs.dying {
+			w.res.Faults["recv-crash-in-file-op"]++
+			w.recvCrash(h)
+		}
 	}
 }
 
@@ -483,40 +552,81 @@ func (w *World) pgPromote() {
 
 func (w *World) pgRestart() {
 	w.logf("pg restarts: the session drops")
-	w.sess = nil
-	if w.core != nil {
-		w.core.CloseSession()
+	for _, h := range w.hosts {
+		if h.sess != nil {
+			h.sess = nil
+			h.core.CloseSession()
+		}
 	}
 }
 
 // The receiver.
 
-func (w *World) recvConnect() {
-	tli, start := w.core.Resume()
+func (w *World) recvConnect(h *host) {
+	if o := w.holder(); o != nil {
+		// Another receiver streams the slot. A standby that has not
+		// streamed yet waits for the slot again; one that has keeps
+		// retrying (its files are still published and confirmed).
+		w.logf("%s: connect: the slot is active (%s streams it)", h.name, o.name)
+		if h.sessions == 0 && w.idle2(h, "repl") {
+			w.release(h, "lost the race for the slot")
+		}
+		return
+	}
+	if w.slot > h.core.Flush() {
+		// Someone else moved the slot while this receiver was away: plan
+		// again (Receiver.reconnect; on the first connection, the check
+		// at the end of Receiver.prepare).
+		if w.idle2(h, "repl") {
+			w.release(h, fmt.Sprintf("the slot moved to %s, past this receiver's flush %s", w.slot, h.core.Flush()))
+		}
+		return
+	}
+	tli, start := h.core.Resume()
 	if w.hist.Owner(tli, 0) == 0 || tli > w.tli() {
-		w.fail("receiver asked for timeline %d, which the server does not have", tli)
+		w.fail("%s asked for timeline %d, which the server does not have", h.name, tli)
 	}
 	if uint64(start)/uint64(w.size) < w.recycled {
-		w.fail("receiver asked to stream from %s on timeline %d, but the server recycled everything before segment %X: the slot moved past WAL walship did not hold", start, tli, w.recycled)
+		w.fail("%s asked to stream from %s on timeline %d, but the server recycled everything before segment %X: the slot moved past WAL walship did not hold", h.name, start, tli, w.recycled)
 	}
 	tlEnd := w.tlEnd(tli)
 	if start > tlEnd {
-		w.fail("receiver asked for %s on timeline %d, which ended at %s", start, tli, tlEnd)
+		w.fail("%s asked for %s on timeline %d, which ended at %s", h.name, start, tli, tlEnd)
 	}
 	if tli < w.tli() && start == tlEnd {
 		next := w.nextTLI(tli)
-		w.logf("recv connect %d/%s: timeline ended there; next %d", tli, start, next)
-		if err := w.core.EndTimeline(next, tlEnd, w.historyFile(next)); err != nil {
+		w.logf("%s: connect %d/%s: timeline ended there; next %d", h.name, tli, start, next)
+		if err := h.core.EndTimeline(next, tlEnd, w.historyFile(next)); err != nil {
 			w.logf("end timeline: %v", err)
 		}
 		return
 	}
-	if err := w.core.Open(start); err != nil {
-		w.logf("recv connect %d/%s: open: %v", tli, start, err)
+	if err := h.core.Open(start); err != nil {
+		w.logf("%s: connect %d/%s: open: %v", h.name, tli, start, err)
 		return
 	}
-	w.sess = &session{tli: tli, pos: start}
-	w.logf("recv connect %d/%s", tli, start)
+	h.sess = &session{tli: tli, pos: start}
+	h.sessions++
+	w.logf("%s: connect %d/%s", h.name, tli, start)
+}
+
+// idle2: none of h's loops but the one calling is in a call.
+func (w *World) idle2(h *host, self string) bool {
+	for _, l := range []string{"repl", "pub", "watch", "house"} {
+		if l != self && w.busy[h.actor(l)] {
+			return false
+		}
+	}
+	return true
+}
+
+// release ends a receiver's run without a crash: it starts over from its
+// spool and the slot (Receiver.Run after errReplan or ErrSlotActive).
+func (w *World) release(h *host, why string) {
+	w.logf("%s: starts over: %s", h.name, why)
+	h.core.Release()
+	h.core, h.sess = nil, nil
+	w.count("receiver replans")
 }
 
 func (w *World) nextTLI(tli uint32) uint32 {
@@ -529,14 +639,14 @@ func (w *World) nextTLI(tli uint32) uint32 {
 	return 0
 }
 
-func (w *World) endSession(why string, err error) {
-	w.logf("session ends: %s: %v", why, err)
-	w.sess = nil
-	w.core.CloseSession()
+func (w *World) endSession(h *host, why string, err error) {
+	w.logf("%s: session ends: %s: %v", h.name, why, err)
+	h.sess = nil
+	h.core.CloseSession()
 }
 
-func (w *World) recvStream() {
-	s := w.sess
+func (w *World) recvStream(h *host) {
+	s := h.sess
 	limit := w.tlEnd(s.tli)
 	if s.pos < limit {
 		n := min(pipeline.LSN(1+w.rng.IntN(int(w.size)*3/10)), limit-s.pos)
@@ -545,8 +655,8 @@ func (w *World) recvStream() {
 		}
 		buf := w.buf[:n]
 		walgen.Fill(buf, s.pos, s.tli, limit, w.hist, sysID, w.size)
-		if err := w.core.WAL(s.pos, buf); err != nil {
-			w.endSession("wal", err)
+		if err := h.core.WAL(s.pos, buf); err != nil {
+			w.endSession(h, "wal", err)
 			return
 		}
 		s.pos += n
@@ -557,24 +667,24 @@ func (w *World) recvStream() {
 	}
 	// CopyDone: the server ended the timeline; walship reports, then
 	// follows it.
-	w.recvStatus()
-	if w.sess == nil {
+	w.recvStatus(h)
+	if h.sess == nil {
 		return
 	}
 	next := w.nextTLI(s.tli)
-	err := w.core.EndTimeline(next, limit, w.historyFile(next))
-	w.endSession(fmt.Sprintf("timeline %d ended at %s", s.tli, limit), err)
+	err := h.core.EndTimeline(next, limit, w.historyFile(next))
+	w.endSession(h, fmt.Sprintf("timeline %d ended at %s", s.tli, limit), err)
 }
 
-func (w *World) recvStatus() {
-	write, flush, err := w.core.Status()
+func (w *World) recvStatus(h *host) {
+	write, flush, err := h.core.Status()
 	if err != nil {
-		w.endSession("status", err)
+		w.endSession(h, "status", err)
 		return
 	}
-	w.checkWrite(write)
+	w.checkWrite(h, write)
 	w.checkFlush(flush)
-	w.logf("status write %s flush %s", write, flush)
+	w.logf("%s: status write %s flush %s", h.name, write, flush)
 	if flush != 0 {
 		w.slot = flush
 		w.recycled = max(w.recycled, uint64(flush)/uint64(w.size))
@@ -582,47 +692,47 @@ func (w *World) recvStatus() {
 	w.lastSent = flush
 }
 
-func (w *World) recvPublish() {
-	it, ok := w.core.TryNext()
+func (w *World) recvPublish(h *host) {
+	it, ok := h.core.TryNext()
 	if !ok {
 		return
 	}
-	core := w.core
+	core := h.core
 	err := core.Publish(context.Background(), publisher{w.js}, it)
-	w.logf("publish %s attempt %d: %v", it.Event().File, it.Event().Attempt, err)
+	w.logf("%s: publish %s attempt %d: %v", h.name, it.Event().File, it.Event().Attempt, err)
 	if err != nil {
 		core.Retry(it)
 	}
 }
 
-func (w *World) recvConfirm() {
-	m := w.js.archivedAfter(w.watched)
+func (w *World) recvConfirm(h *host) {
+	m := w.js.archivedAfter(h.watched)
 	if m == nil {
 		return
 	}
 	if w.rng.IntN(10) != 0 { // sometimes delivered twice
-		w.watched = m.seq
+		h.watched = m.seq
 	}
 	ev, err := pipeline.DecodeArchivedEvent(m.data)
 	if err != nil {
-		w.core.Undecodable(err)
+		h.core.Undecodable(err)
 		return
 	}
-	w.core.Archived(ev)
-	w.logf("confirm %s (%s) flush %s", ev.File, ev.Kind, w.core.Flush())
+	h.core.Archived(ev)
+	w.logf("%s: confirm %s (%s) flush %s", h.name, ev.File, ev.Kind, h.core.Flush())
 }
 
-func (w *World) recvTick() {
-	if n := w.core.Tick(w.now, republishAfter); n > 0 {
-		w.logf("tick: %d files to check", n)
+func (w *World) recvTick(h *host) {
+	if n := h.core.Tick(w.now, republishAfter); n > 0 {
+		w.logf("%s: tick: %d files to check", h.name, n)
 		w.count("republish checks")
 	}
 }
 
-func (w *World) recvCrash() {
-	w.logf("receiver crashes")
-	w.fs.crash()
-	w.core, w.sess = nil, nil
+func (w *World) recvCrash(h *host) {
+	w.logf("%s: receiver crashes", h.name)
+	h.fs.crash()
+	h.core, h.sess = nil, nil
 	w.count("receiver crashes")
 	if !w.stage {
 		// walship run: the archivers live in the receiver's process.
@@ -690,17 +800,17 @@ func (w *World) injectConflict() {
 // truncateSpool damages a complete spool segment while the receiver is
 // down, as a bad disk or a careless operator might: the restart must
 // notice and stream it again.
-func (w *World) truncateSpool() {
-	for _, n := range sortedNames(w.fs.files) {
+func (w *World) truncateSpool(h *host) {
+	for _, n := range sortedNames(h.fs.files) {
 		base := path.Base(n)
 		if !pipeline.IsSegmentName(base) || w.rng.IntN(2) == 0 {
 			continue
 		}
-		ino := w.fs.files[n]
+		ino := h.fs.files[n]
 		cut := w.rng.IntN(max(ino.size, 1))
 		ino.data = ino.data[:min(cut, len(ino.data))]
 		ino.size, ino.syncedLen, ino.syncedSize = cut, min(ino.syncedLen, cut), cut
-		w.logf("spool segment %s truncated to %d bytes", base, cut)
+		w.logf("%s: spool segment %s truncated to %d bytes", h.name, base, cut)
 		return
 	}
 }
@@ -708,12 +818,12 @@ func (w *World) truncateSpool() {
 // damageSpool damages a spool WAL file in place while the receiver is
 // down, keeping its size: a zeroed tail, a flipped bit, a history file that
 // lost its last line, an ended segment cut short.
-func (w *World) damageSpool() {
-	names := sortedNames(w.fs.files)
+func (w *World) damageSpool(h *host) {
+	names := sortedNames(h.fs.files)
 	for _, i := range w.rng.Perm(len(names)) {
 		n := names[i]
 		base := path.Base(n)
-		ino := w.fs.files[n]
+		ino := h.fs.files[n]
 		switch {
 		case strings.HasSuffix(base, ".history"):
 			lines := strings.SplitAfter(strings.TrimSuffix(string(ino.data), "\n"), "\n")
@@ -745,12 +855,12 @@ func (w *World) damageSpool() {
 
 // deleteSpoolFile removes a complete segment while the receiver is down
 // (to free a full disk, or fsck's lost+found), as an operator might.
-func (w *World) deleteSpoolFile() {
-	for _, n := range sortedNames(w.fs.files) {
+func (w *World) deleteSpoolFile(h *host) {
+	for _, n := range sortedNames(h.fs.files) {
 		if pipeline.IsSegmentName(path.Base(n)) && w.rng.IntN(2) == 0 {
-			delete(w.fs.files, n)
-			delete(w.fs.durable, n)
-			w.logf("%s deleted from the spool", path.Base(n))
+			delete(h.fs.files, n)
+			delete(h.fs.durable, n)
+			w.logf("%s deleted from %s's spool", path.Base(n), h.name)
 			return
 		}
 	}
@@ -774,7 +884,8 @@ func (w *World) recreateSlot() {
 // forgeConfirm publishes a confirmation that must not count: another
 // destination's, or other bytes'.
 func (w *World) forgeConfirm() {
-	files, _ := w.fs.handle().ReadDir(spoolDir)
+	fs := w.hosts[w.rng.IntN(len(w.hosts))].fs
+	files, _ := fs.handle().ReadDir(spoolDir)
 	for _, f := range files {
 		if !pipeline.IsSegmentName(f.Name) {
 			continue
@@ -784,7 +895,7 @@ func (w *World) forgeConfirm() {
 			Timeline: seg.Timeline, File: f.Name, Kind: pipeline.KindSegment, StartLSN: seg.StartLSN(w.size), EndLSN: seg.EndLSN(w.size),
 			Size: int64(w.size), SegSize: uint64(w.size), SHA256: strings.Repeat("1", 64)}, Key: "k", Dest: dest}
 		if w.rng.IntN(2) == 0 {
-			data, _ := io.ReadAll(must(w.fs.handle().Open(path.Join(spoolDir, f.Name))))
+			data, _ := io.ReadAll(must(fs.handle().Open(path.Join(spoolDir, f.Name))))
 			sum := sha256.Sum256(data)
 			ev.SHA256, ev.Dest = pipeline.SHA256Hex(sum[:]), "s3://old-bucket/prefix"
 		}
@@ -813,7 +924,7 @@ func (w *World) settle() {
 	for w.lastSent != w.end {
 		if w.now.Sub(began) > time.Hour || w.steps > w.opt.Steps+50000 {
 			w.fail("(d) liveness: an hour after the faults stopped flush is %s, the server's WAL ends at %s (receiver up %v, %s)",
-				w.lastSent, w.end, w.core != nil, w.pendingSummary())
+				w.lastSent, w.end, w.running(), w.pendingSummary())
 		}
 		w.step(false)
 	}
@@ -827,10 +938,20 @@ func must(r io.ReadCloser, err error) io.Reader {
 	return r
 }
 
+func (w *World) running() string {
+	var up []string
+	for _, h := range w.hosts {
+		up = append(up, fmt.Sprintf("%s %v", h.name, h.core != nil))
+	}
+	return strings.Join(up, ", ")
+}
+
 func (w *World) pendingSummary() string {
 	var names []string
-	for _, n := range sortedNames(w.fs.files) {
-		names = append(names, path.Base(n))
+	for _, h := range w.hosts {
+		for _, n := range sortedNames(h.fs.files) {
+			names = append(names, h.name+":"+path.Base(n))
+		}
 	}
 	return fmt.Sprintf("spool %v, %d events queued, %d confirmations", names, len(w.js.segments.msgs), len(w.js.archived.msgs))
 }
