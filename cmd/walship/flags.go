@@ -49,6 +49,7 @@ type config struct {
 	LogLevel       string
 	IfNotExists    bool
 	IfExists       bool
+	cryptConfig
 }
 
 type flagGroup int
@@ -116,6 +117,9 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.IntVar(&c.Level, "compression-level", 0, "compression level (zstd 1-4, gzip 1-9; 0: fastest)")
 		fs.IntVar(&c.Workers, "workers", runtime.NumCPU(), "archiver workers")
 		fs.DurationVar(&c.ConflictRetry, "conflict-retry", 5*time.Minute, "how often a segment whose key holds other bytes is tried again (the slot holds meanwhile)")
+	}
+	if has(gArchive) && has(gCommon) {
+		addEncryptFlags(fs, &c.cryptConfig)
 	}
 	if has(gCommon) {
 		fs.StringVar(&c.DataDir, "data-dir", defaultDataDir(), "walship's working directory")
