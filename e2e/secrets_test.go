@@ -195,7 +195,9 @@ func TestSecretsNeverShown(t *testing.T) {
 	// Every bad credential: a non-zero exit with one line saying why.
 	common := []string{"--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(),
 		"--data-dir", st.dataDir, "--metrics-addr", "", "--log-level", "debug"}
-	recv := func(extra ...string) []string { return append(append([]string{"receive", "--server", st.server}, common...), extra...) }
+	recv := func(extra ...string) []string {
+		return append(append([]string{"receive", "--server", st.server}, common...), extra...)
+	}
 	arch := func(extra ...string) []string {
 		return append(append([]string{"archive", "--s3-path-style"}, common...), extra...)
 	}
