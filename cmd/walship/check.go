@@ -80,6 +80,7 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		add("bucket", checkBucket(ctx, c), ok)
 	}
+	checkEncryption(c, add)
 	spool := c.SpoolDir
 	if spool == "" {
 		spool = filepath.Join(c.DataDir, "spool")

@@ -62,3 +62,12 @@ func (c *cryptConfig) identities() ([]age.Identity, error) {
 	}
 	return ids, nil
 }
+
+// checkEncryption is check's line for the encryption flags, when given.
+func checkEncryption(c *config, add func(string, error, string)) {
+	if len(c.EncryptRecipients) == 0 && c.EncryptRecipientsFile == "" {
+		return
+	}
+	rs, err := crypt.ParseRecipients(c.EncryptRecipients, c.EncryptRecipientsFile)
+	add("encryption", err, fmt.Sprintf("%d age recipient(s): archived WAL is encrypted after compression", len(rs)))
+}

@@ -201,6 +201,11 @@ func (c *config) validate(groups flagGroup) error {
 	if groups&gArchive != 0 && c.Workers < 1 {
 		return bad("--workers must be at least 1")
 	}
+	if groups&gArchive != 0 && groups&gCommon != 0 {
+		if _, err := c.recipients(); err != nil {
+			return err
+		}
+	}
 	if groups&gCommon != 0 {
 		if c.LogFormat != "text" && c.LogFormat != "json" {
 			return bad("--log-format %q: use text or json", c.LogFormat)
