@@ -70,6 +70,10 @@ type Metadata struct {
 	SystemID string
 	Codec    string
 	RawSize  int64
+	// Encryption is the client-side encryption scheme of the body ("" for
+	// none, "age"): the body is the compressed bytes encrypted. It names
+	// the scheme only, never a key.
+	Encryption string
 }
 
 // Metadata keys, as S3 user metadata (x-amz-meta-<key>).
@@ -81,11 +85,12 @@ const (
 	metaSystemID = "walship-system-id"
 	metaCodec    = "walship-codec"
 	metaRawSize  = "walship-raw-size"
+	metaEncrypt  = "walship-encryption"
 )
 
 // Map encodes m as string key-values.
 func (m Metadata) Map() map[string]string {
-	return map[string]string{
+	out := map[string]string{
 		metaSHA256:   m.SHA256,
 		metaStart:    m.StartLSN,
 		metaEnd:      m.EndLSN,
@@ -94,6 +99,10 @@ func (m Metadata) Map() map[string]string {
 		metaCodec:    m.Codec,
 		metaRawSize:  strconv.FormatInt(m.RawSize, 10),
 	}
+	if m.Encryption != "" {
+		out[metaEncrypt] = m.Encryption
+	}
+	return out
 }
 
 // MetadataFromMap decodes what Map wrote. Keys are matched without regard
@@ -117,6 +126,8 @@ func MetadataFromMap(in map[string]string) Metadata {
 		SystemID: get(metaSystemID),
 		Codec:    get(metaCodec),
 		RawSize:  size,
+
+		Encryption: get(metaEncrypt),
 	}
 }
 

@@ -28,7 +28,7 @@ func TestLayouts(t *testing.T) {
 }
 
 func TestMetadataRoundTrip(t *testing.T) {
-	m := Metadata{SHA256: "ab", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 3, SystemID: "73", Codec: "zstd", RawSize: 16 << 20}
+	m := Metadata{SHA256: "ab", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 3, SystemID: "73", Codec: "zstd", RawSize: 16 << 20, Encryption: "age"}
 	in := m.Map()
 	upper := map[string]string{}
 	for k, v := range in {

@@ -27,6 +27,8 @@ type checkResult struct {
 	Name   string `json:"check"`
 	OK     bool   `json:"ok"`
 	Detail string `json:"detail"`
+	// Warning marks a check that passes with a warning (WARN).
+	Warning bool `json:"warning,omitempty"`
 }
 
 // cmdCheck runs every preflight check, prints one line each, and fails if
@@ -51,10 +53,13 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	var results []checkResult
 	add := func(name string, err error, ok string) {
 		if err != nil {
-			results = append(results, checkResult{name, false, err.Error()})
+			results = append(results, checkResult{Name: name, Detail: err.Error()})
 		} else {
-			results = append(results, checkResult{name, true, ok})
+			results = append(results, checkResult{Name: name, OK: true, Detail: ok})
 		}
+	}
+	for _, w := range commandLineSecrets(fs, c) {
+		results = append(results, checkResult{Name: "secrets", OK: true, Detail: w, Warning: true})
 	}
 	checkPostgres(ctx, c, add)
 	if c.NATS != "" {
@@ -75,6 +80,7 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		add("bucket", checkBucket(ctx, c), ok)
 	}
+	checkEncryption(c, add)
 	spool := c.SpoolDir
 	if spool == "" {
 		spool = filepath.Join(c.DataDir, "spool")
@@ -94,6 +100,9 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	} else {
 		for _, r := range results {
 			status := "OK  "
+			if r.Warning {
+				status = "WARN"
+			}
 			if !r.OK {
 				status = "FAIL"
 			}

@@ -126,6 +126,13 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	if _, err := sinks.NewLayout(c.Layout, "", "x"); err != nil {
 		return nil, nil, fmt.Errorf("%w: --%v", errUsage, err)
 	}
+	recipients, err := c.recipients()
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(recipients) > 0 {
+		log.Info("archived WAL is encrypted after compression (age)", "recipients", len(recipients))
+	}
 	sink, prefix, err := openSinkChecked(ctx, c, false)
 	if err != nil {
 		return nil, nil, err
@@ -145,7 +152,7 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 		return nil, nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
 	}
 	a, err := archiver.New(archiver.Config{
-		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry,
+		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry, Recipients: recipients,
 		Log: log, Metrics: archiver.NewMetrics(reg),
 	}, b, sink)
 	if err != nil {

@@ -49,6 +49,7 @@ type config struct {
 	LogLevel       string
 	IfNotExists    bool
 	IfExists       bool
+	cryptConfig
 }
 
 type flagGroup int
@@ -116,6 +117,9 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.IntVar(&c.Level, "compression-level", 0, "compression level (zstd 1-4, gzip 1-9; 0: fastest)")
 		fs.IntVar(&c.Workers, "workers", runtime.NumCPU(), "archiver workers")
 		fs.DurationVar(&c.ConflictRetry, "conflict-retry", 5*time.Minute, "how often a segment whose key holds other bytes is tried again (the slot holds meanwhile)")
+	}
+	if has(gArchive) && has(gCommon) {
+		addEncryptFlags(fs, &c.cryptConfig)
 	}
 	if has(gCommon) {
 		fs.StringVar(&c.DataDir, "data-dir", defaultDataDir(), "walship's working directory")
@@ -196,6 +200,11 @@ func (c *config) validate(groups flagGroup) error {
 	}
 	if groups&gArchive != 0 && c.Workers < 1 {
 		return bad("--workers must be at least 1")
+	}
+	if groups&gArchive != 0 && groups&gCommon != 0 {
+		if _, err := c.recipients(); err != nil {
+			return err
+		}
 	}
 	if groups&gCommon != 0 {
 		if c.LogFormat != "text" && c.LogFormat != "json" {

@@ -81,6 +81,7 @@ func restoreSetup(name string, args []string, verify bool, stdout io.Writer) (*c
 	fs := newFlagSet(name, c, gSink|gArchive)
 	fs.StringVar(&c.Server, "server", "", "server name (default for fetch: pg-<system identifier> from the data directory's pg_control)")
 	addRestoreFlags(fs, rf, verify)
+	addDecryptFlag(fs, &c.cryptConfig)
 	rest, err := parse(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintf(stdout, "Usage: walship %s [flags]\n\n%s", name, usageOf(fs))
@@ -198,7 +199,11 @@ func fetch(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial, SystemID: sysID}
+	ids, err := c.identities()
+	if err != nil {
+		return err
+	}
+	f := &restore.Fetcher{Sink: sink, Layout: layout, Codecs: codecOrder(c.Compression), AllowPartial: rf.allowPartial, SystemID: sysID, Identities: ids}
 	pf := &restore.Prefetch{Fetcher: f, Count: rf.prefetch, Dir: rf.prefetchDir,
 		Manifest: restore.Manifest{Dest: c.Dest, Layout: c.Layout, Server: c.Server, SystemID: sysID, AllowPartial: rf.allowPartial}}
 	if pf.Dir == "" {
@@ -245,6 +250,8 @@ func fetch(ctx context.Context, args []string, stdout io.Writer) error {
 			return &exitError{exitNotFound, fmt.Errorf("%s is not in the archive", name)}
 		case errors.Is(err, restore.ErrCorrupt):
 			return &exitError{exitAbort, fmt.Errorf("refusing to restore %s: %v", name, err)}
+		case errors.Is(err, restore.ErrCannotDecrypt):
+			return &exitError{exitAbort, fmt.Errorf("cannot restore %s: %v; aborting recovery so it does not end early", name, err)}
 		case errors.Is(err, restore.ErrWrongArchive):
 			return &exitError{exitAbort, fmt.Errorf("refusing to answer for %s: %v; aborting recovery so it does not end early", name, err)}
 		case errors.Is(err, errUsage) || errors.Is(err, s3sink.ErrNoBucket) || ctx.Err() != nil:
@@ -341,7 +348,11 @@ func cmdVerify(ctx context.Context, args []string, stdout io.Writer, listOnly bo
 	if err != nil {
 		return err
 	}
-	opts := restore.VerifyOptions{SegmentSize: pipeline.SegmentSize(rf.segmentSize), Metadata: !listOnly, Deep: rf.deep && !listOnly, Parallel: rf.parallel}
+	ids, err := c.identities()
+	if err != nil {
+		return err
+	}
+	opts := restore.VerifyOptions{SegmentSize: pipeline.SegmentSize(rf.segmentSize), Metadata: !listOnly, Deep: rf.deep && !listOnly, Parallel: rf.parallel, Identities: ids}
 	if opts.Deep && !rf.json && term.IsTerminal(int(os.Stderr.Fd())) {
 		opts.Progress = func(done, total int) {
 			fmt.Fprintf(os.Stderr, "\rverifying %d/%d", done, total)

@@ -1,5 +1,6 @@
 // Package archiver is the worker pool that takes segment events from
-// JetStream, verifies the bytes, compresses them, stores them in the sink
+// JetStream, verifies the bytes, compresses them (and encrypts them, with
+// recipients), stores them in the sink
 // with put-if-absent, and confirms with an archived event. An event is
 // acknowledged only after the object is durable and the confirmation is
 // acknowledged by JetStream.
@@ -24,10 +25,12 @@ import (
 	"sync"
 	"time"
 
+	"filippo.io/age"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/internal/backoff"
 	"github.com/walship/walship/internal/ratelog"
 	"github.com/walship/walship/pipeline"
@@ -84,8 +87,13 @@ type Config struct {
 	Workers int
 	Codec   compress.Codec
 	Level   int
-	Layout  func(server string) sinks.Layout
-	Dest    string // the sink's ID (sinks.DestID), named in every confirmation
+	// Recipients, when any, encrypt every WAL object after compression
+	// (age); the object's metadata records the scheme. The SHA-256 in the
+	// metadata stays that of the raw WAL, which restore checks after
+	// decrypting and decompressing.
+	Recipients []age.Recipient
+	Layout     func(server string) sinks.Layout
+	Dest       string // the sink's ID (sinks.DestID), named in every confirmation
 	// ReadSpool reads segments from the receiver's spool path when present
 	// (archivers in the receiver's process); OpenSpool opens it (nil: os.Open).
 	ReadSpool bool
@@ -172,16 +180,18 @@ func (a *Archiver) watchBacklog(ctx context.Context, br BacklogReader, every tim
 	}
 }
 
-// Worker is one worker's reusable state: an encoder and a buffer.
+// Worker is one worker's reusable state: an encoder, an encrypter (nil
+// without recipients) and a buffer.
 type Worker struct {
-	enc *compress.Encoder
-	raw []byte
+	enc   *compress.Encoder
+	crypt *crypt.Encrypter
+	raw   []byte
 }
 
 // NewWorker builds a worker's state.
 func (a *Archiver) NewWorker() *Worker {
 	enc, _ := compress.NewEncoder(a.cfg.Codec, a.cfg.Level) // checked in New
-	return &Worker{enc: enc}
+	return &Worker{enc: enc, crypt: crypt.NewEncrypter(a.cfg.Recipients)}
 }
 
 func (a *Archiver) worker(ctx context.Context, src Source) error {
@@ -372,6 +382,13 @@ func (a *Archiver) archive(ctx context.Context, w *Worker, ev *pipeline.SegmentE
 	meta := sinks.Metadata{
 		SHA256: ev.SHA256, StartLSN: ev.StartLSN.String(), EndLSN: ev.EndLSN.String(),
 		Timeline: ev.Timeline, SystemID: ev.SystemID, Codec: string(a.cfg.Codec), RawSize: ev.Size,
+	}
+	if w.crypt != nil {
+		// Compressed, then encrypted: ciphertext does not compress.
+		if body, err = w.crypt.Encrypt(body); err != nil {
+			return nil, fmt.Errorf("encrypt %s: %w", ev.File, err)
+		}
+		meta.Encryption = crypt.Scheme
 	}
 	began := time.Now()
 	err = a.sink.Put(ctx, key, body, meta)

@@ -15,7 +15,10 @@ import (
 	"strings"
 	"sync"
 
+	"filippo.io/age"
+
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/internal/fsutil"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
@@ -37,6 +40,12 @@ var ErrCorrupt = errors.New("corrupt in the archive")
 // from such a destination would end recovery early, so it is an abort.
 var ErrWrongArchive = errors.New("not this cluster's archive")
 
+// ErrCannotDecrypt means the archive has the file, encrypted, and this
+// fetch cannot decrypt it: no identity given, none of the identities is a
+// recipient, or an unknown scheme. It is never "not found": recovery must
+// stop, and the operator give the right --decrypt-identity.
+var ErrCannotDecrypt = errors.New("cannot decrypt")
+
 // errVanished is a GET that found nothing after a HEAD found the object: a
 // retention job or a lagging replica of the store. Transient.
 var errVanished = errors.New("object vanished between HEAD and GET")
@@ -53,6 +62,9 @@ type Fetcher struct {
 	// archived (the last segment of a timeline that ended, or WAL of the
 	// segment being written).
 	AllowPartial bool
+	// Identities decrypt objects written with client-side encryption
+	// (walship-encryption: age); objects without it need none.
+	Identities []age.Identity
 	// SystemID is the restored cluster's system identifier (decimal, from
 	// its pg_control); "" when fetch runs outside a data directory, and
 	// then the archive's identity object decides.
@@ -179,14 +191,33 @@ func (f *Fetcher) Download(ctx context.Context, fo Found) ([]byte, error) {
 	if n > maxRawSize+1<<20 {
 		return nil, fmt.Errorf("%w: %s is larger than any WAL file", ErrCorrupt, fo.Key)
 	}
-	raw, err := compress.Decode(fo.Codec, buf.Bytes(), int(meta.RawSize))
+	raw, err := open(fo.Key, fo.Codec, buf.Bytes(), meta, f.Identities)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, fo.Key, err)
+		return nil, err
 	}
 	return Check(fo.File, raw, meta, want)
 }
 
-func decode(c compress.Codec, body []byte) ([]byte, error) { return compress.Decode(c, body, 0) }
+// open turns a stored body back into raw WAL: decrypt (when the metadata
+// names a scheme), then decompress. The caller then checks the raw bytes
+// against the metadata's SHA-256, which is always the raw WAL's. An
+// object that cannot be decrypted with the identities wraps
+// ErrCannotDecrypt; one that fails decryption's authentication or
+// decompression wraps ErrCorrupt.
+func open(key string, c compress.Codec, body []byte, meta sinks.Metadata, ids []age.Identity) ([]byte, error) {
+	plain, err := crypt.Decrypt(meta.Encryption, body, ids)
+	switch {
+	case errors.Is(err, crypt.ErrNoIdentity) || errors.Is(err, crypt.ErrWrongKey) || errors.Is(err, crypt.ErrUnknownScheme):
+		return nil, fmt.Errorf("%w %s: %w", ErrCannotDecrypt, key, err)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, key, err)
+	}
+	raw, err := compress.Decode(c, plain, int(meta.RawSize))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, key, err)
+	}
+	return raw, nil
+}
 
 // Fetch serves one WAL file into dest, atomically: a temporary file in
 // dest's directory, fsynced, then renamed.
@@ -203,10 +234,10 @@ func (f *Fetcher) Fetch(ctx context.Context, name, dest string) error {
 }
 
 // Permanent reports whether err is final for a fetch: not found (after
-// the identity check), corrupt, or the wrong archive. Anything else is
+// the identity check), corrupt, the wrong archive, or not decryptable. Anything else is
 // transient and worth retrying.
 func Permanent(err error) bool {
-	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrWrongArchive)
+	return errors.Is(err, ErrNotFound) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrWrongArchive) || errors.Is(err, ErrCannotDecrypt)
 }
 
 // RemoveTemp removes the temporary files a killed fetch left beside dest

@@ -433,7 +433,8 @@ func (p *Prefetch) download(ctx context.Context, names []string) bool {
 				if firstMissing == "" || n < firstMissing {
 					firstMissing = n
 				}
-			case errors.Is(err, ErrCorrupt):
+			case errors.Is(err, ErrCorrupt) || errors.Is(err, ErrCannotDecrypt):
+				// The fetch for it finds out itself, and aborts.
 				progress = true
 				p.writeHint(n+corruptExt, err.Error())
 			}

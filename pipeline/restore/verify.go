@@ -14,7 +14,10 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"filippo.io/age"
+
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
 )
@@ -74,6 +77,10 @@ type VerifyOptions struct {
 	Deep        bool                 // download every object and check its SHA-256 and pages
 	Parallel    int
 	Progress    func(done, total int) // called as objects are checked
+	// Identities decrypt encrypted objects (Deep, and history files).
+	// Without them an encrypted history file is not parsed and Deep
+	// reports every encrypted object as not verifiable.
+	Identities []age.Identity
 }
 
 type object struct {
@@ -167,7 +174,7 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 	}
 	rep.Timelines = timelines(objs, size)
 	want := Expect{SystemID: id.SystemID, SegmentSize: size}
-	rep.Problems = append(rep.Problems, historyChain(ctx, sink, objs, rep.Timelines, want)...)
+	rep.Problems = append(rep.Problems, historyChain(ctx, sink, objs, rep.Timelines, want, o.Identities)...)
 	if o.Metadata || o.Deep {
 		rep.Problems = append(rep.Problems, checkObjects(ctx, sink, objs, want, o, &rep.Checked)...)
 	}
@@ -247,7 +254,7 @@ func timelines(objs []object, size pipeline.SegmentSize) []Timeline {
 // historyChain checks each history file: it parses, its parent timelines
 // are older, and the archive holds the parent's WAL up to the switch point
 // (as a segment or a .partial).
-func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Timeline, want Expect) []Problem {
+func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Timeline, want Expect, ids []age.Identity) []Problem {
 	size := want.SegmentSize
 	have := map[pipeline.Segment]bool{}
 	for _, ob := range objs {
@@ -267,9 +274,16 @@ func historyChain(ctx context.Context, sink sinks.Sink, objs []object, tls []Tim
 		}
 		body, err := io.ReadAll(rc)
 		rc.Close()
-		raw, derr := decode(ob.codec, body)
-		if err != nil || derr != nil {
-			probs = append(probs, Problem{ob.key, "cannot read or decompress"})
+		if err != nil {
+			probs = append(probs, Problem{ob.key, "cannot read: " + err.Error()})
+			continue
+		}
+		if meta.Encryption != "" && len(ids) == 0 {
+			continue // encrypted: checked with --decrypt-identity
+		}
+		raw, err := open(ob.key, ob.codec, body, meta, ids)
+		if err != nil {
+			probs = append(probs, Problem{ob.key, err.Error()})
 			continue
 		}
 		if _, err := Check(ob.file, raw, meta, want); err != nil {
@@ -340,7 +354,7 @@ func ParseHistory(b []byte) ([]HistoryEntry, error) {
 func checkObjects(ctx context.Context, sink sinks.Sink, objs []object, want Expect, o VerifyOptions, checked *int) []Problem {
 	size := want.SegmentSize
 	// Deep checks apply fetch's rules, against the identity read above.
-	f := &Fetcher{Sink: sink, identity: &sinks.Identity{SystemID: want.SystemID, SegmentSize: uint64(size)}}
+	f := &Fetcher{Sink: sink, Identities: o.Identities, identity: &sinks.Identity{SystemID: want.SystemID, SegmentSize: uint64(size)}}
 	par := max(o.Parallel, 1)
 	var mu sync.Mutex
 	var probs []Problem
@@ -390,6 +404,8 @@ func checkObjects(ctx context.Context, sink sinks.Sink, objs []object, want Expe
 				add(ob.key, "metadata end LSN %s, name says %s", meta.EndLSN, ob.seg.EndLSN(size))
 			case meta.Codec != "" && meta.Codec != string(ob.codec):
 				add(ob.key, "metadata codec %s, extension says %s", meta.Codec, ob.codec)
+			case meta.Encryption != "" && meta.Encryption != crypt.Scheme:
+				add(ob.key, "metadata walship-encryption %q: not a scheme this walship knows", meta.Encryption)
 			case want.SystemID != "" && meta.SystemID != want.SystemID:
 				add(ob.key, "metadata system id %q, the archive's identity says %s", meta.SystemID, want.SystemID)
 			}

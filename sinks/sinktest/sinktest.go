@@ -19,7 +19,7 @@ import (
 // Run runs the suite against a fresh sink from newSink.
 func Run(t *testing.T, newSink func(t *testing.T) sinks.Sink) {
 	ctx := context.Background()
-	meta := sinks.Metadata{SHA256: "0123abcd", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 1, SystemID: "7300000000000000001", Codec: "zstd", RawSize: 1 << 20}
+	meta := sinks.Metadata{SHA256: "0123abcd", StartLSN: "0/1000000", EndLSN: "0/2000000", Timeline: 1, SystemID: "7300000000000000001", Codec: "zstd", RawSize: 1 << 20, Encryption: "age"}
 
 	t.Run("PutGetHead", func(t *testing.T) {
 		s := newSink(t)
