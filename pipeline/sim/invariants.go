@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/internal/walgen"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
@@ -32,7 +33,14 @@ func (w *World) checkObject(key string, o *stored) error {
 	if w.layout.Key(file, w.codec.Ext()) != key {
 		return fmt.Errorf("%s: not where the layout puts %s", key, file)
 	}
-	raw, err := compress.Decode(w.codec, o.body, int(w.size))
+	body, err := crypt.Decrypt(o.meta.Encryption, o.body, w.ids)
+	if err != nil {
+		return fmt.Errorf("%s: %v", key, err)
+	}
+	if len(w.ids) > 0 && o.meta.Encryption == "" {
+		return fmt.Errorf("%s: stored in plaintext by archivers that encrypt", key)
+	}
+	raw, err := compress.Decode(w.codec, body, int(w.size))
 	if err != nil {
 		return fmt.Errorf("%s: %v", key, err)
 	}

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"filippo.io/age"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/walship/walship/compress"
@@ -62,7 +63,11 @@ type World struct {
 	start time.Time
 	codec compress.Codec
 	stage bool // receiver stages bytes in the object store (else archivers read the spool)
-	pg14  bool // the server does not say the slot's timeline (PostgreSQL 12 to 14)
+	// ids are the age identities of the archive's keys, oldest first,
+	// when the archivers encrypt (--encrypt-recipient); the newest is the
+	// recipient of archivers started now (a rotation adds one).
+	ids  []age.Identity
+	pg14 bool // the server does not say the slot's timeline (PostgreSQL 12 to 14)
 
 	// PostgreSQL.
 	hist     walgen.History
@@ -266,6 +271,9 @@ func (w *World) setup() {
 		w.codec = compress.Zstd
 	}
 	w.stage = w.rng.IntN(2) == 0
+	if w.rng.IntN(4) == 0 {
+		w.rotateKey()
+	}
 	w.pg14 = w.rng.IntN(3) == 0
 	w.hist = walgen.History{{TLI: 1}}
 	// The slot is created somewhere in segment 3, as RESERVE_WAL does.
@@ -300,7 +308,7 @@ func (w *World) setup() {
 		w.startArchiver(a)
 	}
 	w.faultsOn = true
-	w.logf("setup pg14=%v size=%d codec=%s stage=%v archivers=%d receivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, w.stage, n, nh, w.slot, w.budget)
+	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget)
 	w.startReceiver(w.hosts[0])
 }
 
@@ -324,8 +332,28 @@ func (w *World) tlEnd(tli uint32) pipeline.LSN {
 	return w.end
 }
 
+// rotateKey gives the archive a new key: archivers started from now on
+// encrypt for it; objects written before stay readable with the old one.
+func (w *World) rotateKey() {
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		w.fail("age: %v", err)
+	}
+	w.ids = append(w.ids, id)
+	if len(w.ids) > 1 {
+		w.logf("key rotated: %d keys", len(w.ids))
+	}
+}
+
 func (w *World) startArchiver(a *arch) {
 	a.gen++
+	var recipients []age.Recipient
+	if len(w.ids) > 0 {
+		if w.faultsOn && w.rng.IntN(10) == 0 {
+			w.rotateKey()
+		}
+		recipients = []age.Recipient{w.ids[len(w.ids)-1].(*age.X25519Identity).Recipient()}
+	}
 	if a.m == nil {
 		a.m = archiver.NewMetrics(prometheus.NewRegistry())
 	}
@@ -334,7 +362,7 @@ func (w *World) startArchiver(a *arch) {
 	a.a, err = archiver.New(archiver.Config{
 		Codec: w.codec, Layout: func(string) sinks.Layout { return w.layout }, Dest: dest,
 		ReadSpool: !w.stage, OpenSpool: func(p string) (io.ReadCloser, error) { return w.hosts[0].fs.handle().Open(p) }, KeepAlive: -1,
-		Log: w.logger(a.name), Metrics: a.m,
+		Log: w.logger(a.name), Metrics: a.m, Recipients: recipients,
 	}, busFor{js: w.js, a: a}, &bucketFor{b: w.bkt, a: a})
 	if err != nil {
 		w.fail("archiver: %v", err)
