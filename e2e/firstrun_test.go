@@ -67,6 +67,11 @@ func TestReadyMeansWorking(t *testing.T) {
 	if code, _ := readyz(archPort); code != http.StatusOK {
 		t.Errorf("the archiver is not ready though NATS and S3 are up: %d", code)
 	}
+	// `walship status` says why too.
+	waitFor(t, 30*time.Second, "walship status to show the receiver NOT READY: not streaming", func() bool {
+		out, _ := runWalship(t, nil, "status", "--processes", "--nats", st.nats.URL())
+		return strings.Contains(out, "NOT READY: not streaming from PostgreSQL")
+	})
 	st.pg.Start()
 	waitFor(t, 45*time.Second, "the receiver to be ready again", func() bool { code, _ := readyz(st.metrics); return code == http.StatusOK })
 

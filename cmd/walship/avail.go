@@ -162,7 +162,10 @@ func recordProcess(ctx context.Context, role string, b *bus.Bus, ready func() er
 	defer t.Stop()
 	for {
 		st := pipeline.ProcessState{V: 1, Role: role, Host: host, PID: os.Getpid(), Version: version,
-			Ready: ready() == nil, Dependencies: deps.States(), Updated: time.Now().UTC()}
+			Ready: true, Dependencies: deps.States(), Updated: time.Now().UTC()}
+		if err := ready(); err != nil {
+			st.Ready, st.NotReady = false, err.Error()
+		}
 		data, _ := json.Marshal(st)
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := b.PutProcess(pctx, key, data); err != nil && ctx.Err() == nil {
