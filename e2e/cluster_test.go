@@ -240,17 +240,20 @@ func TestClusterNodeLoss(t *testing.T) {
 	}
 	urls := nc.URLs()
 	archPorts := []int{testenv.FreePort(t), testenv.FreePort(t)}
+	// Profiles (for the goroutine dumps below) are served only on --debug-addr.
+	debugPorts := []int{testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)}
+	debug := func(i int) []string { return []string{"--debug-addr", "127.0.0.1:" + strconv.Itoa(debugPorts[i])} }
 	procs := []*proc{
-		startWalship(t, st.env(), st.clusterArchiverArgs(urls, archPorts[0])...),
-		startWalship(t, st.env(), st.clusterArchiverArgs(urls, archPorts[1])...),
-		startWalship(t, st.env(), st.clusterReceiverArgs(urls, st.metrics)...),
+		startWalship(t, st.env(), append(st.clusterArchiverArgs(urls, archPorts[0]), debug(0)...)...),
+		startWalship(t, st.env(), append(st.clusterArchiverArgs(urls, archPorts[1]), debug(1)...)...),
+		startWalship(t, st.env(), append(st.clusterReceiverArgs(urls, st.metrics), debug(2)...)...),
 	}
 	// WALSHIP_KEEP_LOGS=<dir> keeps every process's log there (and, when
 	// the test fails, walship's goroutines) for a post-mortem.
 	t.Cleanup(func() {
 		if dir := os.Getenv("WALSHIP_KEEP_LOGS"); dir != "" {
 			if t.Failed() {
-				for i, port := range append(append([]int{}, archPorts...), st.metrics) {
+				for i, port := range debugPorts {
 					if resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/debug/pprof/goroutine?debug=2"); err == nil {
 						b, _ := io.ReadAll(resp.Body)
 						resp.Body.Close()

@@ -23,7 +23,9 @@ func (st *stack) writeSegments(n int) pipeline.LSN {
 }
 
 func (st *stack) walsenderPID() string {
-	return st.pg.QueryString(`SELECT pid::text FROM pg_stat_replication WHERE application_name = 'walship'`)
+	// Not 'startup': a walsender shows from the connection on, before the
+	// receiver has created its slot and started replication.
+	return st.pg.QueryString(`SELECT pid::text FROM pg_stat_replication WHERE application_name = 'walship' AND state <> 'startup'`)
 }
 
 // outage runs the common shape of the outage tests: stream, take a part

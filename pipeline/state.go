@@ -35,6 +35,7 @@ type ProcessState struct {
 	PID          int               `json:"pid"`
 	Version      string            `json:"version,omitempty"`
 	Ready        bool              `json:"ready"`
+	NotReady     string            `json:"not_ready,omitempty"` // why not: /readyz's reason
 	Dependencies []DependencyState `json:"dependencies"`
 	Updated      time.Time         `json:"updated"`
 }

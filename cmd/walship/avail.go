@@ -155,14 +155,17 @@ func watchBucket(ctx context.Context, s *s3sink.Sink, prefix string, log *slog.L
 
 // recordProcess writes this process's state where `walship status` reads
 // it, every recordEvery until ctx is done, and removes it then.
-func recordProcess(ctx context.Context, role string, b *bus.Bus, deps *health.Set, log *slog.Logger) error {
+func recordProcess(ctx context.Context, role string, b *bus.Bus, ready func() error, deps *health.Set, log *slog.Logger) error {
 	host, _ := os.Hostname()
 	key := processKey(role, host, os.Getpid())
 	t := time.NewTicker(recordEvery)
 	defer t.Stop()
 	for {
 		st := pipeline.ProcessState{V: 1, Role: role, Host: host, PID: os.Getpid(), Version: version,
-			Ready: deps.Ready() == nil, Dependencies: deps.States(), Updated: time.Now().UTC()}
+			Ready: true, Dependencies: deps.States(), Updated: time.Now().UTC()}
+		if err := ready(); err != nil {
+			st.Ready, st.NotReady = false, err.Error()
+		}
 		data, _ := json.Marshal(st)
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := b.PutProcess(pctx, key, data); err != nil && ctx.Err() == nil {

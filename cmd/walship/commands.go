@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -227,9 +226,7 @@ func serveMetrics(ctx context.Context, ln net.Listener, reg *prometheus.Registry
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	// Profiles, on the same (by default loopback) address as the metrics.
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	// Profiles are not served here: see --debug-addr (debug.go).
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := ready(); err != nil {
@@ -297,7 +294,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "run", ln, reg, log, deps, b, recv, arch, watchNATS, watchS3)
+	return runAll(ctx, "run", c, ln, reg, log, deps, b, recv, arch, watchNATS, watchS3)
 }
 
 func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -326,7 +323,7 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "receive", ln, reg, log, deps, b, recv, nil, watchNATS)
+	return runAll(ctx, "receive", c, ln, reg, log, deps, b, recv, nil, watchNATS)
 }
 
 func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -356,26 +353,40 @@ func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "archive", ln, reg, log, deps, b, nil, arch, watchNATS, watchS3)
+	return runAll(ctx, "archive", c, ln, reg, log, deps, b, nil, arch, watchNATS, watchS3)
 }
 
 // runAll runs the receiver and/or archiver, the metrics server, the
 // dependency watchers and the process record until ctx is done or one
 // fails. A receiver that stops on its own ends the process; so does a
 // watcher that finds a misconfiguration when its dependency first answers.
-func runAll(ctx context.Context, role string, ln net.Listener, reg *prometheus.Registry, log *slog.Logger, deps *health.Set,
+func runAll(ctx context.Context, role string, c *config, ln net.Listener, reg *prometheus.Registry, log *slog.Logger, deps *health.Set,
 	b *bus.Bus, recv *receiver.Receiver, arch *archiver.Archiver, watchers ...watcher) error {
+	dln, err := listenDebug(c.DebugAddr)
+	if err != nil {
+		return err
+	}
+	defer closeListener(dln)
+	var recvReady, archReady func() error
+	if recv != nil {
+		recvReady = recv.Ready
+	}
+	if arch != nil {
+		archReady = b.Consuming
+	}
+	ready := readiness(deps, recvReady, archReady)
 	g, gctx := errgroup.WithContext(ctx)
 	// The archivers keep running while the receiver shuts down, so that its
 	// last segments can still be confirmed; they stop when it has.
 	archCtx, stopArch := context.WithCancel(context.WithoutCancel(ctx))
-	g.Go(serveMetrics(gctx, ln, reg, deps.Ready, log))
+	g.Go(serveMetrics(gctx, ln, reg, ready, log))
+	g.Go(serveDebug(gctx, dln, log))
 	for _, w := range watchers {
 		if w != nil {
 			g.Go(func() error { return w(gctx) })
 		}
 	}
-	g.Go(func() error { return recordProcess(gctx, role, b, deps, log) })
+	g.Go(func() error { return recordProcess(gctx, role, b, ready, deps, log) })
 	if arch != nil {
 		g.Go(func() error {
 			err := arch.Run(archCtx, source(b))
@@ -397,7 +408,7 @@ func runAll(ctx context.Context, role string, ln net.Listener, reg *prometheus.R
 			return nil
 		})
 	}
-	err := g.Wait()
+	err = g.Wait()
 	stopArch()
 	if err == nil {
 		log.Info("stopped")

@@ -45,6 +45,7 @@ type config struct {
 	AckWait        time.Duration
 	ConflictRetry  time.Duration
 	MetricsAddr    string
+	DebugAddr      string
 	LogFormat      string
 	LogLevel       string
 	IfNotExists    bool
@@ -127,6 +128,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 		fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	}
+	registerDebugFlags(fs, c, groups)
 	return fs
 }
 

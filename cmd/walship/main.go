@@ -34,7 +34,7 @@ Commands:
   status         positions, lags, slot, backlog, last archived segment, per server
   check          preflight: PostgreSQL, slot, NATS, bucket, spool; one line per check
   health         probe a walship /readyz URL (container healthcheck)
-  version        print the version
+  version        print the version, and those of Go, pglogrepl and NATS
 
 Run 'walship <command> -h' for a command's flags. Every flag can also be
 given as WALSHIP_<FLAG>, for example WALSHIP_PG or WALSHIP_S3_ENDPOINT.
@@ -131,8 +131,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":
-		fmt.Fprintln(stdout, "walship", version)
-		return nil
+		return cmdVersion(stdout)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

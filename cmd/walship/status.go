@@ -169,6 +169,8 @@ func printProcesses(w io.Writer, ps []pipeline.ProcessState, now time.Time, asJS
 		switch {
 		case age > time.Minute:
 			state = fmt.Sprintf("stale (record %.0fs old: stopped, or cannot reach NATS)", age.Seconds())
+		case !p.Ready && p.NotReady != "":
+			state = "NOT READY: " + p.NotReady
 		case !p.Ready:
 			state = "NOT READY"
 		}

@@ -90,6 +90,7 @@ type Bus struct {
 
 	consMu sync.Mutex
 	cons   jetstream.Consumer // the archivers' consumer, looked up on first use
+	fetch  consumeState       // how the archivers' last fetch went (Consuming)
 }
 
 // resources are what Setup creates.

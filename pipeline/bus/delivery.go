@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -75,6 +76,7 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 	if cons == nil {
 		c, err := b.consumer(ctx)
 		if err != nil {
+			b.fetchDone(err)
 			return nil, err
 		}
 		cons = c
@@ -95,7 +97,9 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 			return nil, nil
 		}
 		forget()
-		return nil, fmt.Errorf("fetch segment events: %w", err)
+		err = fmt.Errorf("fetch segment events: %w", err)
+		b.fetchDone(err)
+		return nil, err
 	}
 	var d *Delivery
 	for msg := range batch.Messages() {
@@ -108,7 +112,48 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 	if err := batch.Error(); err != nil && d == nil && !errors.Is(err, jetstream.ErrNoMessages) &&
 		!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
 		forget()
-		return nil, fmt.Errorf("fetch segment events: %w", err)
+		err = fmt.Errorf("fetch segment events: %w", err)
+		b.fetchDone(err)
+		return nil, err
 	}
+	b.fetchDone(nil)
 	return d, nil
+}
+
+// consumeState is whether the archivers' consumer answers fetches.
+type consumeState struct {
+	mu      sync.Mutex
+	fetched bool  // a fetch has succeeded
+	err     error // the last fetch's error, nil after a success
+}
+
+func (b *Bus) fetchDone(err error) {
+	b.fetch.mu.Lock()
+	defer b.fetch.mu.Unlock()
+	b.fetch.err = err
+	if err == nil {
+		b.fetch.fetched = true
+	}
+}
+
+// Consuming is nil while the archivers consume segment events: the
+// client is connected and the last fetch from their consumer succeeded
+// (with or without an event). Before
+// the first fetch, and after one failed, it says why not. It is the
+// archivers' part of /readyz.
+func (b *Bus) Consuming() error {
+	b.fetch.mu.Lock()
+	defer b.fetch.mu.Unlock()
+	if !b.nc.IsConnected() {
+		// A fetch while the client reconnects times out like one that
+		// found an empty queue.
+		return errors.New("not consuming segment events: not connected to NATS")
+	}
+	if b.fetch.err != nil {
+		return fmt.Errorf("not consuming segment events: %w", b.fetch.err)
+	}
+	if !b.fetch.fetched {
+		return errors.New("not consuming segment events yet")
+	}
+	return nil
 }

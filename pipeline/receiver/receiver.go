@@ -126,6 +126,19 @@ func New(cfg Config, pub Publisher, conf Confirmations) *Receiver {
 	return &Receiver{cfg: cfg, pub: pub, conf: conf, log: cfg.Log, rl: ratelog.New(cfg.Log, 30*time.Second)}
 }
 
+// Ready is nil while the receiver streams from PostgreSQL (its
+// replication connection is up), else why not: the receiver's part of
+// /readyz.
+func (r *Receiver) Ready() error {
+	switch {
+	case r.connected.Load():
+		return nil
+	case r.standby.Load():
+		return errors.New("standby: another receiver streams the slot")
+	}
+	return errors.New("not streaming from PostgreSQL")
+}
+
 // Server is the server name, known once Run has connected.
 func (r *Receiver) Server() string { return r.server }
 

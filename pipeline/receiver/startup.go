@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -129,6 +130,12 @@ func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotStat
 		if !r.cfg.CreateSlot {
 			return slot, fatalf("replication slot %q does not exist: create it with 'walship slot create --slot %s', or pass --create-slot", r.cfg.Slot, r.cfg.Slot)
 		}
+		// A new slot holds WAL from the moment it exists: make sure the
+		// spool can take that WAL first, so that a spool walship cannot
+		// write never leaves a slot behind filling the server's disk.
+		if err := checkSpoolWritable(filepath.Join(r.cfg.SpoolDir, r.server)); err != nil {
+			return slot, wrapFatal(err, "%v: fix --spool-dir (it must be writable by the user walship runs as); no replication slot was created", err)
+		}
 		if err := CreateSlot(ctx, conn, r.cfg.Slot, true); err != nil {
 			return slot, wrapFatal(err, "%v", err)
 		}
@@ -159,6 +166,22 @@ func (r *Receiver) slotState(ctx context.Context, conn *pgconn.PgConn) (SlotStat
 		}
 	}
 	return slot, nil
+}
+
+// checkSpoolWritable creates the spool directory and writes, fsyncs and
+// removes a file in it.
+func checkSpoolWritable(dir string) error {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("spool directory: %w", err)
+	}
+	probe := filepath.Join(dir, ".walship-write-probe")
+	if err := fsutil.WriteFile(probe, []byte("walship\n"), 0o640); err != nil {
+		return fmt.Errorf("spool directory %s is not writable: %w", dir, err)
+	}
+	if err := os.Remove(probe); err != nil {
+		return fmt.Errorf("spool directory %s: %w", dir, err)
+	}
+	return nil
 }
 
 func (r *Receiver) readSlot(ctx context.Context, conn *pgconn.PgConn) (SlotState, error) {
