@@ -196,10 +196,14 @@ func startEmbeddedNATS(c *config, log *slog.Logger) (*server.Server, string, err
 	if _, err := fmt.Sscan(port, &p); err != nil {
 		return nil, "", fmt.Errorf("%w: --embedded-nats-listen %q: bad port", errUsage, c.NATSListen)
 	}
-	ns, err := server.NewServer(&server.Options{
+	opts := &server.Options{
 		ServerName: "walship-embedded", Host: host, Port: p, JetStream: true,
 		StoreDir: filepath.Join(c.DataDir, "nats"), NoSigs: true, MaxPayload: 8 << 20,
-	})
+	}
+	if err := c.NATSSec.embeddedServerOptions(opts, log); err != nil {
+		return nil, "", err
+	}
+	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, "", fmt.Errorf("embedded nats: %w", err)
 	}

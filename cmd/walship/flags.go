@@ -49,6 +49,7 @@ type config struct {
 	LogLevel       string
 	IfNotExists    bool
 	IfExists       bool
+	NATSSec        natsSecurity // natssec.go
 }
 
 type flagGroup int
@@ -91,10 +92,12 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 	if has(gNATS) {
 		fs.StringVar(&c.NATS, "nats", "", "NATS server URL, or a cluster's nodes comma-separated (run: empty starts an embedded JetStream server)")
 		fs.IntVar(&c.NATSReplicas, "nats-replicas", 1, "JetStream replicas for walship's streams (1 for one node, 3 in a cluster)")
+		addNATSSecurityFlags(fs, &c.NATSSec)
 		fs.DurationVar(&c.AckWait, "ack-wait", time.Minute, "how long an archiver may hold a segment event without a progress signal before JetStream delivers it to another")
 	}
 	if has(gEmbedded) {
-		fs.StringVar(&c.NATSListen, "embedded-nats-listen", "127.0.0.1:4222", "listen address of the embedded NATS server")
+		fs.StringVar(&c.NATSListen, "embedded-nats-listen", "127.0.0.1:4222", "listen address of the embedded NATS server (loopback by default)")
+		addEmbeddedNATSSecurityFlags(fs, &c.NATSSec)
 	}
 	if has(gReceive) && !has(gSink) {
 		// receive: the destination only names the archive confirmations must come from.
