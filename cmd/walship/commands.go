@@ -94,8 +94,12 @@ func openSinkChecked(ctx context.Context, c *config, check bool) (sinks.Sink, st
 		if u.Host == "" {
 			return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix", errUsage, c.Dest)
 		}
+		if err := c.S3Sec.validate(); err != nil {
+			return nil, "", err
+		}
 		s, err := s3sink.New(ctx, s3sink.Options{Bucket: u.Host, Endpoint: c.S3Endpoint, Region: c.S3Region, PathStyle: c.S3PathStyle, SignPayload: c.S3SignPayload,
-			Timeout: c.S3Timeout, NoConditionalWrites: c.S3NoCondWrites})
+			Timeout: c.S3Timeout, NoConditionalWrites: c.S3NoCondWrites,
+			CABundle: c.S3Sec.CABundle, SSE: c.S3Sec.SSE, SSEKMSKeyID: c.S3Sec.SSEKMSKeyID, StorageClass: c.S3Sec.StorageClass})
 		if err != nil {
 			return nil, "", err
 		}

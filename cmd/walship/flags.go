@@ -50,6 +50,7 @@ type config struct {
 	IfNotExists    bool
 	IfExists       bool
 	NATSSec        natsSecurity // natssec.go
+	S3Sec          s3Security   // s3sec.go
 }
 
 type flagGroup int
@@ -112,6 +113,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.BoolVar(&c.S3PathStyle, "s3-path-style", false, "use path-style S3 addressing")
 		fs.BoolVar(&c.S3SignPayload, "s3-sign-payload", false, "sign a SHA-256 of each upload's body (default: UNSIGNED-PAYLOAD plus a signed CRC32C checksum)")
 		fs.DurationVar(&c.S3Timeout, "s3-timeout", time.Minute, "deadline of each S3 request, its body included (raise it for large segments on slow links)")
+		addS3SecurityFlags(fs, &c.S3Sec)
 		fs.BoolVar(&c.S3NoCondWrites, "s3-no-conditional-writes", false, "the store ignores If-None-Match: check with a HEAD before each PUT instead (racy between archivers)")
 	}
 	if has(gArchive) {
