@@ -178,7 +178,7 @@ type NATSCluster struct {
 	t     testing.TB
 	Nodes []*NATSProc
 
-	extra  string // appended to every node's configuration
+	extra string // appended to every node's configuration
 
 	connMu sync.Mutex
 	nc     *nats.Conn
