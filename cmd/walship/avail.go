@@ -83,13 +83,16 @@ func connectBus(ctx context.Context, c *config, url string, log *slog.Logger, de
 	if c.AckWait > 0 {
 		opts.AckWait = c.AckWait
 	}
+	extra, err := c.NATSSec.clientOptions(url)
+	if err != nil {
+		return nil, nil, err
+	}
 	dep := deps.Add("nats")
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var b *bus.Bus
-	var err error
 	if wait {
-		if b, err = bus.Open(url, opts, log); err != nil {
+		if b, err = bus.Open(url, opts, log, extra...); err != nil {
 			return nil, nil, err
 		}
 		err = b.Setup(cctx)
@@ -97,7 +100,7 @@ func connectBus(ctx context.Context, c *config, url string, log *slog.Logger, de
 			b.Close()
 			return nil, nil, err
 		}
-	} else if b, err = bus.Connect(cctx, url, opts, log); err != nil {
+	} else if b, err = bus.Connect(cctx, url, opts, log, extra...); err != nil {
 		return nil, nil, err
 	}
 	dep.Report(err)

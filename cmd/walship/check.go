@@ -63,7 +63,11 @@ func cmdCheck(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	checkPostgres(ctx, c, add)
 	if c.NATS != "" {
-		probs, err := bus.Inspect(ctx, c.NATS, bus.DefaultNames())
+		extra, err := c.NATSSec.clientOptions(c.NATS)
+		if err != nil {
+			return err
+		}
+		probs, err := bus.Inspect(ctx, c.NATS, bus.DefaultNames(), extra...)
 		add("nats", err, "reachable, JetStream enabled")
 		if err == nil {
 			if len(probs) > 0 {

@@ -93,8 +93,12 @@ func openSinkChecked(ctx context.Context, c *config, check bool) (sinks.Sink, st
 		if u.Host == "" {
 			return nil, "", fmt.Errorf("%w: malformed --dest %q: use s3://bucket/prefix", errUsage, c.Dest)
 		}
+		if err := c.S3Sec.validate(); err != nil {
+			return nil, "", err
+		}
 		s, err := s3sink.New(ctx, s3sink.Options{Bucket: u.Host, Endpoint: c.S3Endpoint, Region: c.S3Region, PathStyle: c.S3PathStyle, SignPayload: c.S3SignPayload,
-			Timeout: c.S3Timeout, NoConditionalWrites: c.S3NoCondWrites})
+			Timeout: c.S3Timeout, NoConditionalWrites: c.S3NoCondWrites,
+			CABundle: c.S3Sec.CABundle, SSE: c.S3Sec.SSE, SSEKMSKeyID: c.S3Sec.SSEKMSKeyID, StorageClass: c.S3Sec.StorageClass})
 		if err != nil {
 			return nil, "", err
 		}
@@ -202,10 +206,14 @@ func startEmbeddedNATS(c *config, log *slog.Logger) (*server.Server, string, err
 	if _, err := fmt.Sscan(port, &p); err != nil {
 		return nil, "", fmt.Errorf("%w: --embedded-nats-listen %q: bad port", errUsage, c.NATSListen)
 	}
-	ns, err := server.NewServer(&server.Options{
+	opts := &server.Options{
 		ServerName: "walship-embedded", Host: host, Port: p, JetStream: true,
 		StoreDir: filepath.Join(c.DataDir, "nats"), NoSigs: true, MaxPayload: 8 << 20,
-	})
+	}
+	if err := c.NATSSec.embeddedServerOptions(opts, log); err != nil {
+		return nil, "", err
+	}
+	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, "", fmt.Errorf("embedded nats: %w", err)
 	}

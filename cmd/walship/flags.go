@@ -51,6 +51,8 @@ type config struct {
 	IfNotExists    bool
 	IfExists       bool
 	cryptConfig
+	NATSSec natsSecurity // natssec.go
+	S3Sec   s3Security   // s3sec.go
 }
 
 type flagGroup int
@@ -93,10 +95,12 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 	if has(gNATS) {
 		fs.StringVar(&c.NATS, "nats", "", "NATS server URL, or a cluster's nodes comma-separated (run: empty starts an embedded JetStream server)")
 		fs.IntVar(&c.NATSReplicas, "nats-replicas", 1, "JetStream replicas for walship's streams (1 for one node, 3 in a cluster)")
+		addNATSSecurityFlags(fs, &c.NATSSec)
 		fs.DurationVar(&c.AckWait, "ack-wait", time.Minute, "how long an archiver may hold a segment event without a progress signal before JetStream delivers it to another")
 	}
 	if has(gEmbedded) {
-		fs.StringVar(&c.NATSListen, "embedded-nats-listen", "127.0.0.1:4222", "listen address of the embedded NATS server")
+		fs.StringVar(&c.NATSListen, "embedded-nats-listen", "127.0.0.1:4222", "listen address of the embedded NATS server (loopback by default)")
+		addEmbeddedNATSSecurityFlags(fs, &c.NATSSec)
 	}
 	if has(gReceive) && !has(gSink) {
 		// receive: the destination only names the archive confirmations must come from.
@@ -111,6 +115,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.BoolVar(&c.S3PathStyle, "s3-path-style", false, "use path-style S3 addressing")
 		fs.BoolVar(&c.S3SignPayload, "s3-sign-payload", false, "sign a SHA-256 of each upload's body (default: UNSIGNED-PAYLOAD plus a signed CRC32C checksum)")
 		fs.DurationVar(&c.S3Timeout, "s3-timeout", time.Minute, "deadline of each S3 request, its body included (raise it for large segments on slow links)")
+		addS3SecurityFlags(fs, &c.S3Sec)
 		fs.BoolVar(&c.S3NoCondWrites, "s3-no-conditional-writes", false, "the store ignores If-None-Match: check with a HEAD before each PUT instead (racy between archivers)")
 	}
 	if has(gArchive) {

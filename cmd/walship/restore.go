@@ -254,6 +254,8 @@ func fetch(ctx context.Context, args []string, stdout io.Writer) error {
 			return &exitError{exitAbort, fmt.Errorf("cannot restore %s: %v; aborting recovery so it does not end early", name, err)}
 		case errors.Is(err, restore.ErrWrongArchive):
 			return &exitError{exitAbort, fmt.Errorf("refusing to answer for %s: %v; aborting recovery so it does not end early", name, err)}
+		case errors.Is(err, s3sink.ErrTLS):
+			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s: %v; aborting recovery so it does not end early", name, err)}
 		case errors.Is(err, errUsage) || errors.Is(err, s3sink.ErrNoBucket) || ctx.Err() != nil:
 			return &exitError{exitAbort, fmt.Errorf("cannot fetch %s within --retry-for %s: %v; aborting recovery so it does not end early", name, rf.retryFor, err)}
 		}

@@ -52,7 +52,11 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	snap, err := bus.ReadSnapshot(ctx, c.NATS, bus.DefaultNames())
+	extra, err := c.NATSSec.clientOptions(c.NATS)
+	if err != nil {
+		return err
+	}
+	snap, err := bus.ReadSnapshot(ctx, c.NATS, bus.DefaultNames(), extra...)
 	if err != nil {
 		return err
 	}

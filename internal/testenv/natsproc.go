@@ -178,6 +178,8 @@ type NATSCluster struct {
 	t     testing.TB
 	Nodes []*NATSProc
 
+	extra string // appended to every node's configuration
+
 	connMu sync.Mutex
 	nc     *nats.Conn
 }
@@ -188,6 +190,19 @@ type NATSCluster struct {
 // healthy: a JetStream meta leader is elected and every node is current.
 func StartNATSCluster(t testing.TB, n int) *NATSCluster {
 	t.Helper()
+	return startNATSCluster(t, n, "", nil)
+}
+
+// StartNATSProcWith starts one nats-server whose configuration is the
+// default one followed by extra; files (name: content) are written into
+// its directory first, for extra to include them.
+func StartNATSProcWith(t testing.TB, extra string, files map[string]string) *NATSCluster {
+	t.Helper()
+	return startNATSCluster(t, 1, extra, files)
+}
+
+func startNATSCluster(t testing.TB, n int, extra string, files map[string]string) *NATSCluster {
+	t.Helper()
 	if n < 1 {
 		t.Fatal("StartNATSCluster: n < 1")
 	}
@@ -197,7 +212,7 @@ func StartNATSCluster(t testing.TB, n int) *NATSCluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(root) })
-	c := &NATSCluster{t: t}
+	c := &NATSCluster{t: t, extra: extra}
 	for i := range n {
 		dir := filepath.Join(root, "n"+strconv.Itoa(i+1))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -213,6 +228,11 @@ func StartNATSCluster(t testing.TB, n int) *NATSCluster {
 	for _, p := range c.Nodes {
 		if err := os.WriteFile(p.conf, []byte(c.config(p)), 0o644); err != nil {
 			t.Fatal(err)
+		}
+		for name, content := range files {
+			if err := os.WriteFile(filepath.Join(filepath.Dir(p.conf), name), []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	t.Cleanup(func() {
@@ -256,6 +276,7 @@ func (c *NATSCluster) config(p *NATSProc) string {
 		fmt.Fprintf(&b, "cluster {\n  name: \"walship-test\"\n  listen: \"127.0.0.1:%d\"\n  routes: [%s]\n}\n",
 			p.ClusterPort, strings.Join(routes, ", "))
 	}
+	b.WriteString(c.extra)
 	return b.String()
 }
 

@@ -2,7 +2,10 @@ package testenv
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,6 +33,7 @@ type S3 struct {
 	cmd    *exec.Cmd
 	bin    string
 	flags  []string // extra gateway flags
+	ca     *CA      // set: the gateway serves HTTPS with a certificate from ca
 }
 
 // VersityGW finds the versitygw binary: $WALSHIP_VERSITYGW, PATH, or
@@ -58,12 +62,28 @@ func VersityGW(t testing.TB) string {
 // StartS3 starts versitygw and creates one bucket.
 func StartS3(t testing.TB) *S3 {
 	t.Helper()
+	return startS3(t, nil)
+}
+
+// StartS3TLS starts versitygw serving HTTPS (--cert, --key) with a
+// certificate from ca for 127.0.0.1 and localhost, and creates one bucket.
+func StartS3TLS(t testing.TB, ca *CA) *S3 {
+	t.Helper()
+	return startS3(t, ca)
+}
+
+func startS3(t testing.TB, ca *CA) *S3 {
+	t.Helper()
 	root, err := os.MkdirTemp("", "walship-s3-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(root) })
-	s := &S3{t: t, Root: root, Port: FreePort(t), Bucket: "wal", bin: VersityGW(t)}
+	s := &S3{t: t, Root: root, Port: FreePort(t), Bucket: "wal", bin: VersityGW(t), ca: ca}
+	if ca != nil {
+		cert, key := ca.Issue("s3-server", []string{"127.0.0.1", "localhost"}, false)
+		s.flags = append(s.flags, "--cert", cert, "--key", key)
+	}
 	s.Start()
 	t.Cleanup(s.Stop)
 	if _, err := s.Client().CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(s.Bucket)}); err != nil {
@@ -73,7 +93,12 @@ func StartS3(t testing.TB) *S3 {
 }
 
 // Endpoint is the gateway's URL.
-func (s *S3) Endpoint() string { return "http://127.0.0.1:" + strconv.Itoa(s.Port) }
+func (s *S3) Endpoint() string {
+	if s.ca != nil {
+		return "https://127.0.0.1:" + strconv.Itoa(s.Port)
+	}
+	return "http://127.0.0.1:" + strconv.Itoa(s.Port)
+}
 
 // Env is the environment walship needs to reach the gateway.
 func (s *S3) Env() []string {
@@ -124,12 +149,22 @@ func (s *S3) Stop() {
 
 // Client is an S3 client for the gateway.
 func (s *S3) Client() *s3.Client {
-	return s3.New(s3.Options{
+	o := s3.Options{
 		Region:       "us-east-1",
 		BaseEndpoint: aws.String(s.Endpoint()),
 		UsePathStyle: true,
 		Credentials:  credentials.NewStaticCredentialsProvider(S3AccessKey, S3SecretKey, ""),
-	})
+	}
+	if s.ca != nil {
+		pem, err := os.ReadFile(s.ca.CAPath)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		o.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	}
+	return s3.New(o)
 }
 
 func trimNL(b []byte) []byte {

@@ -165,6 +165,15 @@ func dial(url string, opts Options, log *slog.Logger, retry bool, extra ...nats.
 				b.connErr.Store(&err)
 			}
 		}),
+		// Asynchronous errors (a permissions violation above all) go to the
+		// log, not to nats.go's default of printing on stderr.
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			if Permission(err) {
+				b.rl.Warn("nats-permission", "NATS refused an operation: grant the user the subject (see deploy/nats/accounts.conf)", "error", err)
+				return
+			}
+			b.rl.Warn("nats-async", "nats error", "error", err)
+		}),
 		nats.ConnectHandler(func(c *nats.Conn) {
 			log.Info("nats connected", "url", c.ConnectedUrlRedacted())
 			nudge()
@@ -176,6 +185,9 @@ func dial(url string, opts Options, log *slog.Logger, retry bool, extra ...nats.
 	}, extra...)
 	nc, err := nats.Connect(url, nopts...)
 	if err != nil {
+		if e := explainConnError(url, err); e != err {
+			return nil, e
+		}
 		return nil, fmt.Errorf("cannot reach NATS at %s: %w: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
 	}
 	js, err := jetstream.New(nc)
@@ -227,6 +239,9 @@ func (b *Bus) unreachable() error {
 	cause := errNotConnected
 	if p := b.connErr.Load(); p != nil {
 		cause = *p
+		if e := explainConnError(b.url, cause); e != cause {
+			return e
+		}
 	}
 	if b.nc.IsClosed() {
 		cause = fmt.Errorf("%w: %w", nats.ErrConnectionClosed, cause)
@@ -270,7 +285,7 @@ func (b *Bus) awaitSetup(ctx context.Context, d time.Duration) bool {
 // URL, authorization or TLS failures, JetStream disabled, a resource
 // configured otherwise than walship needs.
 func Unavailable(err error) bool {
-	if err == nil || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) ||
+	if err == nil || errors.Is(err, ErrMisconfigured) || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) ||
 		errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) ||
 		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
 		return false
@@ -784,9 +799,12 @@ func redact(url string) string {
 // changing anything: JetStream must be enabled; streams and the consumer,
 // where they exist, must have the retention and acknowledgement walship
 // relies on. Missing resources are not problems: walship creates them.
-func Inspect(ctx context.Context, url string, names Names) ([]string, error) {
-	nc, err := nats.Connect(url, nats.Name("walship-check"), nats.Timeout(5*time.Second))
+func Inspect(ctx context.Context, url string, names Names, extra ...nats.Option) ([]string, error) {
+	nc, err := nats.Connect(url, append([]nats.Option{nats.Name("walship-check"), nats.Timeout(5 * time.Second)}, extra...)...)
 	if err != nil {
+		if e := explainConnError(url, err); e != err {
+			return nil, e
+		}
 		return nil, fmt.Errorf("cannot reach NATS at %s: %v: start a JetStream-enabled nats-server or fix --nats", redact(url), err)
 	}
 	defer nc.Close()
@@ -832,9 +850,12 @@ type Snapshot struct {
 
 // ReadSnapshot reads every server's state, its last archived
 // confirmation, and the archiver backlog, without changing anything.
-func ReadSnapshot(ctx context.Context, url string, names Names) (*Snapshot, error) {
-	nc, err := nats.Connect(url, nats.Name("walship-status"), nats.Timeout(5*time.Second))
+func ReadSnapshot(ctx context.Context, url string, names Names, extra ...nats.Option) (*Snapshot, error) {
+	nc, err := nats.Connect(url, append([]nats.Option{nats.Name("walship-status"), nats.Timeout(5 * time.Second)}, extra...)...)
 	if err != nil {
+		if e := explainConnError(url, err); e != err {
+			return nil, e
+		}
 		return nil, fmt.Errorf("cannot reach NATS at %s: %v: fix --nats", redact(url), err)
 	}
 	defer nc.Close()

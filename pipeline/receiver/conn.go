@@ -50,6 +50,9 @@ func wrapFatal(cause error, format string, args ...any) error {
 // replication connection.
 func ConnConfig(connString, appName, replication string) (*pgconn.Config, error) {
 	cfg, err := pgconn.ParseConfig(connString)
+	if err != nil && strings.Contains(err.Error(), "TLS") {
+		return nil, fatalf("--pg: TLS settings: %s: check the files named by sslrootcert, sslcert and sslkey (or PGSSLROOTCERT, PGSSLCERT, PGSSLKEY) exist and are readable PEM", tlsSettingReason(scrub(err)))
+	}
 	if err != nil {
 		return nil, fatalf("--pg: %v: give a libpq URL (postgres://user@host/db) or key=value string", scrub(err))
 	}
@@ -88,7 +91,13 @@ func explainConnectError(cfg *pgconn.Config, err error) error {
 		case pgErr.Code == "3D000":
 			return wrapFatal(pgErr, "%s: fix the database in --pg", pgErr.Message)
 		}
+		if e := explainCertAuthError(cfg, where, pgErr); e != nil {
+			return e
+		}
 		return fmt.Errorf("connect to PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
+	}
+	if e := explainTLSError(cfg, where, err); e != nil {
+		return e
 	}
 	return fmt.Errorf("cannot reach PostgreSQL at %s: %s: check --pg and that the server is running", where, reason(err))
 }

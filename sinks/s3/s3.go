@@ -56,6 +56,16 @@ type Options struct {
 	// both write it; walship's archivers only write identical bytes to a
 	// key, but a conflict would go unnoticed.
 	NoConditionalWrites bool
+	// CABundle is a PEM file of CAs to trust for an HTTPS endpoint (a
+	// private CA); empty: AWS_CA_BUNDLE or the shared config's
+	// ca_bundle, else the system's roots.
+	CABundle string
+	// SSE is the server-side encryption asked for on every PUT: "",
+	// "AES256" or "aws:kms" (with SSEKMSKeyID, or the bucket's default
+	// key). StorageClass, when set, is sent on every PUT too.
+	SSE          string
+	SSEKMSKeyID  string
+	StorageClass string
 }
 
 // DefaultTimeout is the per-request deadline when Options.Timeout is 0.
@@ -68,6 +78,7 @@ type Sink struct {
 	unsigned      bool
 	timeout       time.Duration
 	noConditional bool
+	putOpts       putOptions
 }
 
 // New builds an S3 sink. It does not contact the server.
@@ -79,18 +90,34 @@ func New(ctx context.Context, o Options) (*Sink, error) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
+	put, err := o.putOptions()
+	if err != nil {
+		return nil, err
+	}
 	var opts []func(*config.LoadOptions) error
 	if o.Region != "" {
 		opts = append(opts, config.WithRegion(o.Region))
 	}
+	if o.CABundle != "" {
+		pem, err := os.ReadFile(o.CABundle)
+		if err != nil {
+			return nil, fmt.Errorf("--s3-ca-bundle: %w", err)
+		}
+		opts = append(opts, config.WithCustomCABundle(bytes.NewReader(pem)))
+	}
 	cfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("aws configuration: %w", err)
+		return nil, explainConfigError(err)
 	}
 	if cfg.Region == "" {
 		cfg.Region = "us-east-1"
 	}
-	httpClient := awshttp.NewBuildableClient().
+	// The client LoadDefaultConfig built holds the CA bundle, if any.
+	base, ok := cfg.HTTPClient.(*awshttp.BuildableClient)
+	if !ok {
+		base = awshttp.NewBuildableClient()
+	}
+	httpClient := base.
 		WithDialerOptions(func(d *net.Dialer) { d.Timeout = min(10*time.Second, timeout) }).
 		WithTransportOptions(func(tr *http.Transport) {
 			tr.TLSHandshakeTimeout = min(10*time.Second, timeout)
@@ -105,7 +132,7 @@ func New(ctx context.Context, o Options) (*Sink, error) {
 		so.RetryMaxAttempts = 3 // the archiver retries forever above this
 		so.HTTPClient = httpClient
 	})
-	return &Sink{client: client, bucket: o.Bucket, unsigned: !o.SignPayload, timeout: timeout, noConditional: o.NoConditionalWrites}, nil
+	return &Sink{client: client, bucket: o.Bucket, unsigned: !o.SignPayload, timeout: timeout, noConditional: o.NoConditionalWrites, putOpts: put}, nil
 }
 
 // call bounds one request.
@@ -142,6 +169,7 @@ func (s *Sink) put(ctx context.Context, key string, body []byte, meta sinks.Meta
 	if conditional {
 		in.IfNoneMatch = aws.String("*")
 	}
+	s.putOpts.apply(in)
 	_, err := s.client.PutObject(ctx, in, func(o *s3.Options) {
 		if s.unsigned {
 			o.APIOptions = append(o.APIOptions, v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
@@ -265,7 +293,7 @@ func (s *Sink) CheckBucket(ctx context.Context) error {
 // feature the store lacks (501), a malformed endpoint, no credentials. The distinction decides whether a process starts and waits
 // or exits with the error at start-up.
 func Unavailable(err error) bool {
-	if err == nil || errors.Is(err, ErrNoBucket) {
+	if err == nil || errors.Is(err, ErrNoBucket) || errors.Is(err, ErrTLS) {
 		return false
 	}
 	var re interface{ HTTPStatusCode() int }
@@ -302,6 +330,9 @@ func describe(err error) error {
 			return fmt.Errorf("%w: create the bucket or fix --dest", ErrNoBucket)
 		}
 		return fmt.Errorf("%w", os.ErrNotExist)
+	}
+	if e := explainTLSError(err); e != nil {
+		return e
 	}
 	return err
 }
