@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -24,6 +26,24 @@ var ErrSlotLost = errors.New("replication slot lost")
 
 // ErrSlotActive is returned when another connection streams the slot.
 var ErrSlotActive = errors.New("replication slot active")
+
+// pgUnavailable reports whether err says PostgreSQL could not be reached
+// or is restarting (refused, reset, timed out, shutting down, starting
+// up, too many connections): an outage to wait out, not a mistake to
+// report. Errors marked ErrFatal never are.
+func pgUnavailable(err error) bool {
+	if err == nil || errors.Is(err, ErrFatal) {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "57P") || pgErr.Code == "53300"
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) || pgconn.Timeout(err) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+}
 
 // fatalError is an error that is ErrFatal without saying so in its text.
 type fatalError struct {
@@ -94,13 +114,24 @@ func explainConnectError(cfg *pgconn.Config, err error) error {
 		if e := explainCertAuthError(cfg, where, pgErr); e != nil {
 			return e
 		}
-		return fmt.Errorf("connect to PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
+		return &explained{fmt.Sprintf("connect to PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code), pgErr}
 	}
 	if e := explainTLSError(cfg, where, err); e != nil {
 		return e
 	}
-	return fmt.Errorf("cannot reach PostgreSQL at %s: %s: check --pg and that the server is running", where, reason(err))
+	return &explained{fmt.Sprintf("cannot reach PostgreSQL at %s: %s: check --pg and that the server is running", where, reason(err)), err}
 }
+
+// explained is a connection error said in walship's words (without the
+// connection string, which can hold a password) that still unwraps to its
+// cause, so that pgUnavailable can tell an outage from a mistake.
+type explained struct {
+	msg string
+	err error
+}
+
+func (e *explained) Error() string { return e.msg }
+func (e *explained) Unwrap() error { return e.err }
 
 // reason is the innermost cause of a connection failure, on one line:
 // "connect: connection refused", "i/o timeout", "no such host".

@@ -104,6 +104,7 @@ type Receiver struct {
 	serverLSN atomic.Uint64 // serverEnd, for housekeeping
 	connected atomic.Bool
 	standby   atomic.Bool
+	started   bool // a start succeeded once (Run's goroutine only)
 }
 
 // New builds a receiver.
@@ -145,11 +146,14 @@ func (r *Receiver) Server() string { return r.server }
 // Run streams until ctx is done or a fatal error. It reconnects with capped
 // back-off when the connection drops after a successful start; a failure
 // before the first successful start is returned, so a misconfiguration
-// exits at once with its reason.
+// exits at once with its reason. Once a start has succeeded (and always
+// with Config.Standby), PostgreSQL being unreachable or restarting while
+// walship starts again is waited out too.
 //
 // With Config.Standby, a slot streamed by another receiver is not an error:
 // Run waits, reporting standby, and takes over when the slot is released.
 func (r *Receiver) Run(ctx context.Context) error {
+	bo := backoff.New(time.Second, 30*time.Second)
 	for {
 		if r.cfg.Standby {
 			if err := r.awaitSlot(ctx); err != nil {
@@ -157,25 +161,53 @@ func (r *Receiver) Run(ctx context.Context) error {
 			}
 		}
 		err := r.runOnce(ctx)
-		if r.cfg.Standby && errors.Is(err, ErrSlotActive) && ctx.Err() == nil {
-			continue // lost the race for the slot: wait again
-		}
-		if errors.Is(err, errReplan) && ctx.Err() == nil {
+		switch {
+		case err == nil || ctx.Err() != nil || errors.Is(err, ErrFatal):
+			return err
+		case errors.Is(err, errReplan):
 			r.log.Warn("starting over from the spool and the slot", "reason", err)
+			continue
+		case r.cfg.Standby && errors.Is(err, ErrSlotActive):
+			// Lost the race for the slot: wait again.
+			if !backoff.Sleep(ctx, time.Second) {
+				return nil
+			}
+			continue
+		case (r.started || r.cfg.Standby) && pgUnavailable(err):
+			r.rl.Warn("start", "cannot reach PostgreSQL to start streaming; retrying", "error", err)
+			if !bo.Wait(ctx) {
+				return nil
+			}
 			continue
 		}
 		return err
 	}
 }
 
-// awaitSlot waits while another connection streams the slot.
+// awaitSlot waits while another connection streams the slot. PostgreSQL
+// unreachable or restarting meanwhile is waited out. When the slot cannot
+// be read over SQL (a pg_hba.conf that allows only replication
+// connections), it returns and lets the start find out: a busy slot
+// answers ErrSlotActive, and Run waits again.
 func (r *Receiver) awaitSlot(ctx context.Context) error {
 	logged := false
 	for {
 		slot, err := r.querySlot(ctx)
-		if err != nil {
-			return err
+		if err != nil && ctx.Err() != nil {
+			return ctx.Err()
 		}
+		if err != nil && pgUnavailable(err) {
+			r.rl.Warn("standby", "standby: cannot read the slot's state; retrying", "error", err)
+			if !backoff.Sleep(ctx, time.Second) {
+				return ctx.Err()
+			}
+			continue
+		}
+		if err != nil {
+			r.rl.Warn("standby-sql", "standby: cannot read pg_replication_slots; trying the slot itself (allow walship a normal connection in pg_hba.conf)", "error", err)
+			return nil
+		}
+		r.rl.Reset("standby")
 		if slot.ActivePID == 0 {
 			r.setStandby(false)
 			return nil
@@ -209,6 +241,7 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	r.started = true
 	defer r.core.Release()
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()

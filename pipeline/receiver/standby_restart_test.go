@@ -3,12 +3,14 @@ package receiver
 import (
 	"context"
 	"errors"
+	"io"
 	"testing"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 
 	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
 )
 
 // review2: a --standby receiver that waits while another connection
@@ -18,7 +20,7 @@ import (
 // takeover is needed — thus removes the standby; when the active receiver
 // later dies nobody takes over and flush stops. README: "PostgreSQL
 // restarted ... the receiver reconnects with capped back-off; automatic".
-func TestReview2StandbySurvivesPostgresRestart(t *testing.T) {
+func TestStandbySurvivesPostgresRestart(t *testing.T) {
 	pg := testenv.StartPostgres(t, testenv.PGOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -43,7 +45,7 @@ func TestReview2StandbySurvivesPostgresRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	r := New(Config{ConnString: pg.URL("postgres"), AppName: "walship", Slot: "walship", Server: "db", SpoolDir: t.TempDir(), Standby: true}, nil, nil)
+	r := New(Config{ConnString: pg.URL("postgres"), AppName: "walship", Slot: "walship", Server: "db", SpoolDir: t.TempDir(), Standby: true}, nopPublisher{}, nopConfirmations{})
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
 	deadline := time.Now().Add(30 * time.Second)
@@ -58,13 +60,37 @@ func TestReview2StandbySurvivesPostgresRestart(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	pg.Start()
 
-	select {
-	case err := <-done:
-		t.Fatalf("the standby receiver ended on a PostgreSQL restart (the process exits): %v", err)
-	case <-time.After(3 * time.Second):
+	// The restart dropped the other connection: the standby takes over.
+	deadline = time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			t.Fatalf("the standby receiver ended on a PostgreSQL restart (the process exits): %v", err)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if pg.QueryString(`SELECT count(*)::text FROM pg_stat_replication WHERE application_name = 'walship'`) == "1" {
+			break
+		}
+	}
+	if pg.QueryString(`SELECT count(*)::text FROM pg_stat_replication WHERE application_name = 'walship'`) != "1" {
+		t.Fatal("the standby did not take the slot over after the restart")
 	}
 	cancel()
 	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 		t.Logf("after cancel: %v", err)
 	}
+}
+
+type nopPublisher struct{}
+
+func (nopPublisher) PutObject(ctx context.Context, name string, r io.Reader) error { return nil }
+func (nopPublisher) PublishSegment(ctx context.Context, ev *pipeline.SegmentEvent) (uint64, error) {
+	return 0, nil
+}
+
+type nopConfirmations struct{}
+
+func (nopConfirmations) WatchArchived(ctx context.Context, server string, since time.Time, fn func(pipeline.ArchivedEvent), bad func(error)) error {
+	<-ctx.Done()
+	return nil
 }
