@@ -61,9 +61,12 @@ func ParseRecipients(values []string, file string) ([]age.Recipient, error) {
 		out = append(out, rs...)
 	}
 	if file != "" {
+		if strings.Contains(file, "AGE-SECRET-KEY-") {
+			return nil, errors.New("--encrypt-recipients-file takes a file's path, and holds a private key (AGE-SECRET-KEY-...): give a file of public keys (age1...), which age-keygen -y prints")
+		}
 		b, err := os.ReadFile(file)
 		if err != nil {
-			return nil, fmt.Errorf("--encrypt-recipients-file: %v", err)
+			return nil, fmt.Errorf("--encrypt-recipients-file: %v", pathless(err))
 		}
 		if bytes.Contains(b, []byte("AGE-SECRET-KEY-")) {
 			return nil, fmt.Errorf("--encrypt-recipients-file %s holds a private key (AGE-SECRET-KEY-...): the archiver needs only public keys (age1...), which age-keygen -y prints", file)
@@ -77,6 +80,16 @@ func ParseRecipients(values []string, file string) ([]age.Recipient, error) {
 	return out, nil
 }
 
+// pathless is a file error without the path it names (the caller says
+// which flag it was).
+func pathless(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
 // LoadIdentities reads an age identity file: one private key
 // (AGE-SECRET-KEY-1...) per line, blank lines and # comments ignored, as
 // age-keygen writes it. Several identities may be given, so that objects
@@ -86,9 +99,12 @@ func LoadIdentities(path string) ([]age.Identity, error) {
 	if path == "" {
 		return nil, nil
 	}
+	if strings.Contains(path, "AGE-SECRET-KEY-") {
+		return nil, errors.New("--decrypt-identity (or WALSHIP_DECRYPT_IDENTITY) takes the path of an identity file, not the key itself: write the key to a file readable only by the user that runs walship and give its path")
+	}
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("--decrypt-identity: %v", err)
+		return nil, fmt.Errorf("--decrypt-identity %s: %v", path, pathless(err))
 	}
 	defer f.Close()
 	ids, err := age.ParseIdentities(f)

@@ -131,8 +131,9 @@ func TestSecretsNeverShown(t *testing.T) {
 	// The pipeline, with every secret on its command line or in its
 	// environment, in both log formats at debug level.
 	for i, format := range []string{"text", "json"} {
+		debugURL := "http://127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
 		args := st.args("run", "--create-slot", "--pg", pgURL(pgSecret), "--nats", natsURL(natsSecret), "--log-format", format,
-			"--encrypt-recipients-file", keys["recipients"])
+			"--encrypt-recipients-file", keys["recipients"], "--debug-addr", strings.TrimPrefix(debugURL, "http://"))
 		w := startWalship(t, st.env(), args...)
 		waitFor(t, 30*time.Second, "streaming", func() bool { return st.walsenderPID() != "" })
 		end := st.writeSegments(2)
@@ -140,6 +141,14 @@ func TestSecretsNeverShown(t *testing.T) {
 		for _, path := range []string{"/metrics", "/debug/pprof/cmdline", "/debug/pprof/", "/readyz"} {
 			code, body := httpGet(metricsURL + path)
 			collect(format+" "+path+" "+strconv.Itoa(code), body)
+		}
+		// The profiler on --debug-addr: it answers, and shows no secret.
+		for _, path := range []string{"/debug/pprof/", "/debug/pprof/cmdline", "/debug/pprof/goroutine?debug=2"} {
+			code, body := httpGet(debugURL + path)
+			collect(format+" debug "+path+" "+strconv.Itoa(code), body)
+			if path == "/debug/pprof/" && code != 200 {
+				t.Fatalf("--debug-addr %s: %d", path, code)
+			}
 		}
 		if code, body := httpGet(metricsURL + "/metrics"); code != 200 || !strings.Contains(body, "walship_") {
 			t.Fatalf("/metrics: %d", code)

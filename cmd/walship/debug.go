@@ -38,15 +38,15 @@ func listenDebug(addr string) (net.Listener, error) {
 
 // serveDebug serves the Go profiler on ln (nil: nothing) until ctx is
 // done. It is apart from the metrics listener, which Prometheus scrapes
-// over the network: profiles and /debug/pprof/cmdline are for the host's
-// operator only, and off unless asked for.
+// over the network: profiles are for the host's operator only, and off
+// unless asked for. /debug/pprof/cmdline is not served: it would show the
+// command line, and a password on it.
 func serveDebug(ctx context.Context, ln net.Listener, log *slog.Logger) func() error {
 	if ln == nil {
 		return func() error { <-ctx.Done(); return nil }
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -53,8 +53,8 @@ func (d *Delivery) Nak(delay time.Duration) error {
 }
 
 // nakConfirmFor bounds how long Nak tries to have its nak confirmed: a
-// consumer leader election takes a few seconds.
-const nakConfirmFor = 15 * time.Second
+// consumer leader election takes a few seconds, more on a loaded machine.
+const nakConfirmFor = 30 * time.Second
 
 // Term removes the event from the work queue for good.
 func (d *Delivery) Term(reason string) error { return d.msg.TermWithReason(reason) }

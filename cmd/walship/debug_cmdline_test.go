@@ -8,14 +8,14 @@ import (
 	"testing"
 )
 
-// review2: README (Security, "Where secrets come from") says walship never
+// Found by review: README (Security, "Where secrets come from") says walship never
 // shows a password in "/debug/pprof/ (which does not serve cmdline)", but
 // --debug-addr serves /debug/pprof/cmdline, which prints os.Args: a --pg or
 // --nats password given on the command line (which check only warns about)
 // goes to whoever reaches the debug address. TestSecretsNeverShown (e2e)
 // fetches /debug/pprof/cmdline from the metrics address, which answers 404,
 // so it cannot see this.
-func TestReview2DebugCmdlineShowsPassword(t *testing.T) {
+func TestDebugCmdlineNotServed(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	saved := os.Args

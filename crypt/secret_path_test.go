@@ -5,12 +5,12 @@ import (
 	"testing"
 )
 
-// review2: an operator who sets WALSHIP_DECRYPT_IDENTITY (or
+// Found by review: an operator who sets WALSHIP_DECRYPT_IDENTITY (or
 // --decrypt-identity) to the key itself rather than to a file — as SOPS_AGE_KEY
 // and similar variables take it — gets an error that prints the secret key:
 // os.Open's *PathError names the "path". fetch writes it to stderr, which
 // PostgreSQL copies into its server log for restore_command.
-func TestReview2IdentityGivenAsValueIsNotShown(t *testing.T) {
+func TestKeyGivenAsPathIsNotShown(t *testing.T) {
 	secret := genID(t).String()
 	_, err := LoadIdentities(secret)
 	if err == nil {
