@@ -12,7 +12,9 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 )
@@ -101,7 +103,7 @@ func (s *natsSecurity) clientOptions(natsURL string) ([]nats.Option, error) {
 	}
 	switch {
 	case s.Creds != "":
-		if err := readable("--nats-creds", s.Creds); err != nil {
+		if err := checkCreds(s.Creds, time.Now()); err != nil {
 			return nil, err
 		}
 		opts = append(opts, nats.UserCredentials(s.Creds))
@@ -119,6 +121,48 @@ func (s *natsSecurity) clientOptions(natsURL string) ([]nats.Option, error) {
 		opts = append(opts, nats.UserInfo(s.User, s.Password))
 	}
 	return opts, nil
+}
+
+// checkCreds reads a creds file as nats.go will and refuses, naming the
+// flag, what the server would refuse with a bare "authorization
+// violation" or worse: a file that is not a creds file (nats.go would
+// send a whole nkey seed file to the server as the JWT), a seed that is
+// not the JWT's user's, a JWT expired at now. The reasons are walship's
+// own words: the parsers' errors could quote the file.
+func checkCreds(path string, now time.Time) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("%w: --nats-creds %s: %v", errUsage, path, fileReason(err))
+	}
+	defer clear(b)
+	bad := func(why string) error {
+		return fmt.Errorf("%w: --nats-creds %s: %s (want a creds file as 'nsc generate creds' writes)", errUsage, path, why)
+	}
+	if !bytes.Contains(b, []byte("-----BEGIN NATS USER JWT-----")) {
+		return bad("no user JWT in the file")
+	}
+	token, err := jwt.ParseDecoratedJWT(b)
+	if err != nil {
+		return bad("no user JWT in the file")
+	}
+	claims, err := jwt.DecodeUserClaims(token)
+	if err != nil {
+		return bad("the JWT is not a valid user JWT")
+	}
+	kp, err := jwt.ParseDecoratedUserNKey(b)
+	if err != nil {
+		return bad("no user nkey seed in the file")
+	}
+	pub, err := kp.PublicKey()
+	kp.Wipe()
+	if err != nil || pub != claims.Subject {
+		return bad("the nkey seed is not the JWT's user's")
+	}
+	if claims.Expires > 0 && now.Unix() >= claims.Expires {
+		return fmt.Errorf("%w: --nats-creds %s: the user JWT expired at %s: renew the credentials", errUsage, path,
+			time.Unix(claims.Expires, 0).UTC().Format(time.RFC3339))
+	}
+	return nil
 }
 
 // urlHasUser reports whether any of the comma-separated URLs carries

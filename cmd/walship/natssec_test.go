@@ -7,10 +7,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"github.com/walship/walship/internal/testenv"
 )
@@ -90,6 +93,68 @@ func TestNATSClientOptionsValidate(t *testing.T) {
 	} {
 		if _, err := tc.s.clientOptions(tc.url); err != nil {
 			t.Errorf("%+v %s: %v", tc.s, tc.url, err)
+		}
+	}
+}
+
+// TestCheckCreds: a creds file is refused before any connection when it
+// is not one (an nkey seed alone would go to the server as the JWT), when
+// its seed is another user's, or when its JWT has expired; the reason
+// never quotes the file.
+func TestCheckCreds(t *testing.T) {
+	dir := t.TempDir()
+	acct, _ := nkeys.CreateAccount()
+	now := time.Now()
+	user := func(expires int64) (seed []byte, token string) {
+		kp, _ := nkeys.CreateUser()
+		seed, _ = kp.Seed()
+		pub, _ := kp.PublicKey()
+		uc := jwt.NewUserClaims(pub)
+		uc.Expires = expires
+		token, err := uc.Encode(acct)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return seed, token
+	}
+	file := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	creds := func(token string, seed []byte) []byte {
+		b, err := jwt.FormatUserConfig(token, seed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	seed, token := user(0)
+	otherSeed, _ := user(0)
+	expSeed, expToken := user(now.Add(-time.Minute).Unix())
+	swapped := strings.Replace(string(creds(token, seed)), string(seed), string(otherSeed), 1)
+	if err := checkCreds(file("good.creds", creds(token, seed)), now); err != nil {
+		t.Fatalf("a valid creds file: %v", err)
+	}
+	for _, tc := range []struct {
+		name, content, want string
+	}{
+		{"seed only", string(seed) + "\n", "no user JWT"},
+		{"jwt only", strings.SplitN(string(creds(token, seed)), "************************* IMPORTANT", 2)[0], "no user nkey seed"},
+		{"another user's seed", swapped, "not the JWT's user's"},
+		{"expired", string(creds(expToken, expSeed)), "expired at"},
+	} {
+		err := checkCreds(file(tc.name, []byte(tc.content)), now)
+		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "--nats-creds") {
+			t.Errorf("%s: %v, want a usage error saying %q", tc.name, err, tc.want)
+			continue
+		}
+		for _, s := range []string{string(seed), string(otherSeed), string(expSeed), token, expToken} {
+			if strings.Contains(err.Error(), s) || strings.Contains(err.Error(), s[len(s)/2:len(s)/2+12]) {
+				t.Errorf("%s: the error quotes the file: %v", tc.name, err)
+			}
 		}
 	}
 }

@@ -46,7 +46,7 @@ func explainConnError(url string, err error) error {
 	case errors.Is(err, nats.ErrTLS):
 		msg = fmt.Sprintf("NATS at %s: TLS handshake failed (%v): check --nats-tls-ca, --nats-tls-cert and --nats-tls-key", where, tlsReason(err))
 	case errors.Is(err, nats.ErrAuthorization):
-		msg = fmt.Sprintf("NATS at %s refused walship's credentials (authorization violation): check the user and password (--nats-user, --nats-password or WALSHIP_NATS_PASSWORD, or in the URL), --nats-creds or --nats-nkey", where)
+		msg = fmt.Sprintf("NATS at %s refused walship's credentials (authorization violation): check the user and password (--nats-user, --nats-password or WALSHIP_NATS_PASSWORD, or in the URL), the --nats-nkey seed, or the --nats-creds file (its user may be revoked, or its account unknown to the server)", where)
 	case errors.Is(err, nats.ErrAuthExpired), errors.Is(err, nats.ErrAuthRevoked), errors.Is(err, nats.ErrAccountAuthExpired):
 		msg = fmt.Sprintf("NATS at %s: %v: renew the credentials in --nats-creds", where, err)
 	default:
