@@ -56,9 +56,15 @@ func setup(name string, args []string, groups flagGroup, stdout io.Writer) (*con
 	if err := c.validate(groups); err != nil {
 		return nil, nil, nil, err
 	}
+	log, reg, err := newLogging(c)
+	return c, log, reg, err
+}
+
+// newLogging builds the logger and the metrics registry of a process.
+func newLogging(c *config) (*slog.Logger, *prometheus.Registry, error) {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(c.LogLevel)); err != nil {
-		return nil, nil, nil, fmt.Errorf("%w: --log-level %q: use debug, info, warn or error", errUsage, c.LogLevel)
+		return nil, nil, fmt.Errorf("%w: --log-level %q: use debug, info, warn or error", errUsage, c.LogLevel)
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
@@ -67,7 +73,7 @@ func setup(name string, args []string, groups flagGroup, stdout io.Writer) (*con
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return c, slog.New(h), reg, nil
+	return slog.New(h), reg, nil
 }
 
 // openSink parses --dest and opens the sink, checking that it is reachable.
@@ -164,7 +170,9 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	return a, watch, nil
 }
 
-func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) (*receiver.Receiver, error) {
+// newReceiver builds a server's receiver; m is shared by every receiver
+// of the process (its series carry the server label).
+func newReceiver(c *config, b *bus.Bus, log *slog.Logger, m *receiver.Metrics, stage bool) (*receiver.Receiver, error) {
 	spool := c.SpoolDir
 	if spool == "" {
 		spool = filepath.Join(c.DataDir, "spool")
@@ -180,7 +188,7 @@ func newReceiver(c *config, b *bus.Bus, log *slog.Logger, reg prometheus.Registe
 		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
 		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
 		StageObjects: stage, Dest: dest, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn,
-		Log: log, Metrics: receiver.NewMetrics(reg),
+		Log: log, Metrics: m,
 	}, b, b), nil
 }
 
@@ -260,12 +268,15 @@ func serveMetrics(ctx context.Context, ln net.Listener, reg *prometheus.Registry
 }
 
 func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
-	c, log, reg, err := setup("run", args, runGroups, stdout)
+	c, servers, log, reg, err := setupServers("run", args, runGroups, stdout)
 	if err != nil {
 		return err
 	}
 	if c.Dest == "" {
 		c.Dest = "file://" + filepath.Join(absPath(c.DataDir), "archive")
+		for _, s := range servers {
+			s.Dest = c.Dest
+		}
 	}
 	if err := os.MkdirAll(c.DataDir, 0o750); err != nil {
 		return fmt.Errorf("--data-dir: %v", err)
@@ -289,7 +300,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	// An external NATS that is unreachable is waited for when the receiver
 	// has run before; on a first start it is taken for a mistake.
-	b, watchNATS, err := connectBus(ctx, c, natsURL, log, deps, c.NATS != "" && spoolUsed(c))
+	b, watchNATS, err := connectBus(ctx, c, natsURL, log, deps, c.NATS != "" && spoolsUsed(c, servers))
 	if err != nil {
 		return err
 	}
@@ -298,7 +309,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	recv, err := newReceiver(c, b, log, reg, stage)
+	recv, err := receivers(c, servers, b, log, reg, stage)
 	if err != nil {
 		return err
 	}
@@ -306,7 +317,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 }
 
 func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
-	c, log, reg, err := setup("receive", args, receiveGroups, stdout)
+	c, servers, log, reg, err := setupServers("receive", args, receiveGroups, stdout)
 	if err != nil {
 		return err
 	}
@@ -322,12 +333,12 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	defer closeListener(ln)
 	deps := health.NewSet(reg)
-	b, watchNATS, err := connectBus(ctx, c, c.NATS, log, deps, spoolUsed(c))
+	b, watchNATS, err := connectBus(ctx, c, c.NATS, log, deps, spoolsUsed(c, servers))
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	recv, err := newReceiver(c, b, log, reg, true)
+	recv, err := receivers(c, servers, b, log, reg, true)
 	if err != nil {
 		return err
 	}
@@ -369,7 +380,7 @@ func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
 // fails. A receiver that stops on its own ends the process; so does a
 // watcher that finds a misconfiguration when its dependency first answers.
 func runAll(ctx context.Context, role string, c *config, ln net.Listener, reg *prometheus.Registry, log *slog.Logger, deps *health.Set,
-	b *bus.Bus, recv *receiver.Receiver, arch *archiver.Archiver, watchers ...watcher) error {
+	b *bus.Bus, recv receiverPart, arch *archiver.Archiver, watchers ...watcher) error {
 	dln, err := listenDebug(c.DebugAddr)
 	if err != nil {
 		return err
