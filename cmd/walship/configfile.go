@@ -147,7 +147,7 @@ func parseServers(name string, args []string, groups flagGroup, stdout io.Writer
 				for _, v := range vs {
 					for _, s := range v.values {
 						if err := fs.Set(v.key, s); err != nil {
-							return file.errorf(v.line, "%s: %v", v.key, err)
+							return file.errorf(v.line, "%s: invalid value %q: %v", v.key, s, setError(fs.Lookup(v.key), err))
 						}
 					}
 				}
@@ -450,4 +450,15 @@ func expandEnv(s string, lookup func(string) (string, bool)) (string, error) {
 		}
 	}
 	return b.String(), nil
+}
+
+// setError explains a value a flag refused.
+func setError(fl *flag.Flag, err error) error {
+	if b, ok := fl.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() {
+		return errors.New("use true or false")
+	}
+	if err.Error() == "parse error" { // flag's numeric values
+		return errors.New("not a number")
+	}
+	return err
 }
