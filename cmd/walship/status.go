@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"text/tabwriter"
 	"time"
 
 	"github.com/walship/walship/pipeline"
@@ -65,6 +66,7 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 		return printProcesses(stdout, snap.Processes, now, *asJSON)
 	}
 	var out []serverStatus
+	sort.Slice(snap.States, func(i, j int) bool { return snap.States[i].Server < snap.States[j].Server })
 	for _, st := range snap.States {
 		if *server != "" && st.Server != *server {
 			continue
@@ -99,21 +101,8 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if len(out) == 0 {
 		fmt.Fprintln(stdout, "no servers recorded in NATS yet")
-	}
-	for _, s := range out {
-		fmt.Fprintf(stdout, "server %s (system %s), timeline %d, receiver %s (state %.0fs old)\n", s.Server, s.SystemID, s.Timeline, s.Receiver, s.StateAge)
-		fmt.Fprintf(stdout, "  positions: server %s  received %s  written %s  published %s  archived %s  flush %s\n",
-			s.ServerLSN, s.ReceivedLSN, s.WrittenLSN, s.PublishedLSN, s.ArchivedLSN, s.FlushLSN)
-		fmt.Fprintf(stdout, "  archive lag: %d bytes, %.1f s\n", s.LagBytes, s.LagSeconds)
-		if s.LastArchived != "" {
-			fmt.Fprintf(stdout, "  last archived: %s at %s\n", s.LastArchived, s.LastArchivedAt.Format(time.RFC3339))
-		}
-		if s.ArchiverBacklog != nil {
-			fmt.Fprintf(stdout, "  archiver backlog: %d events\n", *s.ArchiverBacklog)
-		}
-		if s.Slot != nil {
-			fmt.Fprintf(stdout, "  slot %s: exists %v, wal_status %s, restart_lsn %s, active %v\n", s.ServerState.Slot, s.Slot.Exists, s.Slot.WALStatus, s.Slot.RestartLSN, s.Slot.Active)
-		}
+	} else {
+		printServerTable(stdout, out)
 	}
 	return printProcesses(stdout, snap.Processes, now, false)
 }
@@ -188,4 +177,27 @@ func printProcesses(w io.Writer, ps []pipeline.ProcessState, now time.Time, asJS
 		}
 	}
 	return nil
+}
+
+// printServerTable prints one row per server, then what is not per row.
+func printServerTable(w io.Writer, out []serverStatus) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVER\tSYSTEM\tTLI\tRECEIVER\tSERVER_LSN\tRECEIVED\tWRITTEN\tPUBLISHED\tARCHIVED\tFLUSH\tLAG_BYTES\tLAG_S\tLAST_ARCHIVED\tSTATE_AGE")
+	for _, s := range out {
+		last := "-"
+		if s.LastArchived != "" {
+			last = s.LastArchived + " at " + s.LastArchivedAt.Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%.1f\t%s\t%.0fs\n", s.Server, s.SystemID, s.Timeline, s.Receiver,
+			s.ServerLSN, s.ReceivedLSN, s.WrittenLSN, s.PublishedLSN, s.ArchivedLSN, s.FlushLSN, s.LagBytes, s.LagSeconds, last, s.StateAge)
+	}
+	tw.Flush()
+	if s := out[0]; s.ArchiverBacklog != nil {
+		fmt.Fprintf(w, "archiver backlog: %d events (all servers)\n", *s.ArchiverBacklog)
+	}
+	for _, s := range out {
+		if s.Slot != nil {
+			fmt.Fprintf(w, "slot %s of %s: exists %v, wal_status %s, restart_lsn %s, active %v\n", s.ServerState.Slot, s.Server, s.Slot.Exists, s.Slot.WALStatus, s.Slot.RestartLSN, s.Slot.Active)
+		}
+	}
 }
