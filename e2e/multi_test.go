@@ -169,3 +169,42 @@ func TestManyServersOneReceiver(t *testing.T) {
 		t.Logf("%s: %d segments compared byte for byte with pg_wal", st.server, n)
 	}
 }
+
+// TestRunConfig: `walship run --config` streams two clusters and archives
+// them with its one archiver pool, through its embedded NATS.
+func TestRunConfig(t *testing.T) {
+	s3 := testenv.StartS3(t)
+	dataDir, metrics := t.TempDir(), testenv.FreePort(t)
+	yml := "dest: s3://" + s3.Bucket + "/backups\ns3-endpoint: " + s3.Endpoint() + "\ns3-path-style: true\n" +
+		"data-dir: " + dataDir + "\nmetrics-addr: 127.0.0.1:" + strconv.Itoa(metrics) + "\n" +
+		"embedded-nats-listen: 127.0.0.1:" + strconv.Itoa(testenv.FreePort(t)) + "\nworkers: 2\nstatus-interval: 1s\ncreate-slot: true\nservers:\n"
+	var sts []*stack
+	for _, name := range []string{"one", "two"} {
+		pg := testenv.StartPostgres(t, testenv.PGOptions{Conf: []string{"shared_buffers = '16MB'"}})
+		sts = append(sts, &stack{t: t, pg: pg, s3: s3, dataDir: dataDir, metrics: metrics, prefix: "backups", server: name})
+		yml += "  - server: " + name + "\n    pg: " + pg.URL("postgres") + "\n"
+	}
+	cfg := filepath.Join(t.TempDir(), "walship.yml")
+	if err := os.WriteFile(cfg, []byte(yml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w := startWalship(t, s3.Env(), "run", "--config", cfg)
+	first := make([]uint64, len(sts))
+	end := make([]pipeline.LSN, len(sts))
+	for i, st := range sts {
+		waitFor(t, 30*time.Second, st.server+" streaming", func() bool { return st.walsenderPID() != "" })
+		first[i] = uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
+		end[i] = st.writeSegments(2)
+	}
+	for i, st := range sts {
+		waitFor(t, 45*time.Second, st.server+" flush", func() bool { return st.replFlush() >= end[i] })
+	}
+	if err := w.stop(t); err != nil {
+		t.Fatalf("walship run exit: %v", err)
+	}
+	for i, st := range sts {
+		if n := st.checkArchive(first[i], uint64(end[i])/uint64(segSize)); n < 2 {
+			t.Errorf("%s: only %d segments compared", st.server, n)
+		}
+	}
+}

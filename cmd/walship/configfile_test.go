@@ -263,3 +263,28 @@ func TestConfigMissingFile(t *testing.T) {
 		t.Errorf("missing file: %v", err)
 	}
 }
+
+// The README's sample parses too.
+func TestConfigREADMESample(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "### Many servers in one process")
+	if i < 0 {
+		t.Fatal("README has no 'Many servers in one process' section")
+	}
+	s = s[i:]
+	start := strings.Index(s, "```yaml\n")
+	end := strings.Index(s[start+8:], "```")
+	if start < 0 || end < 0 {
+		t.Fatal("no yaml block in the section")
+	}
+	t.Setenv("WALSHIP_S3_ENDPOINT", "http://s3")
+	t.Setenv("ORDERS_PG_PASSWORD", "pw")
+	_, servers, _, err := parseFile(t, "receive", s[start+8:start+8+end])
+	if err != nil || len(servers) != 3 {
+		t.Fatalf("README sample: %v, %d servers", err, len(servers))
+	}
+}
