@@ -6,12 +6,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/walship/walship/compress"
 	"github.com/walship/walship/internal/testenv"
 	"github.com/walship/walship/pipeline"
 )
@@ -49,7 +53,115 @@ func usage(ps *os.ProcessState) (cpu time.Duration, rssMB float64) {
 // archivers read the spool) and "split" (walship receive + walship archive
 // as separate processes over an external NATS, bytes staged in the
 // JetStream object store).
+// The WAL profiles of BenchmarkDrain: the backlog is written by one of
+// these. "repeat" is wide rows of a repeated pattern (compresses for free,
+// the original bench); "narrow" is ~100-byte rows with 92 random hex
+// characters each; "tpcb" is pgbench's TPC-B with a checkpoint every
+// ~128 MB of WAL, so that a good share of it is full-page images.
+var drainProfiles = []string{"repeat", "narrow", "tpcb"}
+
+// BenchmarkDrain drains a backlog of WAL into versitygw with `walship run`
+// and with `walship receive` + `walship archive` over NATS, against
+// pg_receivewal writing to local disk on the same WAL in the same run, for
+// each WAL profile (WALSHIP_BENCH_PROFILE picks one; WALSHIP_BENCH_MB sizes
+// the backlog, default 1024). It also measures the compression ceiling:
+// zstd at the archivers' level over the same segments on every core with
+// nothing else running.
 func BenchmarkDrain(b *testing.B) {
+	for _, profile := range drainProfiles {
+		if p := os.Getenv("WALSHIP_BENCH_PROFILE"); p != "" && p != profile {
+			continue
+		}
+		b.Run(profile, func(b *testing.B) { benchDrain(b, profile) })
+	}
+}
+
+// writeBacklog writes about sizeMB of WAL of the profile.
+func writeBacklog(b *testing.B, pg *testenv.Postgres, profile string, sizeMB int) {
+	lsn := func() pipeline.LSN {
+		l, _ := pipeline.ParseLSN(pg.QueryString(`SELECT pg_current_wal_lsn()::text`))
+		return l
+	}
+	from := lsn()
+	target := from + pipeline.LSN(sizeMB)<<20
+	switch profile {
+	case "repeat":
+		pg.Exec(`CREATE TABLE bulk (id bigint, payload text)`)
+		rows := sizeMB * 1000
+		for done := 0; done < rows; done += 100000 {
+			pg.Exec(fmt.Sprintf(`INSERT INTO bulk SELECT g, lpad(md5(g::text), 1000, md5((g+1)::text)) FROM generate_series(%d, %d) g`, done, done+99999))
+		}
+	case "narrow":
+		pg.Exec(`CREATE TABLE narrow (id bigint, payload text)`)
+		for g := 0; lsn() < target; g += 200000 {
+			pg.Exec(fmt.Sprintf(`INSERT INTO narrow SELECT g, md5(random()::text) || md5(random()::text) || left(md5(random()::text), 28) FROM generate_series(%d, %d) g`, g, g+199999))
+		}
+	case "tpcb":
+		if err := pg.Pgbench(context.Background(), "-i", "-s", "20", "-q"); err != nil {
+			b.Fatal(err)
+		}
+		next := lsn()
+		for lsn() < target {
+			if lsn() >= next {
+				pg.Exec(`CHECKPOINT`) // the next change of every page is a full-page image
+				next = lsn() + 128<<20
+			}
+			if err := pg.Pgbench(context.Background(), "-c", "4", "-j", "2", "-t", "2000", "-n"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	default:
+		b.Fatalf("WAL profile %q: use %v", profile, drainProfiles)
+	}
+}
+
+// compressionCeiling compresses the segments from first to end, read from
+// pg_wal, with zstd at the archivers' default level on every core, and
+// returns the rate in MB/s of WAL and the ratio.
+func compressionCeiling(b *testing.B, pg *testenv.Postgres, first, end pipeline.LSN, seg pipeline.SegmentSize) (float64, float64) {
+	tli, _ := strconv.ParseUint(pg.QueryString(`SELECT timeline_id::text FROM pg_control_checkpoint()`), 10, 32)
+	var names []string
+	for x := first; x < end; x += pipeline.LSN(seg) {
+		names = append(names, filepath.Join(pg.WALDir(), pipeline.SegmentOf(uint32(tli), x, seg).Name(seg)))
+	}
+	// Read them all first: the ceiling is the compressor's, not the disk's.
+	data := make([][]byte, len(names))
+	for i, n := range names {
+		d, err := os.ReadFile(n)
+		if err != nil {
+			b.Fatalf("compression ceiling: %v", err)
+		}
+		data[i] = d
+	}
+	var next, in, out atomic.Int64
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for w := 0; w < runtime.NumCPU(); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			enc, err := compress.NewEncoder(compress.Zstd, 0)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			for i := int(next.Add(1) - 1); i < len(data); i = int(next.Add(1) - 1) {
+				z, err := enc.Encode(data[i])
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				in.Add(int64(len(data[i])))
+				out.Add(int64(len(z)))
+			}
+		}()
+	}
+	wg.Wait()
+	secs := time.Since(t0).Seconds()
+	return float64(in.Load()) / (1 << 20) / secs, float64(in.Load()) / float64(max(out.Load(), 1))
+}
+
+func benchDrain(b *testing.B, profile string) {
 	const seg = 16 << 20
 	sizeMB := 1024
 	if s := os.Getenv("WALSHIP_BENCH_MB"); s != "" {
@@ -60,17 +172,13 @@ func BenchmarkDrain(b *testing.B) {
 		s3 := testenv.StartS3(b)
 		nats := testenv.StartNATS(b)
 		pg.Exec(`SELECT pg_create_physical_replication_slot('walship', true), pg_create_physical_replication_slot('bench_rw', true)`)
-		pg.Exec(`CREATE TABLE bulk (id bigint, payload text)`)
 		start, _ := pipeline.ParseLSN(pg.QueryString(`SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'`))
-		rows := sizeMB * 1000
-		for done := 0; done < rows; done += 100000 {
-			pg.Exec(fmt.Sprintf(`INSERT INTO bulk SELECT g, lpad(md5(g::text), 1000, md5((g+1)::text)) FROM generate_series(%d, %d) g`, done, done+99999))
-		}
+		writeBacklog(b, pg, profile, sizeMB)
 		endRaw, _ := pipeline.ParseLSN(pg.QueryString(`SELECT pg_switch_wal()::text`))
 		end := pipeline.SegmentSize(seg).Start(endRaw) + seg
 		first := pipeline.SegmentSize(seg).Start(start)
 		mb := float64(end-first) / (1 << 20)
-		b.Logf("backlog: %.0f MB of WAL from %s to %s", mb, first, end)
+		b.Logf("%s backlog: %.0f MB of WAL from %s to %s", profile, mb, first, end)
 
 		// Nobody pays for the load's writeback: flush it before each drain.
 		settle := func() { pg.Exec(`CHECKPOINT`); syscall.Sync() }
@@ -175,7 +283,13 @@ func BenchmarkDrain(b *testing.B) {
 			return []*exec.Cmd{recv, arch}
 		})
 		rw := max(rwFirst, baseline("bench_rw2"))
-		b.Logf("ratio to the faster pg_receivewal run (%.1f MB/s): run %.2f, split %.2f", rw, runMBs/rw, splitMBs/rw)
+		// Last: it reads every segment into this process, and a child's
+		// peak RSS counts the parent's at the time of the fork.
+		ceiling, ratio := compressionCeiling(b, pg, first, end, seg)
+		b.Logf("compression ceiling (zstd fastest on %d cores, nothing else running): %.1f MB/s, ratio %.2f:1", runtime.NumCPU(), ceiling, ratio)
+		b.ReportMetric(ceiling, "ceiling-MB/s")
+		b.Logf("%s: ratio to the faster pg_receivewal run (%.1f MB/s): run %.2f, split %.2f; share of the compression ceiling (%.1f MB/s): run %.2f, split %.2f",
+			profile, rw, runMBs/rw, splitMBs/rw, ceiling, runMBs/ceiling, splitMBs/ceiling)
 		b.ReportMetric(rw, "pg_receivewal-MB/s")
 		b.ReportMetric(runMBs/rw, "run-ratio")
 		b.ReportMetric(splitMBs/rw, "split-ratio")
