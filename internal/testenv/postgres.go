@@ -7,6 +7,7 @@ package testenv
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -61,6 +63,26 @@ type PGOptions struct {
 
 // FreePort returns a TCP port free on loopback right now.
 func FreePort(t testing.TB) int {
+	// Below the kernel's ephemeral range (32768-60999 on Linux): a port
+	// the kernel hands out for ":0" is also what it picks as the local
+	// port of outgoing connections, which may take it before the server
+	// that was meant to bind it does. Never the same port twice in one
+	// test binary.
+	portMu.Lock()
+	defer portMu.Unlock()
+	for range 200 {
+		p := 20000 + rand.IntN(12000)
+		if portsGiven[p] {
+			continue
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		portsGiven[p] = true
+		return p
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -68,6 +90,11 @@ func FreePort(t testing.TB) int {
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
 }
+
+var (
+	portMu     sync.Mutex
+	portsGiven = map[int]bool{}
+)
 
 // StartPostgres initdb's and starts a cluster with replication allowed on
 // loopback. As root, it runs PostgreSQL as the postgres user.
