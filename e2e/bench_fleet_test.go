@@ -221,7 +221,22 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 		waitFor(b, 60*time.Second, st.server+" streaming", func() bool { return st.walsenderPID() != "" })
 		first[i] = uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
 	}
-	b.Logf("receiver streaming all %d servers %.0fs after the start", n, time.Since(t0).Seconds())
+	// Caught up with what the servers had when streaming began, and every
+	// gauge refreshed since: the first sample is the baseline.
+	caughtUp := make([]pipeline.LSN, n)
+	for i, st := range sts {
+		caughtUp[i] = st.currentLSN()
+	}
+	waitFor(b, 60*time.Second, "the receiver to catch up with every server", func() bool {
+		m := scrapeFleet(recvPort, "walship_received_lsn_bytes", "walship_flush_lsn_bytes")
+		for i, st := range sts {
+			if pipeline.LSN(m["walship_received_lsn_bytes"][st.server]) < caughtUp[i] || m["walship_flush_lsn_bytes"][st.server] == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	b.Logf("receiver streaming all %d servers, caught up, %.0fs after the start", n, time.Since(t0).Seconds())
 
 	// The load, and a sample of every gauge each second while it runs.
 	recvPID, natsPID, s3PID := recv.cmd.Process.Pid, nats.Nodes[0].PID(), s3.PID()
@@ -327,7 +342,26 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	b.Logf("nothing lost: %d segments of %d servers compared byte for byte with pg_wal (heavy %d)",
 		compared, n, uint64(end[0])/uint64(segSize)-first[0])
 
+	if path := os.Getenv("WALSHIP_BENCH_SAMPLES"); path != "" {
+		writeSamples(b, path, names, samples)
+	}
 	fleetReport(b, names, samples, last, loadSecsReal, drainSecs, cpuLoad, heavyRows)
+}
+
+// writeSamples writes the samples as CSV (one row per second and server)
+// for a closer look: WALSHIP_BENCH_SAMPLES=/path/to/file.csv.
+func writeSamples(b *testing.B, path string, names []string, samples []fleetSample) {
+	var sb strings.Builder
+	sb.WriteString("second,server,lag_seconds,received,published,flush,archiver_backlog\n")
+	for _, s := range samples {
+		for _, name := range names {
+			fmt.Fprintf(&sb, "%.1f,%s,%.0f,%.0f,%.0f,%.0f,%.0f\n", s.at.Sub(samples[0].at).Seconds(), name,
+				s.lag[name], s.received[name], s.published[name], s.flush[name], s.backlog)
+		}
+	}
+	if err := os.WriteFile(path, []byte(sb.String()), 0o644); err != nil {
+		b.Error(err)
+	}
 }
 
 // fleetReport logs and reports the figures of a BenchmarkTwentyServers run.
@@ -342,7 +376,7 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	// archiving (the archiver pool's queue plus the work).
 	var worst string
 	var worstMax, allP99 float64
-	var fills, queues []float64
+	var fills, queues, fillEst []float64
 	var lightWAL float64
 	for _, name := range names[1:] {
 		var lags []float64
@@ -355,15 +389,18 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 		fills = append(fills, f...)
 		wal := mb(lastS.received[name] - firstS.received[name])
 		lightWAL += wal
-		b.Logf("%s: archive lag p50 %.0fs p99 %.0fs max %.0fs; WAL %.1f MB (%.0f KB/s); %d segments published, publish→archived p50 %.1fs max %.1fs",
-			name, p50, p99, mx, wal, wal*1024/secs, len(q), quantile(q, 0.5), quantile(q, 1))
+		fill := float64(segSize) / (1 << 20) / (wal / secs) // seconds per segment at this server's WAL rate
+		fillEst = append(fillEst, fill)
+		b.Logf("%s: archive lag p50 %.1fs p99 %.1fs max %.1fs; WAL %.2f MB (%.0f KB/s: a segment fills in %.0fs); %d segments published, publish→archived p50 %.1fs max %.1fs",
+			name, p50, p99, mx, wal, wal*1024/secs, fill, len(q), quantile(q, 0.5), quantile(q, 1))
 		if mx > worstMax || worst == "" {
 			worst, worstMax = name, mx
 		}
 		allP99 = max(allP99, p99)
 	}
-	b.Logf("light servers (%d): worst max lag %.0fs (%s), worst p99 %.0fs; segment fill time p50 %.1fs max %.1fs; publish→archived p50 %.1fs p99 %.1fs max %.1fs",
-		n-1, worstMax, worst, allP99, quantile(fills, 0.5), quantile(fills, 1), quantile(queues, 0.5), quantile(queues, 0.99), quantile(queues, 1))
+	b.Logf("light servers (%d): worst max lag %.1fs (%s), worst p99 %.1fs; segment fill time at their WAL rates p50 %.0fs min %.0fs (observed between publications: p50 %.1fs, %d intervals); publish→archived p50 %.1fs p99 %.1fs max %.1fs (%d segments)",
+		n-1, worstMax, worst, allP99, quantile(fillEst, 0.5), quantile(fillEst, 0), quantile(fills, 0.5), len(fills),
+		quantile(queues, 0.5), quantile(queues, 0.99), quantile(queues, 1), len(queues))
 	b.ReportMetric(worstMax, "light-max-lag-s")
 	b.ReportMetric(allP99, "light-p99-lag-s")
 	b.ReportMetric(quantile(queues, 0.99), "light-publish-to-archived-p99-s")
@@ -377,7 +414,7 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	hq, _ := segmentDelays(samples, h)
 	genMBs := mb(lastS.received[h]-firstS.received[h]) / secs
 	archMBs := mb(lastS.flush[h]-firstS.flush[h]) / secs
-	b.Logf("heavy: WAL written %.1f MB/s (%d rows), archived %.1f MB/s during the load; lag p50 %.0fs max %.0fs; publish→archived p50 %.1fs max %.1fs; backlog at the end of the load %.0f MB, drained (all servers) in %.0fs",
+	b.Logf("heavy: WAL written %.1f MB/s (%d rows), archived %.1f MB/s during the load; lag p50 %.1fs max %.1fs; publish→archived p50 %.1fs max %.1fs; backlog at the end of the load %.0f MB, drained (all servers) in %.0fs",
 		genMBs, heavyRows, archMBs, quantile(hl, 0.5), quantile(hl, 1), quantile(hq, 0.5), quantile(hq, 1),
 		mb(lastS.received[h]-lastS.flush[h]), drainSecs)
 	b.ReportMetric(archMBs, "heavy-archived-MB/s")
@@ -421,6 +458,10 @@ func segmentDelays(samples []fleetSample, server string) (queue, fill []float64)
 	var lastPub time.Time
 	for _, s := range samples {
 		if p := s.published[server]; p > prev {
+			if prev == 0 { // the first publication since the start: no baseline
+				prev = p
+				continue
+			}
 			if !lastPub.IsZero() {
 				fill = append(fill, s.at.Sub(lastPub).Seconds()/((p-prev)/float64(segSize)))
 			}
