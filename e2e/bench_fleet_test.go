@@ -58,6 +58,7 @@ type fleetSample struct {
 	backlog               float64 // both archivers' walship_archiver_backlog (the same consumer: the max)
 	recvRSS, recvHWM      float64 // MB
 	archHWM               []float64
+	archSegs              map[string]float64 // walship_archiver_segments_total of both archivers, by server
 }
 
 // scrapeFleet reads every sample of the named metrics from /metrics, keyed by
@@ -281,8 +282,13 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 		m := scrapeFleet(recvPort, "walship_archive_lag_seconds", "walship_published_lsn_bytes", "walship_flush_lsn_bytes", "walship_received_lsn_bytes")
 		s := fleetSample{at: time.Now(), lag: m["walship_archive_lag_seconds"], published: m["walship_published_lsn_bytes"],
 			flush: m["walship_flush_lsn_bytes"], received: m["walship_received_lsn_bytes"]}
+		s.archSegs = map[string]float64{}
 		for _, port := range archPorts {
-			s.backlog = max(s.backlog, scrapeFleet(port, "walship_archiver_backlog")["walship_archiver_backlog"][""])
+			m := scrapeFleet(port, "walship_archiver_backlog", "walship_archiver_segments_total")
+			s.backlog = max(s.backlog, m["walship_archiver_backlog"][""])
+			for k, v := range m["walship_archiver_segments_total"] {
+				s.archSegs[k] += v
+			}
 		}
 		s.recvRSS, s.recvHWM = procMem(recvPID)
 		for _, pid := range archPIDs {
@@ -424,7 +430,13 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	for _, s := range samples {
 		backlogs = append(backlogs, s.backlog)
 	}
-	b.Logf("archiver pool backlog (events pending or held): p50 %.0f max %.0f", quantile(backlogs, 0.5), quantile(backlogs, 1))
+	var lightSegs float64
+	for _, name := range names[1:] {
+		lightSegs += lastS.archSegs[name] - firstS.archSegs[name]
+	}
+	heavySegs := lastS.archSegs[h] - firstS.archSegs[h]
+	b.Logf("archiver pool: %.0f segments archived during the load (%.1f/s): heavy %.0f, light servers %.0f; backlog (events pending or held, the gauge refreshes every 10s) p50 %.0f max %.0f",
+		heavySegs+lightSegs, (heavySegs+lightSegs)/secs, heavySegs, lightSegs, quantile(backlogs, 0.5), quantile(backlogs, 1))
 
 	// Processes.
 	recvCPU := cpu["receiver"].Seconds()
