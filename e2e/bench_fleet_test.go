@@ -3,7 +3,9 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
 
 	"github.com/walship/walship/internal/testenv"
 	"github.com/walship/walship/pipeline"
@@ -145,7 +148,7 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	archiveTimeout := os.Getenv("WALSHIP_BENCH_ARCHIVE_TIMEOUT")
 	t0 := time.Now()
 	s3 := testenv.StartS3(b)
-	nats := testenv.StartNATSProc(b)
+	natsSrv := testenv.StartNATSProc(b)
 	const prefix = "fleet"
 
 	// The clusters: small, as many servers on one machine would be.
@@ -192,7 +195,7 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	// One receiver for all of them, with a config file.
 	dataDir, recvPort := b.TempDir(), testenv.FreePort(b)
 	env := s3.Env()
-	yml := "nats: " + nats.URLs() + "\n" +
+	yml := "nats: " + natsSrv.URLs() + "\n" +
 		"dest: s3://" + s3.Bucket + "/" + prefix + "\n" +
 		"s3-endpoint: " + s3.Endpoint() + "\n" +
 		"data-dir: " + dataDir + "\n" +
@@ -213,7 +216,7 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	var archs []*proc
 	archPorts := []int{testenv.FreePort(b), testenv.FreePort(b)}
 	for _, port := range archPorts {
-		archs = append(archs, startWalship(b, s3.Env(), "archive", "--nats", nats.URLs(), "--dest", "s3://"+s3.Bucket+"/"+prefix,
+		archs = append(archs, startWalship(b, s3.Env(), "archive", "--nats", natsSrv.URLs(), "--dest", "s3://"+s3.Bucket+"/"+prefix,
 			"--s3-endpoint", s3.Endpoint(), "--s3-path-style", "--data-dir", b.TempDir(),
 			"--metrics-addr", "127.0.0.1:"+strconv.Itoa(port)))
 	}
@@ -240,10 +243,11 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	b.Logf("receiver streaming all %d servers, caught up, %.0fs after the start", n, time.Since(t0).Seconds())
 
 	// The load, and a sample of every gauge each second while it runs.
-	recvPID, natsPID, s3PID := recv.cmd.Process.Pid, nats.Nodes[0].PID(), s3.PID()
+	recvPID, natsPID, s3PID := recv.cmd.Process.Pid, natsSrv.Nodes[0].PID(), s3.PID()
 	archPIDs := []int{archs[0].cmd.Process.Pid, archs[1].cmd.Process.Pid}
 	cpu0 := map[string]time.Duration{"receiver": cpuOf(recvPID), "archiver[0]": cpuOf(archPIDs[0]), "archiver[1]": cpuOf(archPIDs[1]),
 		"nats-server": cpuOf(natsPID), "versitygw": cpuOf(s3PID)}
+	clock := startEventClock(b, natsSrv.URLs())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(loadSecs)*time.Second)
 	defer cancel()
 	loadStart := time.Now()
@@ -307,7 +311,7 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	}
 	tick.Stop()
 	samples = append(samples, sample())
-	loadSecsReal := time.Since(loadStart).Seconds()
+	loadEnd := time.Now()
 	cpuLoad := map[string]time.Duration{}
 	for k, pid := range map[string]int{"receiver": recvPID, "archiver[0]": archPIDs[0], "archiver[1]": archPIDs[1], "nats-server": natsPID, "versitygw": s3PID} {
 		cpuLoad[k] = cpuOf(pid) - cpu0[k]
@@ -351,7 +355,7 @@ func benchFleet(b *testing.B, n, loadSecs int) {
 	if path := os.Getenv("WALSHIP_BENCH_SAMPLES"); path != "" {
 		writeSamples(b, path, names, samples)
 	}
-	fleetReport(b, names, samples, last, loadSecsReal, drainSecs, cpuLoad, heavyRows)
+	fleetReport(b, names, samples, last, clock, loadStart, loadEnd, drainSecs, cpuLoad, heavyRows)
 }
 
 // writeSamples writes the samples as CSV (one row per second and server)
@@ -371,8 +375,9 @@ func writeSamples(b *testing.B, path string, names []string, samples []fleetSamp
 }
 
 // fleetReport logs and reports the figures of a BenchmarkTwentyServers run.
-func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleetSample, secs, drainSecs float64,
-	cpu map[string]time.Duration, heavyRows int64) {
+func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleetSample, clock *eventClock, loadStart, loadEnd time.Time,
+	drainSecs float64, cpu map[string]time.Duration, heavyRows int64) {
+	secs := loadEnd.Sub(loadStart).Seconds()
 	n := len(names)
 	firstS, lastS := samples[0], samples[len(samples)-1]
 	mb := func(v float64) float64 { return v / (1 << 20) }
@@ -382,7 +387,7 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	// archiving (the archiver pool's queue plus the work).
 	var worst string
 	var worstMax, allP99 float64
-	var fills, queues, fillEst []float64
+	var fills, queues, uploads, fillEst []float64
 	var lightWAL float64
 	for _, name := range names[1:] {
 		var lags []float64
@@ -390,23 +395,24 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 			lags = append(lags, s.lag[name])
 		}
 		p50, p99, mx := quantile(lags, 0.5), quantile(lags, 0.99), quantile(lags, 1)
-		q, f := segmentDelays(samples, name)
+		q, u, f := clock.delays(name, loadStart, loadEnd)
 		queues = append(queues, q...)
+		uploads = append(uploads, u...)
 		fills = append(fills, f...)
 		wal := mb(lastS.received[name] - firstS.received[name])
 		lightWAL += wal
 		fill := float64(segSize) / (1 << 20) / (wal / secs) // seconds per segment at this server's WAL rate
 		fillEst = append(fillEst, fill)
-		b.Logf("%s: archive lag p50 %.1fs p99 %.1fs max %.1fs; WAL %.2f MB (%.0f KB/s: a segment fills in %.0fs); %d segments published, publish→archived p50 %.1fs max %.1fs",
+		b.Logf("%s: archive lag p50 %.1fs p99 %.1fs max %.1fs; WAL %.2f MB (%.0f KB/s: a segment fills in %.0fs); %d segments published, publish→archived p50 %.2fs max %.2fs",
 			name, p50, p99, mx, wal, wal*1024/secs, fill, len(q), quantile(q, 0.5), quantile(q, 1))
 		if mx > worstMax || worst == "" {
 			worst, worstMax = name, mx
 		}
 		allP99 = max(allP99, p99)
 	}
-	b.Logf("light servers (%d): worst max lag %.1fs (%s), worst p99 %.1fs; segment fill time at their WAL rates p50 %.0fs min %.0fs (observed between publications: p50 %.1fs, %d intervals); publish→archived p50 %.1fs p99 %.1fs max %.1fs (%d segments)",
+	b.Logf("light servers (%d): worst max lag %.1fs (%s), worst p99 %.1fs; segment fill time at their WAL rates p50 %.0fs min %.0fs (observed between publications: p50 %.1fs, %d intervals); publish→archived p50 %.2fs p99 %.2fs max %.2fs (%d segments; upload p50 %.2fs max %.2fs)",
 		n-1, worstMax, worst, allP99, quantile(fillEst, 0.5), quantile(fillEst, 0), quantile(fills, 0.5), len(fills),
-		quantile(queues, 0.5), quantile(queues, 0.99), quantile(queues, 1), len(queues))
+		quantile(queues, 0.5), quantile(queues, 0.99), quantile(queues, 1), len(queues), quantile(uploads, 0.5), quantile(uploads, 1))
 	b.ReportMetric(worstMax, "light-max-lag-s")
 	b.ReportMetric(allP99, "light-p99-lag-s")
 	b.ReportMetric(quantile(queues, 0.99), "light-publish-to-archived-p99-s")
@@ -417,11 +423,11 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	for _, s := range samples {
 		hl = append(hl, s.lag[h])
 	}
-	hq, _ := segmentDelays(samples, h)
+	hq, hu, _ := clock.delays(h, loadStart, loadEnd)
 	genMBs := mb(lastS.received[h]-firstS.received[h]) / secs
 	archMBs := mb(lastS.flush[h]-firstS.flush[h]) / secs
-	b.Logf("heavy: WAL written %.1f MB/s (%d rows), archived %.1f MB/s during the load; lag p50 %.1fs max %.1fs; publish→archived p50 %.1fs max %.1fs; backlog at the end of the load %.0f MB, drained (all servers) in %.0fs",
-		genMBs, heavyRows, archMBs, quantile(hl, 0.5), quantile(hl, 1), quantile(hq, 0.5), quantile(hq, 1),
+	b.Logf("heavy: WAL written %.1f MB/s (%d rows), archived %.1f MB/s during the load; lag p50 %.1fs max %.1fs; publish→archived p50 %.2fs max %.2fs (upload p50 %.2fs); backlog at the end of the load %.0f MB, drained (all servers) in %.0fs",
+		genMBs, heavyRows, archMBs, quantile(hl, 0.5), quantile(hl, 1), quantile(hq, 0.5), quantile(hq, 1), quantile(hu, 0.5),
 		mb(lastS.received[h]-lastS.flush[h]), drainSecs)
 	b.ReportMetric(archMBs, "heavy-archived-MB/s")
 	b.ReportMetric(genMBs, "heavy-written-MB/s")
@@ -455,35 +461,86 @@ func fleetReport(b *testing.B, names []string, samples []fleetSample, last fleet
 	b.ReportMetric(cpu["nats-server"].Seconds(), "nats-CPU-s")
 }
 
-// segmentDelays reads, from the samples, for each segment of server
-// published during the run: the time from its publication to the flush
-// position passing it (queue), and the time between publications (fill).
-// Resolution: the one-second sampling and the receiver's one-second
-// gauge refresh.
-func segmentDelays(samples []fleetSample, server string) (queue, fill []float64) {
-	type pub struct {
-		end float64
-		at  time.Time
+// eventClock timestamps every segment event and every confirmation the
+// moment this process sees it on NATS (a plain subscription beside the
+// archivers' JetStream consumer), so the time a segment spends between its
+// publication and its confirmation is measured per segment, not sampled.
+type eventClock struct {
+	mu        sync.Mutex
+	published map[string]time.Time // server/file -> first publication
+	archived  map[string]time.Time // server/file -> first confirmation
+	upload    map[string]float64   // server/file -> the archiver's upload seconds
+	sub       []*nats.Subscription
+	nc        *nats.Conn
+}
+
+func startEventClock(b *testing.B, url string) *eventClock {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		b.Fatal(err)
 	}
-	var pending []pub
-	prev := samples[0].published[server]
-	var lastPub time.Time
-	for _, s := range samples {
-		if p := s.published[server]; p > prev {
-			if prev == 0 { // the first publication since the start: no baseline
-				prev = p
-				continue
-			}
-			if !lastPub.IsZero() {
-				fill = append(fill, s.at.Sub(lastPub).Seconds()/((p-prev)/float64(segSize)))
-			}
-			pending = append(pending, pub{p, s.at})
-			prev, lastPub = p, s.at
+	c := &eventClock{published: map[string]time.Time{}, archived: map[string]time.Time{}, upload: map[string]float64{}, nc: nc}
+	on := func(subject string, f func(data []byte, at time.Time)) {
+		sub, err := nc.Subscribe(subject, func(m *nats.Msg) { f(m.Data, time.Now()) })
+		if err != nil {
+			b.Fatal(err)
 		}
-		for len(pending) > 0 && s.flush[server] >= pending[0].end {
-			queue = append(queue, s.at.Sub(pending[0].at).Seconds())
-			pending = pending[1:]
+		sub.SetPendingLimits(-1, -1)
+		c.sub = append(c.sub, sub)
+	}
+	on("walship.*.segment", func(data []byte, at time.Time) {
+		var ev pipeline.SegmentEvent
+		if json.Unmarshal(data, &ev) != nil || ev.Kind != pipeline.KindSegment {
+			return
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if _, ok := c.published[ev.Server+"/"+ev.File]; !ok {
+			c.published[ev.Server+"/"+ev.File] = at
+		}
+	})
+	on("walship.*.archived", func(data []byte, at time.Time) {
+		var ev pipeline.ArchivedEvent
+		if json.Unmarshal(data, &ev) != nil || ev.Kind != pipeline.KindSegment {
+			return
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if _, ok := c.archived[ev.Server+"/"+ev.File]; !ok {
+			c.archived[ev.Server+"/"+ev.File] = at
+			c.upload[ev.Server+"/"+ev.File] = ev.UploadSeconds
+		}
+	})
+	if err := nc.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(nc.Close)
+	return c
+}
+
+// delays returns, for server's segments published from..to: the seconds
+// from publication to confirmation, the upload seconds within them, and
+// the seconds between consecutive publications (how long a segment took
+// to fill).
+func (c *eventClock) delays(server string, from, to time.Time) (queue, upload, fill []float64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var pubs []time.Time
+	for k, at := range c.published {
+		if !strings.HasPrefix(k, server+"/") || at.Before(from) || at.After(to) {
+			continue
+		}
+		pubs = append(pubs, at)
+		if done, ok := c.archived[k]; ok {
+			queue = append(queue, done.Sub(at).Seconds())
+			upload = append(upload, c.upload[k])
+		} else {
+			queue = append(queue, math.Inf(1)) // never confirmed: shows as +Inf
 		}
 	}
-	return queue, fill
+	sort.Slice(pubs, func(i, j int) bool { return pubs[i].Before(pubs[j]) })
+	for i := 1; i < len(pubs); i++ {
+		fill = append(fill, pubs[i].Sub(pubs[i-1]).Seconds())
+	}
+	return queue, upload, fill
 }
