@@ -34,7 +34,7 @@ import (
 // RSS; at the end every server's segments up to its final switch are
 // compared byte for byte with its pg_wal.
 //
-//	go test -run '^$' -bench TwentyServers -benchtime 1x -timeout 30m ./e2e/
+//	go test -v -run '^$' -bench TwentyServers -benchtime 1x -timeout 30m ./e2e/
 //
 // WALSHIP_BENCH_SERVERS (default 20), WALSHIP_BENCH_SECONDS (load time,
 // default 60), WALSHIP_BENCH_LIGHT_TPS (pgbench -R, default 20) and
