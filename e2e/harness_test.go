@@ -53,7 +53,7 @@ const segSize = pipeline.SegmentSize(1 << 20)
 // stack is one PostgreSQL, NATS and S3 gateway, and the walship flags that
 // point at them.
 type stack struct {
-	t       *testing.T
+	t       testing.TB
 	pg      *testenv.Postgres
 	nats    *testenv.NATS
 	s3      *testenv.S3
@@ -94,13 +94,13 @@ type syncBuffer struct {
 	bytes.Buffer
 }
 
-func startWalship(t *testing.T, env []string, args ...string) *proc {
+func startWalship(t testing.TB, env []string, args ...string) *proc {
 	t.Helper()
 	return startBin(t, walshipBin, env, args...)
 }
 
 // startBin runs a walship binary with args; its log goes to p.logPath.
-func startBin(t *testing.T, bin string, env []string, args ...string) *proc {
+func startBin(t testing.TB, bin string, env []string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -138,7 +138,7 @@ func (p *proc) kill() {
 }
 
 // stop sends SIGTERM and returns the exit error.
-func (p *proc) stop(t *testing.T) error {
+func (p *proc) stop(t testing.TB) error {
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
@@ -161,7 +161,7 @@ func (p *proc) exited() bool {
 func (st *stack) env() []string { return st.s3.Env() }
 
 // waitFor polls cond until it holds or the timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
