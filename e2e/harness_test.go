@@ -27,7 +27,10 @@ import (
 	"github.com/walship/walship/pipeline"
 )
 
-var walshipBin string
+var (
+	walshipBin   string
+	builtVersion string // the version walshipBin was built with
+)
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "walship-bin-")
@@ -36,8 +39,13 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	walshipBin = filepath.Join(dir, "walship")
+	// The version make build stamps, as the tree is now (TestVersion).
+	builtVersion = "dev"
+	if b, err := exec.Command("git", "-C", "..", "describe", "--tags", "--always", "--dirty").Output(); err == nil {
+		builtVersion = strings.TrimSpace(string(b))
+	}
 	// The same build as the Dockerfile's: make build.
-	cmd := exec.Command("make", "-s", "-C", "..", "build", "BIN="+walshipBin)
+	cmd := exec.Command("make", "-s", "-C", "..", "build", "BIN="+walshipBin, "VERSION="+builtVersion)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build walship:", err)
