@@ -287,6 +287,14 @@ func TestDashboardJSON(t *testing.T) {
 				Expr string `json:"expr"`
 			} `json:"targets"`
 		} `json:"panels"`
+		Templating struct {
+			List []struct {
+				Name       string `json:"name"`
+				Multi      bool   `json:"multi"`
+				IncludeAll bool   `json:"includeAll"`
+				Definition string `json:"definition"`
+			} `json:"list"`
+		} `json:"templating"`
 	}
 	if err := json.Unmarshal(b, &d); err != nil {
 		t.Fatal(err)
@@ -294,9 +302,28 @@ func TestDashboardJSON(t *testing.T) {
 	if len(d.Panels) < 8 {
 		t.Errorf("%d panels", len(d.Panels))
 	}
+	// A server selector (issue 12: one process and one pool for many
+	// servers), and every panel follows it: each walship series that
+	// carries the server label is filtered by it.
+	selector := false
+	for _, v := range d.Templating.List {
+		selector = selector || v.Name == "server" && v.Multi && v.IncludeAll && strings.Contains(v.Definition, "server")
+	}
+	if !selector {
+		t.Error("the dashboard has no server variable (multi-value, with All)")
+	}
+	unlabelled := map[string]bool{"walship_archiver_backlog": true, "walship_dependency_up": true}
+	metric := regexp.MustCompile(`\b(walship_[a-z_]+)(\{[^}]*\})?`)
 	for _, p := range d.Panels {
 		if len(p.Targets) == 0 {
 			t.Errorf("panel %q has no query", p.Title)
+		}
+		for _, tg := range p.Targets {
+			for _, m := range metric.FindAllStringSubmatch(tg.Expr, -1) {
+				if !unlabelled[m[1]] && !strings.Contains(m[2], `server=~"$server"`) {
+					t.Errorf("panel %q: %s is not filtered by the server selector: %s", p.Title, m[1], tg.Expr)
+				}
+			}
 		}
 	}
 }
