@@ -37,15 +37,21 @@ type watcher func(ctx context.Context) error
 // listenMetrics opens --metrics-addr before anything else, so that a second
 // process given the same address fails at once, saying what to do.
 func listenMetrics(addr string) (net.Listener, error) {
+	return listenFlag("metrics-addr", addr, "give each process its own --metrics-addr (WALSHIP_METRICS_ADDR), or an empty one to serve no metrics")
+}
+
+// listenFlag opens the address given to --name (nil when empty); an address
+// in use is one line ending in fix.
+func listenFlag(name, addr, fix string) (net.Listener, error) {
 	if addr == "" {
 		return nil, nil
 	}
 	ln, err := net.Listen("tcp", addr)
 	if errors.Is(err, syscall.EADDRINUSE) {
-		return nil, fmt.Errorf("--metrics-addr %s is in use (another walship on this host?): give each process its own --metrics-addr (WALSHIP_METRICS_ADDR), or an empty one to serve no metrics", addr)
+		return nil, fmt.Errorf("--%s %s is in use (another walship on this host?): %s", name, addr, fix)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("--metrics-addr %s: %v", addr, err)
+		return nil, fmt.Errorf("--%s %s: %v", name, addr, err)
 	}
 	return ln, nil
 }

@@ -251,8 +251,13 @@ func serveMetrics(ctx context.Context, ln net.Listener, reg *prometheus.Registry
 		}
 		io.WriteString(w, "ok\n")
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	log.Info("serving metrics", "addr", ln.Addr().String())
+	return serveHTTP(ctx, ln, mux)
+}
+
+// serveHTTP serves h on ln until ctx is done, then shuts down within 2s.
+func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) func() error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	return func() error {
 		go func() {
 			<-ctx.Done()
