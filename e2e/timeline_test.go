@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
-	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -120,78 +118,19 @@ func listInput(bucket, prefix string) *s3.ListObjectsV2Input {
 	return &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String(prefix)}
 }
 
-// checkPromotedArchive compares the archive after a promotion of the
-// server walship streams from (promoted) with its pg_wal: the history file,
-// the old timeline's last segment as .partial up to the switch point, and
-// every segment from firstSeg to end on the timeline it belongs to.
+// checkPromotedArchive compares the archive after one promotion of the
+// server walship streams from (promoted, whose pg_wal holds both
+// timelines) with its pg_wal: see checkChain. It returns where timeline 2
+// began and how many segments it compared.
 func (st *stack) checkPromotedArchive(t *testing.T, promoted *testenv.Postgres, firstSeg uint64, end pipeline.LSN) (pipeline.LSN, int) {
 	t.Helper()
-	standby := promoted
-	files := st.archivedFiles()
-	hist, ok := files["00000002.history"]
-	if !ok {
-		t.Fatalf("00000002.history not archived; have %v", keysOf(files))
-	}
-	got, _ := st.object(hist)
-	want, _ := os.ReadFile(filepath.Join(standby.WALDir(), "00000002.history"))
-	if !bytes.Equal(got, want) {
-		t.Errorf("archived history %q, server's %q", got, want)
-	}
-	entries := strings.Fields(string(want))
-	switchAt, err := pipeline.ParseLSN(entries[1])
+	hist, err := pipeline.ParseHistory(mustRead(t, filepath.Join(promoted.WALDir(), "00000002.history")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	switchSeg := pipeline.SegmentOf(1, switchAt, segSize)
+	_, switchAt, _ := pipeline.SwitchPoint(hist)
 	if end <= switchAt {
 		t.Fatalf("the archive was checked to %s, before the switch at %s", end, switchAt)
 	}
-	if segSize.Offset(switchAt) != 0 {
-		partial, ok := files[switchSeg.Name(segSize)+".partial"]
-		if !ok {
-			t.Fatalf("timeline 1's last segment %s.partial not archived; have %v", switchSeg.Name(segSize), keysOf(files))
-		}
-		got, _ := st.object(partial)
-		// PostgreSQL keeps the old timeline's last segment as .partial when
-		// archiving is on, else under its own name.
-		want, err := os.ReadFile(filepath.Join(standby.WALDir(), switchSeg.Name(segSize)+".partial"))
-		if err != nil {
-			want, err = os.ReadFile(filepath.Join(standby.WALDir(), switchSeg.Name(segSize)))
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := segSize.Offset(switchAt)
-		if len(got) != int(segSize) || !bytes.Equal(got[:n], want[:n]) {
-			t.Errorf("archived %s.partial differs from the server's up to the switch point", switchSeg.Name(segSize))
-		}
-	}
-	// Every segment, timeline 1 before the switch and timeline 2 after it.
-	compared := 0
-	for no := firstSeg; no < uint64(end)/uint64(segSize); no++ {
-		tli := uint32(1)
-		if no >= switchSeg.No {
-			tli = 2
-		}
-		name := pipeline.Segment{Timeline: tli, No: no}.Name(segSize)
-		key, ok := files[name]
-		if !ok {
-			t.Errorf("segment %s missing from the bucket", name)
-			continue
-		}
-		got, meta := st.object(key)
-		want, err := os.ReadFile(filepath.Join(standby.WALDir(), name))
-		if err != nil {
-			t.Fatalf("read pg_wal: %v", err)
-		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("segment %s differs from the promoted server's pg_wal", name)
-		}
-		if meta["walship-timeline"] != map[uint32]string{1: "1", 2: "2"}[tli] {
-			t.Errorf("segment %s metadata timeline %s", name, meta["walship-timeline"])
-		}
-		compared++
-	}
-	return switchAt, compared
-
+	return switchAt, st.checkChain(t, []*testenv.Postgres{promoted, promoted}, []pipeline.LSN{switchAt}, firstSeg, end)
 }
