@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 )
 
 // EventVersion is the version of the event encoding this build writes and
@@ -21,6 +22,11 @@ const (
 	KindSegment Kind = "segment" // a complete WAL segment
 	KindPartial Kind = "partial" // the last, incomplete segment of an ended timeline
 	KindHistory Kind = "history" // a timeline history file
+	// KindRange is WAL of the segment being written, uploaded before the
+	// segment is complete (--partial-interval): bytes [StartLSN, EndLSN)
+	// of segment File, only those. The name "partial" was taken first by
+	// the ended timeline's last segment, which PostgreSQL calls .partial.
+	KindRange Kind = "range"
 )
 
 // SegmentEvent announces a WAL file that is durable in the receiver's spool
@@ -49,6 +55,10 @@ type SegmentEvent struct {
 	// event; with Attempt it makes each publication distinct, so a file
 	// published again is never dropped as a duplicate of an earlier one.
 	Run string `json:"run,omitempty"`
+	// Ranges is set on a segment (or ended timeline's last segment) of
+	// which the receiver may have uploaded ranges: once the file is
+	// archived, the archiver deletes the segment's range objects.
+	Ranges bool `json:"ranges,omitempty"`
 }
 
 // ArchivedEvent confirms that a WAL file is durably in the sink. It is
@@ -67,7 +77,44 @@ type ArchivedEvent struct {
 // MsgID names the WAL file: one per system, file and kind. The receiver
 // matches confirmations with its pending files by it.
 func (e *SegmentEvent) MsgID() string {
+	if e.Kind == KindRange {
+		return e.SystemID + "/" + e.RangeName() + "/" + string(e.Kind)
+	}
 	return e.SystemID + "/" + e.File + "/" + string(e.Kind)
+}
+
+// RangeOffsets are a range's first and end offsets within its segment.
+func (e *SegmentEvent) RangeOffsets() (from, to uint64) {
+	size := SegmentSize(e.SegSize)
+	from = uint64(size.Offset(e.StartLSN))
+	return from, from + uint64(e.EndLSN-e.StartLSN)
+}
+
+// RangeName names a range event's WAL: <segment>.<from>-<to>, the offsets
+// within the segment as 8 hex digits (see RangeName).
+func (e *SegmentEvent) RangeName() string {
+	from, to := e.RangeOffsets()
+	return RangeName(e.File, from, to)
+}
+
+// RangeName is the name of bytes [from, to) of a segment:
+// <segment>.<from>-<to>, offsets as 8 upper-case hex digits.
+func RangeName(segment string, from, to uint64) string {
+	return fmt.Sprintf("%s.%08X-%08X", segment, from, to)
+}
+
+// ParseRangeSuffix parses the <from>-<to> of a range name (what follows
+// "<segment>."), with any extension after it already removed.
+func ParseRangeSuffix(s string) (from, to uint64, ok bool) {
+	if len(s) != 17 || s[8] != '-' {
+		return 0, 0, false
+	}
+	f, err1 := strconv.ParseUint(s[:8], 16, 64)
+	t, err2 := strconv.ParseUint(s[9:], 16, 64)
+	if err1 != nil || err2 != nil || f >= t || strings.ToUpper(s) != s {
+		return 0, 0, false
+	}
+	return f, t, true
 }
 
 // PublishID is the Nats-Msg-Id of one publication of the file: retries of
@@ -141,6 +188,21 @@ func (e *SegmentEvent) Validate() error {
 		}
 		if e.Kind == KindSegment && e.EndLSN != seg.EndLSN(size) || e.EndLSN > seg.EndLSN(size) {
 			return bad("%s %s ends at %s", e.Kind, e.File, e.EndLSN)
+		}
+	case KindRange:
+		size := SegmentSize(e.SegSize)
+		if err := size.validateEvent(); err != nil {
+			return bad("%v", err)
+		}
+		seg, err := ParseSegmentName(e.File, size)
+		if err != nil {
+			return bad("%v", err)
+		}
+		if seg.Timeline != e.Timeline || e.StartLSN < seg.StartLSN(size) || e.EndLSN <= e.StartLSN || e.EndLSN > seg.EndLSN(size) {
+			return bad("range %s-%s is not inside segment %s", e.StartLSN, e.EndLSN, e.File)
+		}
+		if e.Size != int64(e.EndLSN-e.StartLSN) {
+			return bad("range %s-%s has size %d", e.StartLSN, e.EndLSN, e.Size)
 		}
 	case KindHistory:
 		if !historyRE.MatchString(e.File) || e.File != HistoryFileName(e.Timeline) {

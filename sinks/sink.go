@@ -141,7 +141,19 @@ type Layout interface {
 	IdentityKey() string
 	// WALPrefix is the prefix under which every WAL key lies, for listing.
 	WALPrefix() string
+	// RangeKey is the key of a range of a segment being written (see
+	// pipeline.KindRange): bytes [from, to) of segment, as
+	// RangePrefix(segment) + "<from>-<to>" + ext, offsets as 8 hex digits.
+	// Ranges live outside WALPrefix, where other tools' restore and
+	// listing never see them.
+	RangeKey(segment string, from, to uint64, ext string) string
+	// RangePrefix is the prefix of every range key of a segment; it ends
+	// with "/".
+	RangePrefix(segment string) string
 }
+
+// rangeLeaf is a range key's last element without its extension.
+func rangeLeaf(from, to uint64) string { return fmt.Sprintf("%08X-%08X", from, to) }
 
 // BarmanCloud is barman-cloud's layout:
 // <prefix>/<server>/wals/<first 16 hex digits>/<file><ext>, with history
@@ -163,6 +175,16 @@ func (l BarmanCloud) Key(file, ext string) string {
 // WALPrefix implements Layout.
 func (l BarmanCloud) WALPrefix() string { return joinKey(l.base(), "wals") + "/" }
 
+// RangeKey implements Layout: <prefix>/<server>/walship-partial/<segment>/<from>-<to><ext>.
+func (l BarmanCloud) RangeKey(segment string, from, to uint64, ext string) string {
+	return l.RangePrefix(segment) + rangeLeaf(from, to) + ext
+}
+
+// RangePrefix implements Layout.
+func (l BarmanCloud) RangePrefix(segment string) string {
+	return joinKey(l.base(), "walship-partial", segment) + "/"
+}
+
 // IdentityKey implements Layout.
 func (l BarmanCloud) IdentityKey() string { return joinKey(l.base(), "walship.identity.json") }
 
@@ -176,6 +198,16 @@ func (l WalG) Key(file, ext string) string { return joinKey(l.Prefix, "wal_005",
 
 // WALPrefix implements Layout.
 func (l WalG) WALPrefix() string { return joinKey(l.Prefix, "wal_005") + "/" }
+
+// RangeKey implements Layout: <prefix>/walship_partial/<segment>/<from>-<to><ext>.
+func (l WalG) RangeKey(segment string, from, to uint64, ext string) string {
+	return l.RangePrefix(segment) + rangeLeaf(from, to) + ext
+}
+
+// RangePrefix implements Layout.
+func (l WalG) RangePrefix(segment string) string {
+	return joinKey(l.Prefix, "walship_partial", segment) + "/"
+}
 
 // IdentityKey implements Layout.
 func (l WalG) IdentityKey() string { return joinKey(l.Prefix, "wal_005", "walship.identity.json") }
