@@ -21,7 +21,7 @@ type committer struct {
 	done  chan struct{}
 }
 
-func startCommitter(t *testing.T, p *testenv.Postgres, phase string, gap time.Duration) *committer {
+func startCommitter(t testing.TB, p *testenv.Postgres, phase string, gap time.Duration) *committer {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &committer{stop: cancel, done: make(chan struct{})}
 	conn := p.Conn(context.Background())
