@@ -352,3 +352,79 @@ func TestPrefetchNeverServesRanges(t *testing.T) {
 		t.Errorf("fetch of segment 5: %v", err)
 	}
 }
+
+// verify: the segment after the last whole one, in ranges only, is the
+// archive's end (not a gap), its ranges checked byte for byte; ranges of
+// a segment archived whole are leftovers, counted; a range that fails its
+// SHA-256 and ranges past the end are problems.
+func TestVerifyRanges(t *testing.T) {
+	ctx := context.Background()
+	r := newRangeArchive(t)
+	r.putRange(0, 0x4000, nil)
+	r.putRange(0x2000, 0x8000, nil)
+	r.putRange(0xA000, 0xC000, nil) // after a hole: listed, not served
+	seg4 := pipeline.Segment{Timeline: 1, No: 4}
+	raw4 := fakeSegment(seg4, r.size)
+	for _, rg := range [][2]uint64{{0, 0x1000}, {0x1000, 0x3000}} {
+		z, _ := r.enc.Encode(raw4[rg[0]:rg[1]])
+		m := r.rangeMeta(rg[0], rg[1], raw4[rg[0]:rg[1]])
+		m.StartLSN = (seg4.StartLSN(r.size) + pipeline.LSN(rg[0])).String()
+		m.EndLSN = (seg4.StartLSN(r.size) + pipeline.LSN(rg[1])).String()
+		r.sink.Put(ctx, r.layout.RangeKey(seg4.Name(r.size), rg[0], rg[1], ".zst"), append([]byte(nil), z...), m)
+	}
+	rep, err := Verify(ctx, r.sink, r.layout, VerifyOptions{Metadata: true, Deep: true, Parallel: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() || len(rep.Timelines) != 1 {
+		t.Fatalf("report %+v", rep)
+	}
+	tl := rep.Timelines[0]
+	want := RangeEnd{Segment: r.seg.Name(r.size), End: r.seg.StartLSN(r.size) + 0x8000, Objects: 3}
+	if tl.Last != "000000010000000000000004" || len(tl.Gaps) != 0 || tl.RangeEnd == nil || *tl.RangeEnd != want {
+		t.Errorf("timeline %+v, range end %+v, want %+v", tl, tl.RangeEnd, want)
+	}
+	if rep.RangeObjects != 5 || rep.LeftoverRanges != 2 || rep.Checked != 2+3 {
+		t.Errorf("range objects %d, leftovers %d, checked %d; want 5, 2, 5", rep.RangeObjects, rep.LeftoverRanges, rep.Checked)
+	}
+
+	// A range whose bytes fail its SHA-256: verify --deep names it.
+	bad := r.layout.RangeKey(r.seg.Name(r.size), 0x2000, 0x8000, ".zst")
+	z, _ := r.enc.Encode(make([]byte, 0x6000))
+	r.hs.Sink.Delete(ctx, bad)
+	r.sink.Put(ctx, bad, append([]byte(nil), z...), r.rangeMeta(0x2000, 0x8000, r.raw[0x2000:0x8000]))
+	// Ranges of segment 7 while 6 is missing.
+	seg7 := pipeline.Segment{Timeline: 1, No: 7}
+	raw7 := fakeSegment(seg7, r.size)
+	m := r.rangeMeta(0, 0x2000, raw7[:0x2000])
+	m.StartLSN, m.EndLSN = seg7.StartLSN(r.size).String(), (seg7.StartLSN(r.size) + 0x2000).String()
+	z, _ = r.enc.Encode(raw7[:0x2000])
+	r.sink.Put(ctx, r.layout.RangeKey(seg7.Name(r.size), 0, 0x2000, ".zst"), append([]byte(nil), z...), m)
+	rep, err = Verify(ctx, r.sink, r.layout, VerifyOptions{Metadata: true, Deep: true, Parallel: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, p := range rep.Problems {
+		keys = append(keys, p.Key)
+	}
+	if rep.OK() || len(keys) != 2 || keys[0] != bad || keys[1] != r.layout.RangePrefix(seg7.Name(r.size)) {
+		t.Errorf("problems %+v, want %s and segment 7's ranges", rep.Problems, bad)
+	}
+	if len(rep.Timelines[0].Gaps) != 0 {
+		t.Errorf("gaps %+v: ranges are never a gap", rep.Timelines[0].Gaps)
+	}
+}
+
+// verify: trailing ranges that do not start at offset 0 cannot be served.
+func TestVerifyRangesNotAtZero(t *testing.T) {
+	r := newRangeArchive(t)
+	r.putRange(0x2000, 0x4000, nil)
+	rep, err := Verify(context.Background(), r.sink, r.layout, VerifyOptions{Metadata: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || len(rep.Problems) != 1 || !strings.Contains(rep.Problems[0].Problem, "offset 0") || rep.Timelines[0].RangeEnd != nil {
+		t.Errorf("report %+v", rep)
+	}
+}
