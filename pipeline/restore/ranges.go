@@ -117,7 +117,7 @@ func checkRange(seg pipeline.Segment, size pipeline.SegmentSize, r rangeObject, 
 		return bad("metadata walship-system-id %s, this cluster is %s: the archive belongs to another cluster", meta.SystemID, want.SystemID)
 	case meta.Timeline != seg.Timeline:
 		return bad("metadata walship-timeline %d, the segment's is %d", meta.Timeline, seg.Timeline)
-	case meta.StartLSN != (start + pipeline.LSN(r.From)).String() || meta.EndLSN != (start+pipeline.LSN(r.To)).String():
+	case meta.StartLSN != (start+pipeline.LSN(r.From)).String() || meta.EndLSN != (start+pipeline.LSN(r.To)).String():
 		return bad("metadata LSNs %s-%s, the key says %s-%s", meta.StartLSN, meta.EndLSN, start+pipeline.LSN(r.From), start+pipeline.LSN(r.To))
 	}
 	if r.From == 0 && len(raw) >= longPageHdr {
