@@ -2,6 +2,9 @@ package archiver
 
 import (
 	"context"
+	"strings"
+
+	"github.com/walship/walship/compress"
 
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
@@ -55,6 +58,21 @@ func (a *Archiver) count(ev *pipeline.SegmentEvent, res *pipeline.ArchivedEvent)
 // a failure is logged (rate-limited) and counted, and the leftovers are
 // harmless (restore prefers the whole segment; other tools never look
 // there). A sink that cannot list or delete keeps its ranges.
+// isRangeKey reports whether key is where the layout puts a range of
+// segment, with any codec's extension.
+func isRangeKey(layout sinks.Layout, segment, key string) bool {
+	leaf, ok := strings.CutPrefix(key, layout.RangePrefix(segment))
+	if !ok || len(leaf) < 17 {
+		return false
+	}
+	from, to, ok := pipeline.ParseRangeSuffix(leaf[:17])
+	if !ok {
+		return false
+	}
+	codec, ok := compress.CodecForExt(leaf[17:])
+	return ok && layout.RangeKey(segment, from, to, codec.Ext()) == key
+}
+
 func (a *Archiver) deleteRanges(ctx context.Context, ev *pipeline.SegmentEvent) {
 	lister, ok1 := a.sink.(sinks.Lister)
 	deleter, ok2 := a.sink.(sinks.Deleter)
@@ -63,10 +81,13 @@ func (a *Archiver) deleteRanges(ctx context.Context, ev *pipeline.SegmentEvent) 
 			"server", ev.Server, "segment", ev.File)
 		return
 	}
-	prefix := a.cfg.Layout(ev.Server).RangePrefix(ev.File)
+	layout := a.cfg.Layout(ev.Server)
+	prefix := layout.RangePrefix(ev.File)
 	var keys []string
 	err := lister.List(ctx, prefix, func(o sinks.Object) error {
-		keys = append(keys, o.Key)
+		if isRangeKey(layout, ev.File, o.Key) {
+			keys = append(keys, o.Key) // only walship's range objects: never anything else put there
+		}
 		return nil
 	})
 	if err != nil {

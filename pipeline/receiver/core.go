@@ -439,7 +439,9 @@ func (c *Core) CutRange() error {
 	if c.cfg.PartialInterval <= 0 || !c.spool.isOpen() || c.spool.seg != c.cutSeg {
 		return nil
 	}
-	from, to := c.cutEnd, c.spool.synced
+	// What the bucket holds already by confirmed ranges (a crashed run's,
+	// published again; the old timeline's below a switch) is not cut again.
+	from, to := max(c.cutEnd, c.tr.reachOf(c.cutSeg)), c.spool.synced
 	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval {
 		return nil
 	}

@@ -157,11 +157,21 @@ func (t *tracker) setFrontierLocked(tli uint32, l pipeline.LSN) {
 // holdOf is where a file's hold starts: a whole segment's (or an ended
 // timeline's last segment's) rises over the ranges of it the bucket holds.
 func (t *tracker) holdOf(ev pipeline.SegmentEvent, hold pipeline.LSN) pipeline.LSN {
-	if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial {
+	if ev.Kind != pipeline.KindHistory {
+		// A file whose first bytes the bucket holds already (by ranges)
+		// holds flush only from where they end: a range cut again from the
+		// segment's start after a restart never pulls flush back.
 		seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
 		hold = max(hold, min(t.reach(seg), ev.EndLSN))
 	}
 	return hold
+}
+
+// reachOf is reach, for other goroutines.
+func (t *tracker) reachOf(seg pipeline.Segment) pipeline.LSN {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.reach(seg)
 }
 
 // add queues a WAL file that is durable in the spool for publishing; hold
@@ -369,12 +379,12 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 	return confirmOK, "", gone, after != before
 }
 
-// raise moves the hold of seg's pending whole file (segment or ended
-// timeline's last segment) up over its confirmed ranges.
+// raise moves the holds of seg's pending files (the segment, an ended
+// timeline's last segment, its ranges) up over its confirmed ranges.
 func (t *tracker) raise(seg pipeline.Segment) {
 	name := seg.Name(t.size)
 	for id, e := range t.pending {
-		if e.ev.File != name || e.ev.Kind != pipeline.KindSegment && e.ev.Kind != pipeline.KindPartial {
+		if e.ev.File != name || e.ev.Kind == pipeline.KindHistory {
 			continue
 		}
 		if h := t.holdOf(e.ev, e.hold); h != e.hold {
