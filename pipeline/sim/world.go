@@ -124,6 +124,9 @@ type host struct {
 	// sessions: connections since the core started; the first one's
 	// slot check happened in Start.
 	sessions int
+	// flushed: the highest flush this receiver reported since it started;
+	// flush never moves back within a receiver's life.
+	flushed pipeline.LSN
 }
 
 // actor names one of the host's loops; one host keeps the old names.
@@ -300,7 +303,7 @@ func (w *World) setup() {
 		w.hosts = append(w.hosts, h)
 	}
 	w.js = newJetStream(w)
-	w.bkt = &bucket{w: w, objs: map[string]*stored{}}
+	w.bkt = &bucket{w: w, objs: map[string]*stored{}, ranges: map[string][]span{}}
 	n := 1 + w.rng.IntN(3)
 	for i := 0; i < n; i++ {
 		a := &arch{name: "arch" + strconv.Itoa(i)}
@@ -396,7 +399,7 @@ func (w *World) startReceiver(h *host) {
 		core.Release()
 		return
 	}
-	h.core, h.sessions = core, 0
+	h.core, h.sessions, h.flushed = core, 0, 0
 	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
 	w.logf("%s: receiver started: resume %d/%s flush %s", h.name, tli, start, core.Flush())
@@ -712,6 +715,10 @@ func (w *World) recvStatus(h *host) {
 	}
 	w.checkWrite(h, write)
 	w.checkFlush(flush)
+	if flush < h.flushed {
+		w.fail("%s reported flush %s after %s: flush moved back within a receiver's life", h.name, flush, h.flushed)
+	}
+	h.flushed = flush
 	w.logf("%s: status write %s flush %s", h.name, write, flush)
 	if flush != 0 {
 		w.slot = flush
