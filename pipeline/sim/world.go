@@ -68,6 +68,11 @@ type World struct {
 	// recipient of archivers started now (a rotation adds one).
 	ids  []age.Identity
 	pg14 bool // the server does not say the slot's timeline (PostgreSQL 12 to 14)
+	// partial is the receiver's --partial-interval (0: no ranges); quiet:
+	// the server mostly writes little at a time, so the segment being
+	// written stays open across many cuts.
+	partial time.Duration
+	quiet   bool
 
 	// PostgreSQL.
 	hist     walgen.History
@@ -211,6 +216,11 @@ func Run(o Options) (res Result) {
 		w.step(true)
 	}
 	w.settle()
+	for _, c := range []string{"ranges uploaded", "ranges deleted", "flush inside a segment"} {
+		if w.res.Counts[c] > 0 {
+			w.count("seeds with " + c)
+		}
+	}
 	return
 }
 
@@ -278,6 +288,10 @@ func (w *World) setup() {
 		w.rotateKey()
 	}
 	w.pg14 = w.rng.IntN(3) == 0
+	if w.rng.IntN(2) == 0 {
+		w.partial = time.Duration(100+w.rng.IntN(3000)) * time.Millisecond
+		w.quiet = w.rng.IntN(2) == 0
+	}
 	w.hist = walgen.History{{TLI: 1}}
 	// The slot is created somewhere in segment 3, as RESERVE_WAL does.
 	w.end = w.recordBoundary(3*pipeline.LSN(w.size) + pipeline.LSN(w.rng.IntN(int(w.size))))
@@ -311,7 +325,8 @@ func (w *World) setup() {
 		w.startArchiver(a)
 	}
 	w.faultsOn = true
-	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget)
+	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s partial=%s quiet=%v",
+		w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget, w.partial, w.quiet)
 	w.startReceiver(w.hosts[0])
 }
 
@@ -552,6 +567,9 @@ func (w *World) clockJump() {
 
 func (w *World) pgWrite() {
 	n := pipeline.LSN(1 + w.rng.IntN(int(w.size)*6/10))
+	if w.quiet && w.rng.IntN(5) != 0 {
+		n = pipeline.LSN(1 + w.rng.IntN(1500)) // a few small transactions
+	}
 	if w.end+n > w.budget {
 		n = w.budget - w.end
 	}
@@ -572,6 +590,16 @@ func (w *World) recordBoundary(x pipeline.LSN) pipeline.LSN {
 		x += hdr - off
 	}
 	return x
+}
+
+// switchPoint: a timeline ended at x.
+func (w *World) switchPoint(x pipeline.LSN) bool {
+	for _, t := range w.hist[1:] {
+		if t.Begin == x {
+			return true
+		}
+	}
+	return false
 }
 
 func (w *World) pgPromote() {
@@ -718,6 +746,9 @@ func (w *World) recvStatus(h *host) {
 	if flush < h.flushed {
 		w.fail("%s reported flush %s after %s: flush moved back within a receiver's life", h.name, flush, h.flushed)
 	}
+	if flush > h.flushed && w.size.Offset(flush) != 0 && flush != w.initial && flush != w.gapFloor && !w.switchPoint(flush) {
+		w.count("flush inside a segment") // moved there by confirmed ranges
+	}
 	h.flushed = flush
 	w.logf("%s: status write %s flush %s", h.name, write, flush)
 	if flush != 0 {
@@ -789,7 +820,11 @@ func (w *World) archiveStep(a *arch) {
 	json.Unmarshal(d.Data(), &ev)
 	w.logf("%s: %s %s (delivery %d)", a.name, out, ev.File, d.n)
 	if out == archiver.Acked {
-		w.count("archived")
+		if ev.Kind == pipeline.KindRange {
+			w.count("ranges archived")
+		} else {
+			w.count("archived")
+		}
 	}
 }
 
