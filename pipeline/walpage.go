@@ -54,47 +54,85 @@ func CheckSegmentPages(data []byte, seg Segment, size SegmentSize) error {
 	if uint64(len(data)) != uint64(size) {
 		return fmt.Errorf("segment %s: %d bytes, want %d", seg.Name(size), len(data), uint64(size))
 	}
-	start := uint64(seg.StartLSN(size))
+	return checkPages(data, seg, size, 0)
+}
+
+// CheckRangePages verifies the page headers that lie in bytes [from,
+// from+len(data)) of a segment (a range, see KindRange) by the rules of
+// CheckSegmentPages: every page whose header starts inside the range is
+// checked (a header cut by the range's end, as far as it goes), the long
+// header when the range starts at offset 0. The bytes before the range's
+// first page header are WAL record data and are not checked here; the
+// SHA-256 covers them.
+func CheckRangePages(data []byte, seg Segment, size SegmentSize, from uint64) error {
+	if len(data) == 0 || from >= uint64(size) || uint64(len(data)) > uint64(size)-from {
+		return fmt.Errorf("segment %s: range [%d, %d) is not inside a %d-byte segment", seg.Name(size), from, from+uint64(len(data)), uint64(size))
+	}
+	return checkPages(data, seg, size, from)
+}
+
+// checkPages checks the header of every page that starts in data, which
+// holds the segment's bytes from offset from on.
+func checkPages(data []byte, seg Segment, size SegmentSize, from uint64) error {
+	to := from + uint64(len(data))
+	first := (from + walPageSize - 1) / walPageSize * walPageSize
 	var magic uint16
-	for off := 0; off < len(data); off += walPageSize {
-		page := data[off : off+walPageSize]
-		m := binary.LittleEndian.Uint16(page[0:2])
-		if off > 0 && m == 0 && allZero(page) {
+	for off := first; off < to; off += walPageSize {
+		page := data[off-from : min(off+walPageSize, to)-from]
+		if off > 0 && allZero(page) {
 			// Pages past a WAL switch are zero; once one is, all the rest must be.
-			for rest := off; rest < len(data); rest += walPageSize {
-				if !allZero(data[rest : rest+walPageSize]) {
+			for rest := off + walPageSize; rest < to; rest += walPageSize {
+				if !allZero(data[rest-from : min(rest+walPageSize, to)-from]) {
 					return fmt.Errorf("segment %s: page at offset %d follows an empty page but is not empty", seg.Name(size), rest)
 				}
 			}
 			return nil
 		}
-		if _, ok := walMagics[m]; !ok {
-			return fmt.Errorf("segment %s: page at offset %d has magic %#04x, not a PostgreSQL 12-18 WAL page", seg.Name(size), off, m)
+		m, err := checkPageHeader(page, off, seg, size, magic)
+		if err != nil {
+			return err
 		}
-		if off == 0 {
-			magic = m
-		} else if m != magic {
-			return fmt.Errorf("segment %s: page at offset %d has magic %#04x, first page has %#04x", seg.Name(size), off, m, magic)
-		}
-		info := binary.LittleEndian.Uint16(page[2:4])
-		tli := binary.LittleEndian.Uint32(page[4:8])
-		addr := binary.LittleEndian.Uint64(page[8:16])
-		if addr != start+uint64(off) {
-			return fmt.Errorf("segment %s: page at offset %d has address %s, want %s", seg.Name(size), off, LSN(addr), LSN(start+uint64(off)))
-		}
-		if tli == 0 || tli > seg.Timeline {
-			return fmt.Errorf("segment %s: page at offset %d has timeline %d, segment is on %d", seg.Name(size), off, tli, seg.Timeline)
-		}
-		if off == 0 {
-			if info&xlpLongHeader == 0 {
-				return fmt.Errorf("segment %s: first page lacks the long header", seg.Name(size))
-			}
-			if segSize := binary.LittleEndian.Uint32(page[32:36]); uint64(segSize) != uint64(size) {
-				return fmt.Errorf("segment %s: header says segment size %d, want %d", seg.Name(size), segSize, uint64(size))
-			}
-		}
+		magic = m
 	}
 	return nil
+}
+
+// checkPageHeader checks the header of the page at offset off of segment
+// seg; hdr holds the page from its start, possibly cut short by the end of
+// a range, and only the fields it holds entirely are checked. magic is the
+// magic of the pages checked before (0: none); it returns this page's.
+func checkPageHeader(hdr []byte, off uint64, seg Segment, size SegmentSize, magic uint16) (uint16, error) {
+	has := func(end int) bool { return len(hdr) >= end }
+	if !has(2) {
+		return magic, nil
+	}
+	m := binary.LittleEndian.Uint16(hdr[0:2])
+	if _, ok := walMagics[m]; !ok {
+		return 0, fmt.Errorf("segment %s: page at offset %d has magic %#04x, not a PostgreSQL 12-18 WAL page", seg.Name(size), off, m)
+	}
+	if magic != 0 && m != magic {
+		return 0, fmt.Errorf("segment %s: page at offset %d has magic %#04x, an earlier page has %#04x", seg.Name(size), off, m, magic)
+	}
+	if has(4) && off == 0 && binary.LittleEndian.Uint16(hdr[2:4])&xlpLongHeader == 0 {
+		return 0, fmt.Errorf("segment %s: first page lacks the long header", seg.Name(size))
+	}
+	if has(8) {
+		if tli := binary.LittleEndian.Uint32(hdr[4:8]); tli == 0 || tli > seg.Timeline {
+			return 0, fmt.Errorf("segment %s: page at offset %d has timeline %d, segment is on %d", seg.Name(size), off, tli, seg.Timeline)
+		}
+	}
+	if has(16) {
+		want := uint64(seg.StartLSN(size)) + off
+		if addr := binary.LittleEndian.Uint64(hdr[8:16]); addr != want {
+			return 0, fmt.Errorf("segment %s: page at offset %d has address %s, want %s", seg.Name(size), off, LSN(addr), LSN(want))
+		}
+	}
+	if has(36) && off == 0 {
+		if segSize := binary.LittleEndian.Uint32(hdr[32:36]); uint64(segSize) != uint64(size) {
+			return 0, fmt.Errorf("segment %s: header says segment size %d, want %d", seg.Name(size), segSize, uint64(size))
+		}
+	}
+	return m, nil
 }
 
 // SegmentSystemID reads the system identifier from a segment's long page

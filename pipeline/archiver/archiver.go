@@ -306,15 +306,13 @@ func (a *Archiver) Handle(ctx context.Context, w *Worker, d Delivery) Outcome {
 			a.fail("cleanup", "cannot delete staged object", ev.Server, err, "segment", ev.File)
 		}
 	}
-	m := a.cfg.Metrics
-	m.Segments.WithLabelValues(ev.Server).Inc()
-	m.RawBytes.WithLabelValues(ev.Server).Add(float64(ev.Size))
-	m.CompressedBytes.WithLabelValues(ev.Server).Add(float64(res.CompressedSize))
-	if !res.Existed {
-		m.Upload.WithLabelValues(ev.Server).Observe(res.UploadSeconds)
-	}
+	a.count(&ev, res)
 	a.rl.Reset("archive/" + ev.Server)
 	a.log.Debug("archived", "server", ev.Server, "segment", ev.File, "key", res.Key, "existed", res.Existed)
+	if ev.Ranges && (ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial) {
+		// The whole file is durable and confirmed: its ranges are redundant.
+		a.deleteRanges(ctx, &ev)
+	}
 	return Acked
 }
 
@@ -328,7 +326,7 @@ func (a *Archiver) initSeries(server string) {
 	}
 	a.seen[server] = true
 	m := a.cfg.Metrics
-	for _, stage := range []string{"archive", "upload", "confirm", "ack", "cleanup"} {
+	for _, stage := range []string{"archive", "upload", "confirm", "ack", "cleanup", "ranges"} {
 		m.Errors.WithLabelValues(server, stage).Add(0)
 	}
 	m.Conflicts.WithLabelValues(server).Add(0)
@@ -337,6 +335,9 @@ func (a *Archiver) initSeries(server string) {
 	m.Segments.WithLabelValues(server).Add(0)
 	m.RawBytes.WithLabelValues(server).Add(0)
 	m.CompressedBytes.WithLabelValues(server).Add(0)
+	m.PartialUploads.WithLabelValues(server).Add(0)
+	m.PartialBytes.WithLabelValues(server).Add(0)
+	m.PartialDeleted.WithLabelValues(server).Add(0)
 }
 
 // archive reads, verifies, compresses and uploads one WAL file. A file
@@ -347,7 +348,7 @@ func (a *Archiver) archive(ctx context.Context, w *Worker, ev *pipeline.SegmentE
 	if err := a.checkIdentity(ctx, layout, ev); err != nil {
 		return nil, err
 	}
-	key := layout.Key(archiveName(ev), a.cfg.Codec.Ext())
+	key := objectKey(layout, ev, a.cfg.Codec.Ext())
 	if redelivered || ev.Attempt > 0 {
 		switch found, err := a.inSink(ctx, key, ev); {
 		case err != nil && !errors.Is(err, os.ErrNotExist):
@@ -365,14 +366,14 @@ func (a *Archiver) archive(ctx context.Context, w *Worker, ev *pipeline.SegmentE
 		} else if herr != nil && !errors.Is(herr, os.ErrNotExist) {
 			return nil, herr
 		}
-		return nil, fmt.Errorf("%w: segment %s: %v", errUnavailable, ev.File, err)
+		return nil, fmt.Errorf("%w: %s %s: %v", errUnavailable, ev.Kind, eventName(ev), err)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if err := verify(raw, ev); err != nil {
 		a.cfg.Metrics.Corrupt.WithLabelValues(ev.Server).Inc()
-		a.log.Error("segment bytes fail verification", "server", ev.Server, "segment", ev.File, "error", err)
+		a.log.Error("WAL bytes fail verification", "server", ev.Server, "segment", ev.File, "kind", ev.Kind, "name", eventName(ev), "error", err)
 		return nil, fmt.Errorf("%w: %v", errUnavailable, err)
 	}
 	body, err := w.enc.Encode(raw)
@@ -442,7 +443,7 @@ func (a *Archiver) inSink(ctx context.Context, key string, ev *pipeline.SegmentE
 		a.log.Error("archive conflict: the sink holds "+why+" under this key; refusing to overwrite it or confirm it, so the slot holds here until an operator removes it",
 			"server", ev.Server, "segment", ev.File, "key", key, "sha256", ev.SHA256)
 	}
-	return false, fmt.Errorf("%w: %s holds %s, not segment %s", errConflict, key, why, ev.File)
+	return false, fmt.Errorf("%w: %s holds %s, not %s %s", errConflict, key, why, ev.Kind, eventName(ev))
 }
 
 func (a *Archiver) result(ev *pipeline.SegmentEvent, key string, compressed int64, took float64, existed bool) *pipeline.ArchivedEvent {
@@ -494,14 +495,15 @@ func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEven
 
 // verify checks the bytes against the event: size, SHA-256, and for whole
 // and ended-timeline segments the WAL page headers up to the event's end
-// and the system identifier.
+// and the system identifier; for a range, the page headers that lie inside
+// it, and the system identifier when it starts the segment.
 func verify(raw []byte, ev *pipeline.SegmentEvent) error {
 	if int64(len(raw)) != ev.Size {
-		return fmt.Errorf("segment %s: %d bytes, event says %d", ev.File, len(raw), ev.Size)
+		return fmt.Errorf("%s %s: %d bytes, event says %d", ev.Kind, eventName(ev), len(raw), ev.Size)
 	}
 	sum := sha256.Sum256(raw)
 	if got := pipeline.SHA256Hex(sum[:]); got != ev.SHA256 {
-		return fmt.Errorf("segment %s: sha256 %s, event says %s", ev.File, got, ev.SHA256)
+		return fmt.Errorf("%s %s: sha256 %s, event says %s", ev.Kind, eventName(ev), got, ev.SHA256)
 	}
 	if ev.Kind == pipeline.KindHistory {
 		if _, err := pipeline.ParseHistory(raw); err != nil {
@@ -514,10 +516,17 @@ func verify(raw []byte, ev *pipeline.SegmentEvent) error {
 	if err != nil {
 		return err
 	}
-	if err := pipeline.CheckSegmentPages(raw, seg, size); err != nil {
+	from := uint64(0)
+	if ev.Kind == pipeline.KindRange {
+		from, _ = ev.RangeOffsets()
+		err = pipeline.CheckRangePages(raw, seg, size, from)
+	} else {
+		err = pipeline.CheckSegmentPages(raw, seg, size)
+	}
+	if err != nil {
 		return err
 	}
-	if id, ok := pipeline.SegmentSystemID(raw); ok && strconv.FormatUint(id, 10) != ev.SystemID {
+	if id, ok := pipeline.SegmentSystemID(raw); ok && from == 0 && strconv.FormatUint(id, 10) != ev.SystemID {
 		return fmt.Errorf("segment %s: written by system %d, event says %s", ev.File, id, ev.SystemID)
 	}
 	return nil
