@@ -467,6 +467,7 @@ func (w *World) makeActions() []action {
 		{"s3-outage", "fault", 1, true, func() bool { return !w.now.Before(w.bkt.downTill) }, w.s3Outage},
 		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
 		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
+		{"range-litter", "fault", 1, true, func() bool { return w.partial != 0 }, w.rangeLitter},
 		{"spool-truncate", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.truncateSpool(w.downHost()) }},
 		{"spool-damage", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.damageSpool(w.downHost()) }},
 		{"spool-delete", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.deleteSpoolFile(w.downHost()) }},
@@ -865,6 +866,19 @@ func (w *World) injectConflict() {
 	w.bkt.objs[key] = &stored{body: []byte("not this segment"), meta: sinks.Metadata{SHA256: strings.Repeat("0", 64)}, foreign: true}
 	w.conflict = key
 	w.logf("conflict placed at %s", key)
+}
+
+// rangeLitter puts someone else's object beside the ranges of the segment
+// being written, under its range prefix but not named like a range: the
+// archivers must leave it alone when they delete the segment's ranges.
+func (w *World) rangeLitter() {
+	name := pipeline.SegmentOf(w.tli(), w.end, w.size).Name(w.size)
+	key := w.layout.RangePrefix(name) + "notes.txt"
+	if _, ok := w.bkt.objs[key]; ok {
+		return
+	}
+	w.bkt.objs[key] = &stored{body: []byte("an operator's notes"), foreign: true}
+	w.logf("foreign object placed at %s", key)
 }
 
 // truncateSpool damages a complete spool segment while the receiver is
