@@ -188,7 +188,7 @@ func newReceiver(c *config, b *bus.Bus, log *slog.Logger, m *receiver.Metrics, s
 		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
 		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
 		StageObjects: stage, Dest: dest, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn,
-		Log: log, Metrics: m,
+		PartialInterval: c.PartialInt, Log: log, Metrics: m,
 	}, b, b), nil
 }
 

@@ -32,7 +32,7 @@ import (
 var serverKeys = map[string]bool{
 	"pg": true, "server": true, "slot": true, "application-name": true, "create-slot": true,
 	"spool-dir": true, "status-interval": true, "republish-after": true, "standby": true,
-	"safe-wal-size-warn": true, "synchronous": true,
+	"safe-wal-size-warn": true, "synchronous": true, "partial-interval": true,
 }
 
 // serverOnlyKeys name one server each: never a default, never a flag

@@ -40,6 +40,7 @@ type config struct {
 	StatusInterval time.Duration
 	Standby        bool
 	Synchronous    bool
+	PartialInt     time.Duration
 	SafeWALWarn    int64
 	RepublishAfter time.Duration
 	AckWait        time.Duration
@@ -91,6 +92,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.BoolVar(&c.Standby, "standby", false, "when another receiver streams the slot, wait and take over when it stops (instead of exiting)")
 		fs.Int64Var(&c.SafeWALWarn, "safe-wal-size-warn", 1<<30, "warn (log and walship_slot_safe_wal_size_low) when the slot's safe_wal_size falls under this many bytes")
 		fs.BoolVar(&c.Synchronous, "synchronous", false, "fsync and report the write position as soon as caught up, for synchronous_commit = remote_write")
+		fs.DurationVar(&c.PartialInt, "partial-interval", 5*time.Second, "upload the WAL of the segment being written this often, once the segment is this old (0: whole segments only)")
 	}
 	if has(gNATS) {
 		fs.StringVar(&c.NATS, "nats", "", "NATS server URL, or a cluster's nodes comma-separated (run: empty starts an embedded JetStream server)")
@@ -204,6 +206,9 @@ func (c *config) validate(groups flagGroup) error {
 	}
 	if groups&gReceive != 0 && c.StatusInterval <= 0 {
 		return bad("--status-interval must be positive")
+	}
+	if groups&gReceive != 0 && c.PartialInt < 0 {
+		return bad("--partial-interval %s: use a positive duration, or 0 to upload whole segments only", c.PartialInt)
 	}
 	if groups&gArchive != 0 && c.Workers < 1 {
 		return bad("--workers must be at least 1")

@@ -49,6 +49,16 @@ type Core struct {
 	// done are the markers of archived segments (path by segment), removed
 	// once flush passes them.
 	done map[pipeline.Segment]string
+
+	// Ranges (replication goroutine): the segment being cut and the end of
+	// its last range; when the segment's first byte arrived; the last
+	// arrival time noted for the lag; segments that may have ranges in the
+	// bucket, whose whole event asks the archivers to delete them.
+	cutSeg   pipeline.Segment
+	cutEnd   pipeline.LSN
+	segBegan time.Time
+	lastMark time.Time
+	ranged   map[pipeline.Segment]bool
 }
 
 // CoreConfig configures a Core.
@@ -67,9 +77,13 @@ type CoreConfig struct {
 	Dest string
 	// Run names this run of the receiver in its events (see
 	// pipeline.SegmentEvent.Run); empty: random.
-	Run     string
-	Log     *slog.Logger
-	Metrics *Metrics
+	Run string
+	// PartialInterval is how long a segment must have been written to
+	// before CutRange uploads its WAL in ranges; 0: never (only whole
+	// segments).
+	PartialInterval time.Duration
+	Log             *slog.Logger
+	Metrics         *Metrics
 }
 
 // NewCore opens (creating it) and locks the server's spool directory.
@@ -158,7 +172,10 @@ func (c *Core) Start(in StartInput) error {
 	c.tli = p.tli
 	c.tliSeen.Store(c.tli)
 	c.tr = newTracker(c.cfg.Size, p.floor, p.start, c.cfg.Dest)
+	c.tr.setFrontierOn(p.tli, p.start)
 	c.done = map[pipeline.Segment]string{}
+	c.ranged = map[pipeline.Segment]bool{}
+	c.cutSeg, c.cutEnd = pipeline.Segment{}, 0
 	for _, f := range p.done {
 		c.done[f.seg] = join(c.spool.dir, f.name)
 	}
@@ -166,6 +183,9 @@ func (c *Core) Start(in StartInput) error {
 	for _, f := range p.pending {
 		c.addFound(f)
 		c.since = minTime(c.since, f.info.ModTime)
+	}
+	if err := c.startRanges(l.ranges); err != nil {
+		return err
 	}
 	// Confirmations are published after the file they confirm was written;
 	// an hour covers clock differences between hosts. Older ones are not
@@ -238,10 +258,16 @@ func (c *Core) addFound(f spoolFile) {
 		_, at, _ := pipeline.SwitchPoint(hist)
 		ev, hold = c.historyEvent(f.tli, path, data), c.cfg.Size.Start(at)
 	case pipeline.KindPartial:
+		if c.cfg.PartialInterval > 0 {
+			c.ranged[f.seg] = true
+		}
 		ev, hold = c.partialEvent(completed{seg: f.seg, path: path, sha256: f.sum}, f.end), f.seg.StartLSN(c.cfg.Size)
 	default:
+		if c.cfg.PartialInterval > 0 {
+			c.ranged[f.seg] = true // an earlier run may have cut ranges of it
+		}
 		ev, hold = c.event(f.seg, f.sum), f.seg.StartLSN(c.cfg.Size)
-		c.tr.seen(f.seg, f.info.ModTime)
+		c.tr.seen(f.seg.StartLSN(c.cfg.Size), f.info.ModTime)
 	}
 	ev.Attempt = 1
 	c.add(ev, hold)
@@ -291,7 +317,11 @@ func (c *Core) Open(start pipeline.LSN) error {
 	if err := c.spool.open(seg); err != nil {
 		return err
 	}
-	c.tr.setFrontier(seg.StartLSN(c.cfg.Size))
+	c.beginSegment(seg, time.Time{})
+	if c.cfg.PartialInterval > 0 {
+		c.ranged[seg] = true // an earlier run may have cut ranges of it
+	}
+	c.tr.setFrontierOn(c.tli, seg.StartLSN(c.cfg.Size))
 	c.m.timeline.Set(float64(c.tli))
 	return nil
 }
@@ -303,15 +333,21 @@ func (c *Core) WAL(at pipeline.LSN, data []byte) error {
 	if len(data) == 0 {
 		return nil
 	}
+	now := c.cfg.Now()
 	if c.cfg.Size.Offset(at) == 0 {
-		c.tr.seen(pipeline.SegmentOf(c.tli, at, c.cfg.Size), c.cfg.Now())
+		c.segBegan = now
+	}
+	if now.Sub(c.lastMark) >= markEvery || now.Before(c.lastMark) {
+		c.tr.seen(at, now)
+		c.lastMark = now
 	}
 	c.fileMu.Lock()
 	defer c.fileMu.Unlock()
 	err := c.spool.write(at, data, func(done completed) {
 		c.add(c.event(done.seg, done.sha256), done.seg.StartLSN(c.cfg.Size))
 		next := done.seg.Next()
-		c.tr.seen(next, c.cfg.Now())
+		c.beginSegment(next, now)
+		c.tr.seen(next.StartLSN(c.cfg.Size), now)
 		c.tr.setFrontier(next.StartLSN(c.cfg.Size))
 		c.m.receivedSegs.Inc()
 	})
@@ -362,6 +398,8 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 		return err
 	}
 	c.add(c.historyEvent(next, path, history), c.cfg.Size.Start(at))
+	old := pipeline.SegmentOf(c.tli, at, c.cfg.Size)
+	c.tr.inherit(old, pipeline.SegmentOf(next, at, c.cfg.Size), at)
 	switch {
 	case c.spool.isOpen() && c.spool.written > c.spool.seg.StartLSN(c.cfg.Size):
 		done, err := c.spool.endTimeline(at)
@@ -375,8 +413,76 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 	c.cfg.Log.Info("timeline switch", "timeline", next, "previous_timeline", c.tli, "lsn", at.String())
 	c.tli = next
 	c.tliSeen.Store(next)
-	c.tr.setFrontier(c.cfg.Size.Start(at))
+	c.tr.setFrontierOn(next, c.cfg.Size.Start(at))
 	c.m.timeline.Set(float64(next))
+	return nil
+}
+
+// beginSegment notes that seg is now the segment being written: its ranges
+// start over unless this run cut some already (a session that writes it
+// again from its start, after a reconnect); began is when its first byte
+// arrived (zero: when it does).
+func (c *Core) beginSegment(seg pipeline.Segment, began time.Time) {
+	if seg != c.cutSeg {
+		c.cutSeg, c.cutEnd = seg, seg.StartLSN(c.cfg.Size)
+	}
+	c.segBegan = began
+}
+
+// CutRange uploads the WAL of the segment being written that is fsynced in
+// the spool (by Status) and in no range yet, as a range: the bytes go to
+// their own spool file, and a range event is queued like a segment's. It
+// does nothing unless ranges are on and the segment's first byte arrived
+// at least PartialInterval ago: a server that fills segments faster than
+// that uploads whole segments only.
+func (c *Core) CutRange() error {
+	if c.cfg.PartialInterval <= 0 || !c.spool.isOpen() || c.spool.seg != c.cutSeg {
+		return nil
+	}
+	from, to := c.cutEnd, c.spool.synced
+	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval {
+		return nil
+	}
+	data, err := c.spool.readOpen(from, to)
+	if err != nil {
+		return err
+	}
+	seg := c.cutSeg
+	c.fileMu.Lock()
+	defer c.fileMu.Unlock()
+	path, err := c.spool.writeFile(c.spool.rangeName(seg, from, to), data)
+	if err != nil {
+		return err
+	}
+	c.cutEnd = to
+	c.ranged[seg] = true
+	c.add(c.rangeEvent(seg, from, to, path, sha256Hex(data)), from)
+	c.m.rangesCut.Inc()
+	return nil
+}
+
+// startRanges queues the ranges a previous run left in the spool (each may
+// hold WAL the bucket lacks and the server no longer has) and removes
+// those that are damaged, or of a segment the spool knows is archived.
+func (c *Core) startRanges(ranges []spoolFile) error {
+	for _, f := range ranges {
+		path := join(c.spool.dir, f.name)
+		sum, n, err := hashFile(c.cfg.FS, path)
+		valid := err == nil && f.hasSum && n == int64(f.end-f.from)
+		if valid {
+			want, err := c.spool.readSum(path)
+			valid = err == nil && want == sum
+		}
+		if _, archived := c.done[f.seg]; !valid || archived {
+			if err := c.spool.remove(path); err != nil {
+				return fmt.Errorf("spool: remove %s: %w", f.name, err)
+			}
+			continue
+		}
+		ev := c.rangeEvent(f.seg, f.from, f.end, path, sum)
+		ev.Attempt = 1
+		c.add(ev, f.from)
+	}
 	return nil
 }
 
@@ -393,7 +499,7 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 	}
 	c.fileMu.Lock()
 	defer c.fileMu.Unlock()
-	res, reason, path, moved := c.tr.confirm(ev)
+	res, reason, gone, moved := c.tr.confirm(ev)
 	switch res {
 	case confirmMismatch:
 		c.cfg.Metrics.Ignored.WithLabelValues(c.cfg.Server, reason).Inc()
@@ -403,8 +509,8 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 	case confirmStale:
 		return
 	}
-	if path != "" {
-		c.archivedFile(ev.SegmentEvent, path)
+	for _, g := range gone {
+		c.archivedFile(g, g.Spool)
 	}
 	if moved {
 		// Markers behind flush are no longer needed: a restart starts
@@ -424,7 +530,9 @@ func (c *Core) Archived(ev pipeline.ArchivedEvent) {
 			delete(c.done, seg)
 		}
 	}
-	c.m.archivedSegs.Inc()
+	if ev.Kind != pipeline.KindRange {
+		c.m.archivedSegs.Inc()
+	}
 	if moved {
 		c.cfg.Log.Debug("flush moved", "lsn", c.Flush().String())
 	}
@@ -505,8 +613,10 @@ func (c *Core) Publish(ctx context.Context, pub Publisher, p PublishItem) error 
 		return err
 	}
 	c.tr.markPublished(it.ev, seq, c.cfg.Now())
-	c.m.publishedSegs.Inc()
-	c.m.publishedBytes.Add(float64(it.ev.Size))
+	if it.ev.Kind != pipeline.KindRange {
+		c.m.publishedSegs.Inc()
+		c.m.publishedBytes.Add(float64(it.ev.Size))
+	}
 	return nil
 }
 
@@ -538,6 +648,16 @@ func (c *Core) LagSeconds(now time.Time, received pipeline.LSN) float64 {
 }
 
 func (c *Core) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
+	ev := c.baseEvent(seg, sum)
+	if c.ranged[seg] {
+		ev.Ranges = true
+		delete(c.ranged, seg)
+	}
+	return ev
+}
+
+// baseEvent is a segment's event, without the Ranges flag.
+func (c *Core) baseEvent(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
 	name := seg.Name(c.cfg.Size)
 	ev := pipeline.SegmentEvent{
 		V: pipeline.EventVersion, Server: c.cfg.Server, SystemID: c.cfg.SystemID, Timeline: seg.Timeline,
@@ -548,6 +668,17 @@ func (c *Core) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
 	}
 	if c.cfg.StageObjects {
 		ev.Object = c.cfg.Server + "/" + name
+	}
+	return ev
+}
+
+// rangeEvent announces bytes [from, to) of seg, held by the spool file at
+// path.
+func (c *Core) rangeEvent(seg pipeline.Segment, from, to pipeline.LSN, path, sum string) pipeline.SegmentEvent {
+	ev := c.baseEvent(seg, sum)
+	ev.Kind, ev.StartLSN, ev.EndLSN, ev.Size, ev.Spool = pipeline.KindRange, from, to, int64(to-from), path
+	if c.cfg.StageObjects {
+		ev.Object = c.cfg.Server + "/" + ev.RangeName()
 	}
 	return ev
 }

@@ -83,7 +83,7 @@ type gauges struct {
 	pendingFiles                                          prometheus.Gauge
 	receivedSegs, publishedSegs, archivedSegs             prometheus.Counter
 	receivedBytes, publishedBytes                         prometheus.Counter
-	republished                                           prometheus.Counter
+	republished, rangesCut                                prometheus.Counter
 	errors                                                *prometheus.CounterVec
 }
 
@@ -95,6 +95,7 @@ func newGauges(m *Metrics, server string) gauges {
 		m.Ignored.WithLabelValues(server, reason).Add(0)
 	}
 	m.Republished.WithLabelValues(server).Add(0)
+	m.RangesCut.WithLabelValues(server).Add(0)
 	return gauges{
 		server: m.ServerLSN.WithLabelValues(server), received: m.ReceivedLSN.WithLabelValues(server),
 		written: m.WrittenLSN.WithLabelValues(server), published: m.PublishedLSN.WithLabelValues(server),
@@ -105,7 +106,7 @@ func newGauges(m *Metrics, server string) gauges {
 		receivedSegs: m.Segments.WithLabelValues(server, "received"), publishedSegs: m.Segments.WithLabelValues(server, "published"),
 		archivedSegs:  m.Segments.WithLabelValues(server, "archived"),
 		receivedBytes: m.Bytes.WithLabelValues(server, "received"), publishedBytes: m.Bytes.WithLabelValues(server, "published"),
-		republished: m.Republished.WithLabelValues(server),
-		errors:      m.Errors.MustCurryWith(prometheus.Labels{"server": server}),
+		republished: m.Republished.WithLabelValues(server), rangesCut: m.RangesCut.WithLabelValues(server),
+		errors: m.Errors.MustCurryWith(prometheus.Labels{"server": server}),
 	}
 }

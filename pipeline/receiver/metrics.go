@@ -22,6 +22,7 @@ type Metrics struct {
 	Ignored      *prometheus.CounterVec
 	PendingFiles *prometheus.GaugeVec
 	Damaged      *prometheus.CounterVec
+	RangesCut    *prometheus.CounterVec
 
 	SlotWALStatus   *prometheus.GaugeVec
 	SlotSafeWALSize *prometheus.GaugeVec
@@ -69,7 +70,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "walship_spool_damaged_total",
 		Help: "Spool files found damaged at start-up (wrong size or checksum): streamed again when the server still has their WAL.",
 	}, []string{"server"})
-	m.PendingFiles = g("walship_spool_pending_files", "WAL files in the spool the bucket is not yet known to hold (segments, ended-timeline segments, history files).")
+	m.RangesCut = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "walship_partial_ranges_cut_total",
+		Help: "Ranges of the segment being written cut for upload before the segment is complete (--partial-interval).",
+	}, []string{"server"})
+	m.PendingFiles = g("walship_spool_pending_files", "WAL files in the spool the bucket is not yet known to hold (segments, ended-timeline segments, history files, ranges).")
 	m.SlotWALStatus = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "walship_slot_wal_status", Help: "1 for the replication slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others.",
 	}, []string{"server", "wal_status"})
@@ -81,6 +86,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	reg.MustRegister(m.SlotWALStatus, m.SlotSafeWALSize, m.SlotRetained, m.SlotExists, m.Standby, m.SlotSafeWALLow)
 	reg.MustRegister(m.ServerLSN, m.ReceivedLSN, m.WrittenLSN, m.PublishedLSN, m.ArchivedLSN, m.FlushLSN,
 		m.LagBytes, m.LagSeconds, m.Connected, m.Timeline, m.SpoolBytes, m.Segments, m.Bytes, m.Errors, m.Republished,
-		m.Ignored, m.PendingFiles, m.Damaged)
+		m.Ignored, m.PendingFiles, m.Damaged, m.RangesCut)
 	return m
 }

@@ -78,10 +78,13 @@ type Config struct {
 	Dest           string        // destination confirmations must name (sinks.DestID); "" accepts any
 	Standby        bool          // wait while the slot is streamed elsewhere, then take over
 	Synchronous    bool          // fsync and report write at once when caught up (synchronous_commit = remote_write)
-	SafeWALWarn    int64         // warn when the slot's safe_wal_size falls under this many bytes (0: never)
-	SlotPollEvery  time.Duration // how often the slot's health is read (default 1s)
-	Log            *slog.Logger
-	Metrics        *Metrics
+	// PartialInterval: upload the segment being written in ranges this
+	// often (Core.CutRange); 0: whole segments only.
+	PartialInterval time.Duration
+	SafeWALWarn     int64         // warn when the slot's safe_wal_size falls under this many bytes (0: never)
+	SlotPollEvery   time.Duration // how often the slot's health is read (default 1s)
+	Log             *slog.Logger
+	Metrics         *Metrics
 }
 
 // Receiver is one PostgreSQL server's WAL receiver.

@@ -108,6 +108,7 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn) error {
 	var rd recvDeadline
 	defer rd.stop()
 	nextStatus := time.Now()
+	nextCut := time.Now().Add(r.cfg.PartialInterval)
 	status := func(ctx context.Context) error {
 		write, flush, err := r.core.Status()
 		if err != nil {
@@ -135,12 +136,26 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn) error {
 			defer cancel()
 			return status(lctx)
 		}
+		if r.cfg.PartialInterval > 0 && !time.Now().Before(nextCut) {
+			// Fsync (and report) first: a range holds only fsynced WAL.
+			if err := status(ctx); err != nil {
+				return err
+			}
+			if err := r.core.CutRange(); err != nil {
+				return err
+			}
+			nextCut = time.Now().Add(r.cfg.PartialInterval)
+		}
 		if r.core.Flush() != sentFlush || !time.Now().Before(nextStatus) {
 			if err := status(ctx); err != nil {
 				return err
 			}
 		}
-		msg, err := conn.ReceiveMessage(rd.get(ctx, nextStatus))
+		wake := nextStatus
+		if r.cfg.PartialInterval > 0 && nextCut.Before(wake) {
+			wake = nextCut
+		}
+		msg, err := conn.ReceiveMessage(rd.get(ctx, wake))
 		if err != nil {
 			if pgconn.Timeout(err) || ctx.Err() != nil {
 				continue

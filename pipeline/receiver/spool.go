@@ -21,7 +21,9 @@ import (
 //
 // Besides those, the spool holds the last segment of an ended timeline,
 // <name>.partial.ended.<end LSN as 16 hex digits>, archived as
-// <name>.partial, and timeline history files, <tli>.history. Every one of
+// <name>.partial, timeline history files, <tli>.history, and ranges of the
+// segment being written, <name>.<from>-<to>.range (see pipeline.KindRange),
+// each holding only those bytes. Every one of
 // these WAL files X has a sidecar X.sha256 with the SHA-256 of the bytes as
 // walship received them, made durable before X takes its name: a restart
 // checks the file against it, so bytes damaged on disk are never archived
@@ -51,6 +53,7 @@ const (
 	endedInfix    = ".partial.ended"
 	sumSuffix     = ".sha256"
 	doneSuffix    = ".done"
+	rangeSuffix   = ".range"
 	lockName      = ".lock"
 )
 
@@ -105,6 +108,7 @@ type listing struct {
 	ended     []spoolFile // ended timelines' last segments
 	histories []spoolFile // <tli>.history
 	done      []spoolFile // <segment>.done: archived segments whose file is gone
+	ranges    []spoolFile // <segment>.<from>-<to>.range
 	other     []string    // temporary files and anything unrecognised but ours
 }
 
@@ -114,7 +118,8 @@ type spoolFile struct {
 	name string
 	seg  pipeline.Segment
 	tli  uint32       // history files: their timeline
-	end  pipeline.LSN // ended segments: where the timeline ended (0: unknown)
+	end  pipeline.LSN // ended segments: where the timeline ended (0: unknown); ranges: their end
+	from pipeline.LSN // ranges: their first byte
 	size int64
 	info FileInfo
 	// Filled by the Core before planning: the file's SHA-256, and whether
@@ -174,6 +179,14 @@ func (s *spool) list() (listing, error) {
 			l.partials = append(l.partials, f)
 		case rest == doneSuffix:
 			l.done = append(l.done, f)
+		case strings.HasSuffix(rest, rangeSuffix) && strings.HasPrefix(rest, "."):
+			from, to, ok := pipeline.ParseRangeSuffix(strings.TrimSuffix(rest[1:], rangeSuffix))
+			if !ok || to > uint64(s.size) {
+				continue
+			}
+			f.kind = pipeline.KindRange
+			f.from, f.end = seg.StartLSN(s.size)+pipeline.LSN(from), seg.StartLSN(s.size)+pipeline.LSN(to)
+			l.ranges = append(l.ranges, f)
 		case rest == endedInfix:
 			f.kind = pipeline.KindPartial
 			l.ended = append(l.ended, f) // written by an older walship: end unknown
@@ -339,6 +352,39 @@ func (s *spool) endTimeline(at pipeline.LSN) (completed, error) {
 		return completed{}, err
 	}
 	return completed{seg: s.seg, path: final, sha256: sum}, nil
+}
+
+// rangeName is the spool name of bytes [from, to) of seg.
+func (s *spool) rangeName(seg pipeline.Segment, from, to pipeline.LSN) string {
+	start := seg.StartLSN(s.size)
+	return pipeline.RangeName(seg.Name(s.size), uint64(from-start), uint64(to-start)) + rangeSuffix
+}
+
+// readOpen reads bytes [from, to) of the segment being written, which must
+// be fsynced.
+func (s *spool) readOpen(from, to pipeline.LSN) ([]byte, error) {
+	if s.f == nil || from < s.seg.StartLSN(s.size) || to > s.synced || from >= to {
+		return nil, fmt.Errorf("spool: no fsynced WAL %s-%s in the open segment", from, to)
+	}
+	f, err := s.fs.Open(s.path(s.seg) + partialSuffix)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	off := int64(from - s.seg.StartLSN(s.size))
+	if sk, ok := f.(io.Seeker); ok {
+		_, err = sk.Seek(off, io.SeekStart)
+	} else {
+		_, err = io.CopyN(io.Discard, f, off)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read spool segment %s: %w", s.seg.Name(s.size), err)
+	}
+	data := make([]byte, to-from)
+	if _, err := io.ReadFull(f, data); err != nil {
+		return nil, fmt.Errorf("read spool segment %s: %w", s.seg.Name(s.size), err)
+	}
+	return data, nil
 }
 
 // writeFile stores a small file (a timeline history) and its checksum

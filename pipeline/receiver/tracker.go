@@ -17,24 +17,33 @@ import (
 // its queue, the confirmation watcher confirms; flush is read lock-free.
 //
 // Flush is one rule, on every timeline at once: the lowest hold of the
-// pending files, or the frontier (the start of the segment being written)
-// when nothing is pending, and never below the floor (the slot's
-// restart_lsn at start). A file's hold is where the WAL it carries starts:
-// a segment's or an ended timeline's last segment's first byte; for a
+// pending files, or the frontier (the start of the segment being written,
+// moved on over the ranges of it the bucket holds contiguously from its
+// start) when nothing is pending, and never below the floor (the slot's
+// restart_lsn at start). A file's hold is where the WAL it carries and the
+// bucket may not hold starts: for a range, its first byte; for a segment or
+// an ended timeline's last segment, the end of its ranges the bucket holds
+// contiguously from the segment's start (its first byte when none); for a
 // history file, the start of the segment its timeline begins in. A file
 // enters before the frontier passes it and leaves only on a confirmation
-// that matches it, so flush cannot pass WAL the bucket does not hold.
+// that matches it (or, for a range, on its segment's), so flush cannot pass
+// WAL the bucket does not hold; and as holds only rise, it never moves
+// back.
 type tracker struct {
 	size  pipeline.SegmentSize
 	floor pipeline.LSN
 	dest  string // confirmations must name this destination ("": any)
 
-	mu        sync.Mutex
-	frontier  pipeline.LSN
+	mu       sync.Mutex
+	frontier pipeline.LSN
+	ftli     uint32 // the frontier segment's timeline
+	// spans are the confirmed ranges of segments not yet confirmed whole,
+	// by segment (on its timeline).
+	spans     map[pipeline.Segment][]span
 	pending   map[string]*entry // by event MsgID
 	holds     holdHeap          // lazily cleaned: entries may be gone
 	queue     []string
-	firstSeen map[pipeline.Segment]time.Time
+	marks     []mark       // arrival times of received WAL, by LSN, for the lag in seconds
 	archived  pipeline.LSN // end of the newest confirmed segment
 	published pipeline.LSN // end of the newest published segment
 	wake      chan struct{}
@@ -50,6 +59,19 @@ type tracker struct {
 
 // maxEarly bounds the remembered early confirmations.
 const maxEarly = 10000
+
+// span is a confirmed range, [from, to).
+type span struct{ from, to pipeline.LSN }
+
+// mark says that the WAL byte at lsn arrived at at.
+type mark struct {
+	lsn pipeline.LSN
+	at  time.Time
+}
+
+// markEvery is the resolution of the lag in seconds: a new arrival time is
+// kept at most this often.
+const markEvery = 250 * time.Millisecond
 
 type entry struct {
 	ev        pipeline.SegmentEvent
@@ -70,10 +92,10 @@ type item struct {
 func newTracker(size pipeline.SegmentSize, floor, frontier pipeline.LSN, dest string) *tracker {
 	t := &tracker{
 		size: size, floor: floor, dest: dest, frontier: frontier,
-		pending:   map[string]*entry{},
-		early:     map[string]string{},
-		firstSeen: map[pipeline.Segment]time.Time{},
-		wake:      make(chan struct{}, 1),
+		pending: map[string]*entry{},
+		early:   map[string]string{},
+		spans:   map[pipeline.Segment][]span{},
+		wake:    make(chan struct{}, 1),
 	}
 	t.flush.Store(uint64(t.flushLocked()))
 	return t
@@ -82,7 +104,7 @@ func newTracker(size pipeline.SegmentSize, floor, frontier pipeline.LSN, dest st
 // flushLocked is the flush position: the lowest pending hold or the
 // frontier, never below the floor.
 func (t *tracker) flushLocked() pipeline.LSN {
-	f := t.frontier
+	f := t.reach(pipeline.SegmentOf(t.ftli, t.frontier, t.size))
 	for len(t.holds) > 0 {
 		top := t.holds[0]
 		if e, ok := t.pending[top.id]; ok && e.hold == top.hold {
@@ -96,12 +118,50 @@ func (t *tracker) flushLocked() pipeline.LSN {
 
 func (t *tracker) update() { t.flush.Store(uint64(t.flushLocked())) }
 
-// setFrontier moves the start of the segment being written.
+// reach is how far from its start the bucket holds seg by its confirmed
+// ranges (the segment's start when it holds none).
+func (t *tracker) reach(seg pipeline.Segment) pipeline.LSN {
+	end := seg.StartLSN(t.size)
+	for moved := true; moved; {
+		moved = false
+		for _, s := range t.spans[seg] {
+			if s.from <= end && s.to > end {
+				end, moved = s.to, true
+			}
+		}
+	}
+	return end
+}
+
+// setFrontier moves the start of the segment being written, on the same
+// timeline.
 func (t *tracker) setFrontier(l pipeline.LSN) {
 	t.mu.Lock()
-	t.frontier = l
-	t.update()
+	t.setFrontierLocked(t.ftli, l)
 	t.mu.Unlock()
+}
+
+// setFrontierOn moves the start of the segment being written to l on
+// timeline tli.
+func (t *tracker) setFrontierOn(tli uint32, l pipeline.LSN) {
+	t.mu.Lock()
+	t.setFrontierLocked(tli, l)
+	t.mu.Unlock()
+}
+
+func (t *tracker) setFrontierLocked(tli uint32, l pipeline.LSN) {
+	t.frontier, t.ftli = l, tli
+	t.update()
+}
+
+// holdOf is where a file's hold starts: a whole segment's (or an ended
+// timeline's last segment's) rises over the ranges of it the bucket holds.
+func (t *tracker) holdOf(ev pipeline.SegmentEvent, hold pipeline.LSN) pipeline.LSN {
+	if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial {
+		seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
+		hold = max(hold, min(t.reach(seg), ev.EndLSN))
+	}
+	return hold
 }
 
 // add queues a WAL file that is durable in the spool for publishing; hold
@@ -127,6 +187,7 @@ func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived boo
 		e = &entry{}
 		t.pending[id] = e
 	}
+	hold = t.holdOf(ev, hold)
 	e.ev, e.hold, e.published, e.seq, e.check = ev, hold, time.Time{}, 0, false
 	heap.Push(&t.holds, holdRef{hold: hold, id: id})
 	if !e.queued {
@@ -193,7 +254,7 @@ func (t *tracker) markPublished(ev pipeline.SegmentEvent, seq uint64, at time.Ti
 	if e, ok := t.pending[ev.MsgID()]; ok && e.ev.SHA256 == ev.SHA256 {
 		e.published, e.seq, e.ev.Attempt = at, seq, ev.Attempt
 	}
-	if ev.Kind == pipeline.KindSegment {
+	if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindRange {
 		t.published = max(t.published, ev.EndLSN)
 	}
 	t.mu.Unlock()
@@ -251,8 +312,10 @@ const (
 )
 
 // confirm matches an archived event with its pending file. On a match the
-// file leaves the tracker and its spool path is returned for removal.
-func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason, path string, moved bool) {
+// file leaves the tracker; so do, when it is a whole segment (or an ended
+// timeline's last segment), its pending ranges, which it covers. What left
+// is returned, for removal from the spool.
+func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason string, gone []pipeline.SegmentEvent, moved bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.pending[ev.MsgID()]
@@ -261,35 +324,80 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason, 
 		if t.dest == "" || ev.Dest == t.dest {
 			t.remember(ev)
 		}
-		return confirmStale, "", "", false
+		return confirmStale, "", nil, false
 	case ev.SHA256 != e.ev.SHA256:
-		return confirmMismatch, "sha256", "", false
+		return confirmMismatch, "sha256", nil, false
 	case t.dest != "" && ev.Dest != t.dest:
-		return confirmMismatch, "dest", "", false
+		return confirmMismatch, "dest", nil, false
 	}
 	delete(t.pending, ev.MsgID())
-	if ev.Kind == pipeline.KindSegment {
+	gone = append(gone, e.ev)
+	seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
+	switch ev.Kind {
+	case pipeline.KindSegment, pipeline.KindRange:
 		t.archived = max(t.archived, ev.EndLSN)
+	}
+	switch ev.Kind {
+	case pipeline.KindRange:
+		t.spans[seg] = append(t.spans[seg], span{ev.StartLSN, ev.EndLSN})
+		t.raise(seg)
+	case pipeline.KindSegment, pipeline.KindPartial:
+		var ids []string
+		for id, r := range t.pending {
+			if r.ev.Kind == pipeline.KindRange && r.ev.File == ev.File && r.ev.Timeline == ev.Timeline && r.ev.EndLSN <= ev.EndLSN {
+				ids = append(ids, id)
+			}
+		}
+		sort.Strings(ids)
+		for _, id := range ids {
+			gone = append(gone, t.pending[id].ev)
+			delete(t.pending, id)
+		}
+		delete(t.spans, seg)
 	}
 	before := pipeline.LSN(t.flush.Load())
 	t.update()
 	after := pipeline.LSN(t.flush.Load())
 	if after != before {
-		for s := range t.firstSeen {
-			if s.EndLSN(t.size) <= after {
-				delete(t.firstSeen, s)
-			}
+		for len(t.marks) > 1 && t.marks[1].lsn <= after {
+			t.marks = t.marks[1:]
 		}
 	}
-	return confirmOK, "", e.ev.Spool, after != before
+	return confirmOK, "", gone, after != before
+}
+
+// raise moves the hold of seg's pending whole file (segment or ended
+// timeline's last segment) up over its confirmed ranges.
+func (t *tracker) raise(seg pipeline.Segment) {
+	name := seg.Name(t.size)
+	for id, e := range t.pending {
+		if e.ev.File != name || e.ev.Kind != pipeline.KindSegment && e.ev.Kind != pipeline.KindPartial {
+			continue
+		}
+		if h := t.holdOf(e.ev, e.hold); h != e.hold {
+			e.hold = h
+			heap.Push(&t.holds, holdRef{hold: h, id: id})
+		}
+	}
+}
+
+// inherit gives the segment a new timeline begins in (at) the ranges of
+// the old timeline's segment the bucket holds below at: that WAL is the
+// same on both, so flush does not move back at a timeline switch.
+func (t *tracker) inherit(old, next pipeline.Segment, at pipeline.LSN) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if end := min(t.reach(old), at); end > next.StartLSN(t.size) {
+		t.spans[next] = append(t.spans[next], span{next.StartLSN(t.size), end})
+	}
 }
 
 // remember keeps a confirmation of a file not in the tracker, in case the
 // file arrives later: one not yet written here (ahead of the frontier), or
 // a history or ended-timeline file.
 func (t *tracker) remember(ev pipeline.ArchivedEvent) {
-	if ev.Kind == pipeline.KindSegment && ev.StartLSN < t.frontier {
-		return
+	if ev.Kind == pipeline.KindSegment && ev.StartLSN < t.frontier || ev.Kind == pipeline.KindRange {
+		return // ranges: a new run cuts its own; the floor covers what an earlier one confirmed
 	}
 	id := ev.MsgID()
 	if _, ok := t.early[id]; !ok {
@@ -302,34 +410,39 @@ func (t *tracker) remember(ev pipeline.ArchivedEvent) {
 	}
 }
 
-// seen notes when the first byte of a segment arrived, for the lag in
-// seconds.
-func (t *tracker) seen(seg pipeline.Segment, at time.Time) {
+// seen notes that the WAL byte at lsn arrived at at, for the lag in
+// seconds. Arrivals closer than markEvery to the last one kept are not
+// kept: the lag errs on the old side by at most that.
+func (t *tracker) seen(lsn pipeline.LSN, at time.Time) {
 	t.mu.Lock()
-	if _, ok := t.firstSeen[seg]; !ok {
-		t.firstSeen[seg] = at
+	defer t.mu.Unlock()
+	i := sort.Search(len(t.marks), func(i int) bool { return t.marks[i].lsn >= lsn })
+	if i < len(t.marks) && t.marks[i].lsn == lsn {
+		return
 	}
-	t.mu.Unlock()
+	if i == len(t.marks) && i > 0 && at.Sub(t.marks[i-1].at) < markEvery {
+		return
+	}
+	t.marks = append(t.marks, mark{})
+	copy(t.marks[i+1:], t.marks[i:])
+	t.marks[i] = mark{lsn, at}
 }
 
-// lagSeconds is the age of the oldest received byte not yet archived.
+// lagSeconds is the age of the oldest received byte not yet archived: the
+// byte at flush arrived no earlier than the last arrival kept at or before
+// it.
 func (t *tracker) lagSeconds(now time.Time, received pipeline.LSN) float64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	flush := pipeline.LSN(t.flush.Load())
-	if received <= flush {
+	if received <= flush || len(t.marks) == 0 {
 		return 0
 	}
-	oldest := time.Time{}
-	for s, at := range t.firstSeen {
-		if s.EndLSN(t.size) > flush && (oldest.IsZero() || at.Before(oldest)) {
-			oldest = at
-		}
+	i := sort.Search(len(t.marks), func(i int) bool { return t.marks[i].lsn > flush })
+	if i > 0 {
+		i--
 	}
-	if oldest.IsZero() {
-		return 0
-	}
-	return now.Sub(oldest).Seconds()
+	return max(0, now.Sub(t.marks[i].at).Seconds())
 }
 
 // positions returns the published and archived ends, the bytes waiting in
