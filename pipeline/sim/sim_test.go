@@ -95,7 +95,7 @@ func TestSimulation(t *testing.T) {
 		}
 		if r.Err != nil {
 			failed++
-			if failed <= 5 {
+			if failed <= 5 || testing.Verbose() && os.Getenv("WALSHIP_SIM_ALL") != "" {
 				t.Errorf("seed %d: %v\nreplay: go test ./pipeline/sim -run 'TestSimulation$' -sim.seed=%d -v", r.Seed, r.Err, r.Seed)
 			}
 		}

@@ -392,7 +392,7 @@ func (w *World) startReceiver(h *host) {
 	core, err := receiver.NewCore(receiver.CoreConfig{
 		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
 		FS: h.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
-		Run: fmt.Sprintf("%s%d", h.name, w.steps),
+		Run: fmt.Sprintf("%s%d", h.name, w.steps), PartialInterval: w.partial,
 		Log: w.logger(h.name), Metrics: h.m,
 	})
 	if err != nil {
@@ -449,6 +449,7 @@ func (w *World) makeActions() []action {
 			action{"recv-connect", h.actor("repl"), 6, false, func() bool { return up() && h.sess == nil }, func() { w.recvConnect(h) }},
 			action{"recv-stream", h.actor("repl"), 20, false, func() bool { return up() && h.sess != nil }, func() { w.recvStream(h) }},
 			action{"recv-status", h.actor("repl"), 8, false, func() bool { return up() && h.sess != nil }, func() { w.recvStatus(h) }},
+			action{"recv-cut", h.actor("repl"), 8, false, func() bool { return w.partial != 0 && up() && h.sess != nil }, func() { w.recvCut(h) }},
 			action{"recv-publish", h.actor("pub"), 12, false, up, func() { w.recvPublish(h) }},
 			action{"recv-confirm", h.actor("watch"), 10, false, func() bool { return up() && !w.js.down() }, func() { w.recvConfirm(h) }},
 			action{"recv-tick", h.actor("house"), 3, false, up, func() { w.recvTick(h) }},
@@ -757,6 +758,26 @@ func (w *World) recvStatus(h *host) {
 		w.recycled = max(w.recycled, uint64(flush)/uint64(w.size))
 	}
 	w.lastSent = flush
+}
+
+// recvCut: the partial interval passed; the receiver fsyncs and reports
+// (usually: the status may also have gone out just before), then cuts a
+// range of the segment being written.
+func (w *World) recvCut(h *host) {
+	if w.rng.IntN(4) != 0 {
+		if w.recvStatus(h); h.sess == nil {
+			return
+		}
+	}
+	before := h.fs.count(".range")
+	if err := h.core.CutRange(); err != nil {
+		w.endSession(h, "cut range", err)
+		return
+	}
+	if n := h.fs.count(".range"); n > before {
+		w.count("ranges cut")
+		w.logf("%s: range cut", h.name)
+	}
 }
 
 func (w *World) recvPublish(h *host) {
