@@ -346,6 +346,10 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 			conn = nil
 			continue
 		}
+		ranges, err := rangesOnDisk(s.st) // before the whole segments: see rangesOnDisk
+		if err != nil {
+			continue
+		}
 		have, err := bucketOnDisk(s.st)
 		if err != nil {
 			continue
@@ -353,7 +357,7 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		s.mu.Lock()
 		switches := s.switches
 		s.mu.Unlock()
-		end := max(lineEnd(have, s.first, switches), s.initial)
+		end := max(extendByRanges(lineEnd(have, s.first, switches), ranges, switches), s.initial)
 		r, _ := pipeline.ParseLSN(restart)
 		f, _ := pipeline.ParseLSN(flush)
 		cur, _ := pipeline.ParseLSN(current)

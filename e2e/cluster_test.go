@@ -287,7 +287,7 @@ func TestClusterNodeLoss(t *testing.T) {
 		}
 	}
 
-	samples, waitSampler := st.invariantSampler(ctx, t, firstSeg)
+	samples, _, waitSampler := st.invariantSampler(ctx, t, firstSeg)
 	write, flush, waitTrack := st.trackReplication(ctx)
 	defer func() { cancel(); waitSampler(); waitTrack() }() // however the test ends
 	loadCtx, stopLoad := context.WithCancel(ctx)

@@ -71,7 +71,7 @@ type stack struct {
 	server  string
 }
 
-func newStack(t *testing.T, pgConf ...string) *stack {
+func newStack(t testing.TB, pgConf ...string) *stack {
 	t.Helper()
 	st := &stack{t: t, pg: testenv.StartPostgres(t, testenv.PGOptions{Conf: pgConf}), nats: testenv.StartNATS(t),
 		s3: testenv.StartS3(t), dataDir: t.TempDir(), metrics: testenv.FreePort(t), prefix: "backups", server: "main"}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,15 +37,18 @@ func (st *stack) load(ctx context.Context, t *testing.T) *sync.WaitGroup {
 }
 
 // invariantSampler checks, until ctx is done, that neither the slot's
-// restart_lsn nor the reported flush_lsn is ever past the contiguous run of
-// segments present in the bucket. PostgreSQL is read before the bucket, so
-// a sample can only err towards passing by the few milliseconds between.
+// restart_lsn nor the reported flush_lsn is ever past the contiguous WAL
+// in the bucket: the run of whole segments, and the ranges of the segment
+// after it. PostgreSQL is read before the bucket, so a sample can only err
+// towards passing by the few milliseconds between. It counts the samples
+// whose flush was inside a segment, beyond the whole segments (midSegment).
 //
 // The slot was created at initial, inside segment first: the archive needs
 // nothing before it, so positions up to initial are always allowed. While
 // S3 is unreachable no sample is taken.
-func (st *stack) invariantSampler(ctx context.Context, t *testing.T, first uint64) (samples *int, wait func()) {
+func (st *stack) invariantSampler(ctx context.Context, t *testing.T, first uint64) (samples *int, midSegment *atomic.Int64, wait func()) {
 	n := 0
+	var mid atomic.Int64
 	done := make(chan struct{})
 	initial := st.slotRestart()
 	go func() {
@@ -52,29 +56,42 @@ func (st *stack) invariantSampler(ctx context.Context, t *testing.T, first uint6
 		for ctx.Err() == nil {
 			restart := st.slotRestart()
 			flush := st.replFlush()
+			ranges, err := rangesOnDisk(st) // before the whole segments: see rangesOnDisk
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
 			have, err := st.tryArchivedSegments()
 			if err != nil {
 				time.Sleep(100 * time.Millisecond)
 				continue
 			}
-			end := max(contiguousEnd(have, first), initial)
+			whole := contiguousEnd(have, first)
+			end := max(extendByRanges(whole, ranges, nil), initial)
 			if restart > end || flush > end {
 				t.Errorf("invariant broken: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", restart, flush, end)
+			}
+			if flush > whole && segSize.Offset(flush) != 0 {
+				mid.Add(1)
 			}
 			n++
 			time.Sleep(100 * time.Millisecond)
 		}
 	}()
-	return &n, func() { <-done }
+	return &n, &mid, func() { <-done }
 }
 
+// Byte for byte, with the invariant sampled throughout: 20 s of heavy load
+// (whose segments fill faster than --partial-interval: no ranges), then a
+// quiet spell of small commits, whose WAL goes up in ranges and moves flush
+// inside the segment being written.
 func TestByteForByteAndInvariant(t *testing.T) {
 	st := newStack(t)
 	st.pg.Exec(`SELECT 1`)
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "2", "-q"); err != nil {
 		t.Fatal(err)
 	}
-	w := startWalship(t, st.env(), st.args("run", "--create-slot")...)
+	w := startWalship(t, st.env(), st.args("run", "--create-slot", "--partial-interval", "1s")...)
 	waitFor(t, 30*time.Second, "the slot to be active", func() bool {
 		return st.pg.QueryString(`SELECT active::text FROM pg_replication_slots WHERE slot_name='walship'`) == "true"
 	})
@@ -82,13 +99,32 @@ func TestByteForByteAndInvariant(t *testing.T) {
 	firstSeg := uint64(first) / uint64(segSize)
 
 	ctx, cancel := context.WithCancel(context.Background())
-	samples, waitSampler := st.invariantSampler(ctx, t, firstSeg)
+	samples, mid, waitSampler := st.invariantSampler(ctx, t, firstSeg)
 	// However the test ends, the sampler stops before it does.
 	defer func() { cancel(); waitSampler() }()
+	cutBefore, _ := st.metric("walship_partial_ranges_cut_total")
+	segsBefore := st.currentLSN()
 	loadCtx, stopLoad := context.WithTimeout(ctx, 20*time.Second)
 	wg := st.load(loadCtx, t)
 	wg.Wait()
 	stopLoad()
+	cutLoad, _ := st.metric("walship_partial_ranges_cut_total")
+	loadSegs := (st.currentLSN() - segsBefore) / pipeline.LSN(segSize)
+	// At most the segment open when the load began (it may have been open
+	// longer than the interval) is cut.
+	if cutLoad-cutBefore > 1 {
+		t.Errorf("%v ranges cut during a load that wrote %d segments: a busy server must upload whole segments only", cutLoad-cutBefore, loadSegs)
+	}
+	st.pg.Exec(`CREATE TABLE quiet (id serial, at timestamptz default clock_timestamp())`)
+	for i := 0; i < 40; i++ {
+		st.pg.Exec(`INSERT INTO quiet DEFAULT VALUES`)
+		time.Sleep(200 * time.Millisecond)
+	}
+	waitFor(t, 30*time.Second, "a sample with flush inside the segment being written", func() bool { return mid.Load() > 0 })
+	cutQuiet, _ := st.metric("walship_partial_ranges_cut_total")
+	if cutQuiet-cutLoad < 3 {
+		t.Errorf("%v ranges cut in 8 s of small commits with --partial-interval 1s, want at least 3", cutQuiet-cutLoad)
+	}
 	end := st.switchWAL()
 	waitFor(t, 90*time.Second, "flush to reach the switched segment", func() bool { return st.replFlush() >= end })
 	cancel()
@@ -107,5 +143,6 @@ func TestByteForByteAndInvariant(t *testing.T) {
 	if got := st.slotRestart(); got > end || got < pipeline.LSN(end)-pipeline.LSN(segSize) {
 		t.Errorf("after shutdown restart_lsn %s, want the archived end %s", got, end)
 	}
-	t.Logf("%d segments compared byte for byte, %d invariant samples", n, *samples)
+	t.Logf("%d segments compared byte for byte, %d invariant samples (%d with flush inside a segment); ranges cut: %v during %d segments of load, %v in the quiet spell",
+		n, *samples, mid.Load(), cutLoad-cutBefore, loadSegs, cutQuiet-cutLoad)
 }

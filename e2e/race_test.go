@@ -39,7 +39,7 @@ func TestPipelineUnderRaceDetector(t *testing.T) {
 	firstSeg := uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
 
 	ctx, cancel := context.WithCancel(context.Background())
-	samples, waitSampler := st.invariantSampler(ctx, t, firstSeg)
+	samples, _, waitSampler := st.invariantSampler(ctx, t, firstSeg)
 	defer func() { cancel(); waitSampler() }()
 	// A paced load: the race detector makes walship several times slower,
 	// and the point here is races, not throughput.

@@ -68,7 +68,7 @@ func addRestoreFlags(fs *flag.FlagSet, rf *restoreFlags, verify bool) {
 	}
 	fs.IntVar(&rf.prefetch, "prefetch", 8, "segments to download ahead of recovery (0: off)")
 	fs.StringVar(&rf.prefetchDir, "prefetch-dir", "", "prefetch directory (default: .walship-prefetch beside the destination, in pg_wal)")
-	fs.BoolVar(&rf.allowPartial, "allow-partial", false, "serve <segment>.partial when the full segment is not archived")
+	fs.BoolVar(&rf.allowPartial, "allow-partial", false, "when the whole segment is not archived, serve its .partial, else the WAL its ranges hold from its start, zero-padded")
 	fs.DurationVar(&rf.retryFor, "retry-for", 2*time.Minute, "bound of the whole call: transient errors are retried this long, then PostgreSQL is made to abort recovery")
 	fs.BoolVar(&rf.cleanup, "cleanup", false, "remove the prefetch directory and stop its prefetcher, for recovery_end_command (exit 0, or 1 on failure)")
 	fs.BoolVar(&rf.worker, "prefetch-worker", false, "internal: run as the background prefetcher")
@@ -402,6 +402,12 @@ func printReport(w io.Writer, r *restore.Report, listOnly bool) {
 		for _, g := range t.Gaps {
 			fmt.Fprintf(w, "  GAP %s .. %s (%d segments missing)\n", g.From, g.To, g.Count)
 		}
+		if e := t.RangeEnd; e != nil {
+			fmt.Fprintf(w, "  ends in ranges of %s to %s (%d range objects; fetch --allow-partial serves them)\n", e.Segment, e.End, e.Objects)
+		}
+	}
+	if r.LeftoverRanges > 0 {
+		fmt.Fprintf(w, "leftover ranges: %d range objects of segments archived whole (the archiver deletes them)\n", r.LeftoverRanges)
 	}
 	if listOnly {
 		return

@@ -344,7 +344,10 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 	case pipeline.KindSegment, pipeline.KindPartial:
 		var ids []string
 		for id, r := range t.pending {
-			if r.ev.Kind == pipeline.KindRange && r.ev.File == ev.File && r.ev.Timeline == ev.Timeline && r.ev.EndLSN <= ev.EndLSN {
+			// All of them: an ended timeline's ranges past its end (WAL a
+			// cascading standby received but never replayed) are no
+			// timeline's WAL, and must not hold flush.
+			if r.ev.Kind == pipeline.KindRange && r.ev.File == ev.File {
 				ids = append(ids, id)
 			}
 		}
@@ -417,11 +420,8 @@ func (t *tracker) seen(lsn pipeline.LSN, at time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	i := sort.Search(len(t.marks), func(i int) bool { return t.marks[i].lsn >= lsn })
-	if i < len(t.marks) && t.marks[i].lsn == lsn {
-		return
-	}
-	if i == len(t.marks) && i > 0 && at.Sub(t.marks[i-1].at) < markEvery {
-		return
+	if i < len(t.marks) || i > 0 && at.Sub(t.marks[i-1].at) < markEvery {
+		return // WAL streamed again (it arrived before), or too soon
 	}
 	t.marks = append(t.marks, mark{})
 	copy(t.marks[i+1:], t.marks[i:])

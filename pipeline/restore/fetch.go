@@ -59,8 +59,9 @@ type Fetcher struct {
 	// codec first saves requests.
 	Codecs []compress.Codec
 	// AllowPartial serves <segment>.partial when the full segment is not
-	// archived (the last segment of a timeline that ended, or WAL of the
-	// segment being written).
+	// archived (the last segment of a timeline that ended), else the WAL
+	// of the segment being written that its ranges hold. The prefetcher
+	// never uses it: a prefetched file is always a whole segment.
 	AllowPartial bool
 	// Identities decrypt objects written with client-side encryption
 	// (walship-encryption: age); objects without it need none.
@@ -222,15 +223,25 @@ func open(key string, c compress.Codec, body []byte, meta sinks.Metadata, ids []
 // Fetch serves one WAL file into dest, atomically: a temporary file in
 // dest's directory, fsynced, then renamed.
 func (f *Fetcher) Fetch(ctx context.Context, name, dest string) error {
-	fo, err := f.Locate(ctx, name)
-	if err != nil {
-		return err
-	}
-	raw, err := f.Download(ctx, fo)
+	raw, err := f.Read(ctx, name)
 	if err != nil {
 		return err
 	}
 	return fsutil.WriteFile(dest, raw, 0o600)
+}
+
+// Read returns one WAL file's verified bytes, in this order: the file
+// itself; with AllowPartial, a segment's .partial, then the WAL its ranges
+// hold from its start (see fromRanges), zero-padded to a whole segment.
+func (f *Fetcher) Read(ctx context.Context, name string) ([]byte, error) {
+	fo, err := f.Locate(ctx, name)
+	if errors.Is(err, ErrNotFound) && f.AllowPartial && pipeline.IsSegmentName(name) {
+		return f.fromRanges(ctx, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return f.Download(ctx, fo)
 }
 
 // Permanent reports whether err is final for a fetch: not found (after

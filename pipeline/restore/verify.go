@@ -38,6 +38,9 @@ type Timeline struct {
 	Partial  []string `json:"partial,omitempty"`
 	Gaps     []Gap    `json:"gaps,omitempty"`
 	History  bool     `json:"history"`
+	// RangeEnd: the segment after Last exists only as ranges, and the
+	// timeline's archive ends in them (not a gap).
+	RangeEnd *RangeEnd `json:"range_end,omitempty"`
 }
 
 // Problem is one thing wrong with the archive.
@@ -55,6 +58,11 @@ type Report struct {
 	Timelines   []Timeline `json:"timelines"`
 	Problems    []Problem  `json:"problems"`
 	Checked     int        `json:"checked"` // objects whose bytes were downloaded and verified
+	// RangeObjects counts the range objects (outside the WAL prefix);
+	// LeftoverRanges those of segments also archived whole or as
+	// .partial, which the archiver deletes (not a problem).
+	RangeObjects   int `json:"range_objects"`
+	LeftoverRanges int `json:"leftover_ranges"`
 }
 
 // OK reports whether nothing is wrong.
@@ -94,8 +102,8 @@ type object struct {
 }
 
 // Verify walks the archive under layout: per timeline, the range of
-// segments and the exact gaps; the history chain; and, as asked, each
-// object's metadata or bytes.
+// segments and the exact gaps, and the ranges it ends in (verifyRanges);
+// the history chain; and, as asked, each object's metadata or bytes.
 func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyOptions) (*Report, error) {
 	lister, ok := sink.(sinks.Lister)
 	if !ok {
@@ -175,6 +183,9 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 	rep.Timelines = timelines(objs, size)
 	want := Expect{SystemID: id.SystemID, SegmentSize: size}
 	rep.Problems = append(rep.Problems, historyChain(ctx, sink, objs, rep.Timelines, want, o.Identities)...)
+	if err := verifyRanges(ctx, sink, layout, objs, rep, want, o); err != nil {
+		return nil, err
+	}
 	if o.Metadata || o.Deep {
 		rep.Problems = append(rep.Problems, checkObjects(ctx, sink, objs, want, o, &rep.Checked)...)
 	}

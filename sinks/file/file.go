@@ -236,8 +236,18 @@ func writeTemp(dir string, body []byte) (string, error) {
 // List implements sinks.Lister. Sidecars and temporary files are not
 // objects and are skipped.
 func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
+	// Walk only the directory the prefix's last "/" names: listing one
+	// segment's ranges must not walk the whole archive.
+	top := s.root
+	if i := strings.LastIndex(prefix, "/"); i > 0 {
+		p, err := s.path(prefix[:i])
+		if err != nil {
+			return fmt.Errorf("list %s: %w", prefix, err)
+		}
+		top = p
+	}
 	var objs []sinks.Object
-	err := filepath.WalkDir(s.root, func(path string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(top, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil

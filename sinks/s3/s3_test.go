@@ -87,6 +87,9 @@ func TestChecksumStored(t *testing.T) {
 		t.Errorf("stored CRC32C %v, want %s", out.ChecksumCRC32C, want)
 	}
 }
+func (p prefixed) Delete(ctx context.Context, key string) error {
+	return p.Sink.Delete(ctx, p.p+"/"+key)
+}
 func (p prefixed) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
 	return p.Sink.List(ctx, p.p+"/"+prefix, func(o sinks.Object) error {
 		o.Key = strings.TrimPrefix(o.Key, p.p+"/")

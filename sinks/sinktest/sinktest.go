@@ -94,6 +94,56 @@ func Run(t *testing.T, newSink func(t *testing.T) sinks.Sink) {
 			t.Errorf("list a/wals/ = %v", got)
 		}
 	})
+	t.Run("ListAndDeleteRanges", func(t *testing.T) {
+		// What the archiver does once a segment is archived: list the
+		// segment's range prefix and delete what it finds, and only that.
+		s := newSink(t)
+		l, lok := s.(sinks.Lister)
+		d, dok := s.(sinks.Deleter)
+		if !lok || !dok {
+			t.Skip("sink does not list or delete")
+		}
+		layout := sinks.BarmanCloud{Prefix: "pre", Server: "srv"}
+		const seg = "000000010000000000000005"
+		keep := []string{layout.RangeKey(seg+"0", 0, 0x100, ".zst"), layout.RangeKey("000000020000000000000005", 0, 0x100, ".zst"), layout.Key(seg, ".zst")}
+		gone := []string{layout.RangeKey(seg, 0, 0x2000, ".zst"), layout.RangeKey(seg, 0x2000, 0x5000, ".zst"), layout.RangeKey(seg, 0, 0x5000, ".zst")}
+		for _, k := range append(append([]string(nil), keep...), gone...) {
+			if err := s.Put(ctx, k, []byte(k), meta); err != nil {
+				t.Fatal(err)
+			}
+		}
+		list := func() []string {
+			var got []string
+			if err := l.List(ctx, layout.RangePrefix(seg), func(o sinks.Object) error { got = append(got, o.Key); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			return got
+		}
+		if got := list(); fmt.Sprint(got) != fmt.Sprint([]string{gone[0], gone[2], gone[1]}) {
+			t.Fatalf("list %s = %v", layout.RangePrefix(seg), got)
+		}
+		for _, k := range gone {
+			if err := d.Delete(ctx, k); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := d.Delete(ctx, gone[0]); err != nil {
+			t.Errorf("deleting a deleted object: %v, want nil", err)
+		}
+		if got := list(); len(got) != 0 {
+			t.Errorf("left after deleting: %v", got)
+		}
+		for _, k := range gone {
+			if _, err := s.Head(ctx, k); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("head %s after delete: %v, want os.ErrNotExist", k, err)
+			}
+		}
+		for _, k := range keep {
+			if _, err := s.Head(ctx, k); err != nil {
+				t.Errorf("%s, not under the prefix, is gone: %v", k, err)
+			}
+		}
+	})
 	t.Run("ConcurrentPuts", func(t *testing.T) {
 		s := newSink(t)
 		var wg sync.WaitGroup

@@ -1,0 +1,255 @@
+package restore
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/sinks"
+)
+
+// errRangeVanished is a range the listing named and a GET did not find:
+// an archiver deleted it after archiving the whole segment. Transient.
+var errRangeVanished = errors.New("range vanished between the listing and its GET")
+
+// rangeObject is one listed range of a segment: bytes [From, To) of it.
+type rangeObject struct {
+	Key      string
+	Codec    compress.Codec
+	From, To uint64
+	Size     int64 // stored (compressed) size, from the listing
+}
+
+// listRanges lists the range objects of segment under the layout's range
+// prefix, in the order of their offsets. Keys that do not parse as
+// <from>-<to><ext>, or that reach past the segment, are not ranges and are
+// skipped. An error of the listing is returned as it is: never "none".
+func listRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, segment string, size pipeline.SegmentSize) ([]rangeObject, error) {
+	lister, ok := sink.(sinks.Lister)
+	if !ok {
+		return nil, errors.New("this destination cannot be listed, so its ranges cannot be read")
+	}
+	prefix := layout.RangePrefix(segment)
+	var out []rangeObject
+	err := lister.List(ctx, prefix, func(ob sinks.Object) error {
+		leaf, ok := strings.CutPrefix(ob.Key, prefix)
+		if !ok || strings.Contains(leaf, "/") {
+			return nil
+		}
+		leaf, codec := splitExt(leaf)
+		from, to, ok := pipeline.ParseRangeSuffix(leaf)
+		if !ok || to > uint64(size) {
+			return nil
+		}
+		out = append(out, rangeObject{Key: ob.Key, Codec: codec, From: from, To: to, Size: ob.Size})
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list ranges of %s: %w", segment, err)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].From != out[j].From {
+			return out[i].From < out[j].From
+		}
+		return out[i].To > out[j].To
+	})
+	return out, nil
+}
+
+// cover picks, from ranges sorted by offset, the fewest that cover the
+// longest contiguous run from offset 0, in order, and returns them with
+// the end of that run (0 and none when no range starts at 0). Ranges of
+// different receiver runs may overlap; each chosen one starts at or
+// before the end of the previous one.
+func cover(ranges []rangeObject) ([]rangeObject, uint64) {
+	var chosen []rangeObject
+	end, i := uint64(0), 0
+	for {
+		best := -1
+		for ; i < len(ranges) && ranges[i].From <= end; i++ {
+			if ranges[i].To > end && (best < 0 || ranges[i].To > ranges[best].To) {
+				best = i
+			}
+		}
+		if best < 0 {
+			return chosen, end
+		}
+		chosen = append(chosen, ranges[best])
+		end = ranges[best].To
+	}
+}
+
+// checkRange verifies one range's raw bytes against its metadata and its
+// key: SHA-256 and size, system identifier (the metadata's, and the long
+// page header's for a range at offset 0), timeline and LSNs.
+func checkRange(seg pipeline.Segment, size pipeline.SegmentSize, r rangeObject, raw []byte, meta sinks.Metadata, want Expect) error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s: %s", ErrCorrupt, r.Key, fmt.Sprintf(format, args...))
+	}
+	if err := CheckMeta(r.Key, meta); err != nil {
+		return err
+	}
+	if meta.SHA256 == "" {
+		return bad("no walship-sha256 metadata, so it cannot be verified")
+	}
+	sum := sha256.Sum256(raw)
+	if got := pipeline.SHA256Hex(sum[:]); got != meta.SHA256 {
+		return bad("sha256 %s, metadata says %s", got, meta.SHA256)
+	}
+	if int64(len(raw)) != meta.RawSize || uint64(len(raw)) != r.To-r.From {
+		return bad("%d bytes, metadata walship-raw-size says %d, the key says %d", len(raw), meta.RawSize, r.To-r.From)
+	}
+	start := seg.StartLSN(size)
+	switch {
+	case meta.SystemID == "":
+		return bad("no walship-system-id metadata")
+	case want.SystemID != "" && meta.SystemID != want.SystemID:
+		return bad("metadata walship-system-id %s, this cluster is %s: the archive belongs to another cluster", meta.SystemID, want.SystemID)
+	case meta.Timeline != seg.Timeline:
+		return bad("metadata walship-timeline %d, the segment's is %d", meta.Timeline, seg.Timeline)
+	case meta.StartLSN != (start+pipeline.LSN(r.From)).String() || meta.EndLSN != (start+pipeline.LSN(r.To)).String():
+		return bad("metadata LSNs %s-%s, the key says %s-%s", meta.StartLSN, meta.EndLSN, start+pipeline.LSN(r.From), start+pipeline.LSN(r.To))
+	}
+	if r.From == 0 && len(raw) >= longPageHdr {
+		if sys := strconv.FormatUint(binary.LittleEndian.Uint64(raw[24:32]), 10); sys != meta.SystemID {
+			return bad("written by system %s, metadata walship-system-id says %s", sys, meta.SystemID)
+		}
+	}
+	return nil
+}
+
+// downloadRange reads and verifies one range. A range gone since the
+// listing wraps errRangeVanished.
+func (f *Fetcher) downloadRange(ctx context.Context, seg pipeline.Segment, size pipeline.SegmentSize, r rangeObject, want Expect) ([]byte, error) {
+	rc, meta, err := f.Sink.Get(ctx, r.Key)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", r.Key, errRangeVanished)
+		}
+		return nil, err
+	}
+	defer rc.Close()
+	if err := CheckMeta(r.Key, meta); err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	n, err := buf.ReadFrom(io.LimitReader(rc, maxRawSize+1<<20+1))
+	if err != nil {
+		if strings.Contains(err.Error(), "checksum did not match") {
+			return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, r.Key, err)
+		}
+		return nil, fmt.Errorf("read %s: %w", r.Key, err)
+	}
+	if n > maxRawSize+1<<20 {
+		return nil, fmt.Errorf("%w: %s is larger than any WAL file", ErrCorrupt, r.Key)
+	}
+	raw, err := open(r.Key, r.Codec, buf.Bytes(), meta, f.Identities)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkRange(seg, size, r, raw, meta, want); err != nil {
+		return nil, err
+	}
+	return raw, nil
+}
+
+// fromRanges serves a segment that is archived neither whole nor as a
+// .partial from its ranges: the longest contiguous WAL from the segment's
+// start that the ranges hold, stitched, zero-padded to the segment's size
+// and checked as a .partial ending there. No range at offset 0 is "not
+// found". Overlapping ranges (from different receiver runs) must hold
+// the same bytes where they overlap, or the fetch aborts.
+//
+// An archiver deletes a segment's ranges once the whole file is durable,
+// so when there are no ranges, or a listed one is gone, the whole file (or
+// its .partial) is looked up again and served if it is there now.
+func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
+	id, err := f.Identity(ctx)
+	if err != nil {
+		return nil, err
+	}
+	size := pipeline.SegmentSize(id.SegmentSize)
+	if size.Validate() != nil {
+		return nil, fmt.Errorf("%w: %s has no valid wal_segment_size (%d), so ranges of %s cannot be placed", ErrCorrupt, f.Layout.IdentityKey(), id.SegmentSize, name)
+	}
+	seg, err := pipeline.ParseSegmentName(name, size)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, name, err)
+	}
+	want, err := f.expect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	want.SegmentSize = size
+	ranges, err := listRanges(ctx, f.Sink, f.Layout, name, size)
+	if err != nil {
+		return nil, err
+	}
+	chosen, end := cover(ranges)
+	if len(chosen) == 0 {
+		// None, or none at offset 0: the whole file may have been archived
+		// and its ranges deleted since it was looked up.
+		return f.recheckWhole(ctx, name, nil)
+	}
+	buf := make([]byte, size)
+	var have uint64
+	var prev string
+	for _, r := range chosen {
+		raw, err := f.downloadRange(ctx, seg, size, r, want)
+		if errors.Is(err, errRangeVanished) {
+			return f.recheckWhole(ctx, name, err)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if r.From < have {
+			if i := firstDiff(buf[r.From:have], raw[:have-r.From]); i >= 0 {
+				return nil, fmt.Errorf("%w: %s: ranges %s and %s hold different bytes at offset %#x: refusing to choose one",
+					ErrCorrupt, name, prev, r.Key, r.From+uint64(i))
+			}
+		}
+		copy(buf[r.From:], raw)
+		have, prev = r.To, r.Key
+	}
+	sum := sha256.Sum256(buf[:end])
+	meta := sinks.Metadata{SHA256: pipeline.SHA256Hex(sum[:]), StartLSN: seg.StartLSN(size).String(),
+		EndLSN: (seg.StartLSN(size) + pipeline.LSN(end)).String(), Timeline: seg.Timeline, SystemID: want.SystemID, RawSize: int64(end)}
+	if _, err := Check(name+".partial", buf[:end], meta, want); err != nil {
+		return nil, fmt.Errorf("ranges of %s stitched to offset %#x: %w", name, end, err)
+	}
+	return buf, nil
+}
+
+// recheckWhole looks a segment up again, whole then .partial, after its
+// ranges were missing or vanished; it serves what it finds. Found nothing:
+// with cause (a range vanished, yet no whole file replaced it: a listing
+// that lags, or a retention job), a transient error; without, not found.
+func (f *Fetcher) recheckWhole(ctx context.Context, name string, cause error) ([]byte, error) {
+	fo, err := f.locate(ctx, name, true)
+	switch {
+	case err == nil:
+		return f.Download(ctx, fo)
+	case errors.Is(err, ErrNotFound) && cause != nil:
+		return nil, cause
+	}
+	return nil, err
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
