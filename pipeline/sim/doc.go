@@ -10,10 +10,17 @@
 // crashes, what was not fsynced. Time is virtual and all choices come from
 // one seeded generator, so a seed replays a run exactly.
 //
+// Half the seeds run the receiver with a partial interval (ranges of the
+// segment being written, pipeline.KindRange), half of those against a
+// quiet server whose segments stay open across many cuts.
+//
 // After every step the world checks the invariants: (a) flush never passes
-// the contiguous WAL the bucket holds, on the server's timeline line; (b) no
-// spool file is removed before the bucket holds its bytes; (c) no key is
-// ever written twice and every object holds exactly the WAL its name says;
+// the contiguous WAL the bucket holds, whole or in ranges, on the server's
+// timeline line, and never moves back within a receiver's life; (b) no
+// spool file (a range's too) is removed before the bucket holds its bytes;
+// (c) no key is ever written twice, every object holds exactly the WAL its
+// name says, and walship deletes only its range objects of segments the
+// bucket holds whole;
 // (d) once faults stop, flush reaches the end of the server's WAL within a
 // bounded simulated time; and the positions reported to the server are
 // ones it can live with (write durable in the spool, flush never below the

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/walship/walship/internal/fsutil"
@@ -115,6 +116,17 @@ func copyNS(ns map[string]*inode) map[string]*inode {
 		out[k] = v
 	}
 	return out
+}
+
+// count is how many files' names end with suffix.
+func (fs *fileSystem) count(suffix string) int {
+	n := 0
+	for name := range fs.files {
+		if strings.HasSuffix(name, suffix) {
+			n++
+		}
+	}
+	return n
 }
 
 func sortedNames(ns map[string]*inode) []string {

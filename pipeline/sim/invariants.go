@@ -130,7 +130,9 @@ func (w *World) walshipObject(key string) *stored {
 // coverage is how far into segment n the bucket holds the WAL of the
 // server's current line of timelines, as recovery reads it: an object of
 // timeline t counts from the segment where t began, up to where t ended
-// (its bytes after that are not the current line's).
+// (its bytes after that are not the current line's). Ranges count too, as
+// `fetch --allow-partial` serves them: the contiguous reach of a
+// timeline's range objects of the segment from its start.
 func (w *World) coverage(n uint64) pipeline.LSN {
 	start := pipeline.LSN(n * uint64(w.size))
 	best := start
@@ -151,6 +153,13 @@ func (w *World) coverage(n uint64) pipeline.LSN {
 		}
 		if ended && w.walshipObject(w.layout.Key(seg.Name(w.size)+".partial", w.codec.Ext())) != nil {
 			best = max(best, min(tEnd, seg.EndLSN(w.size)))
+		}
+		if r := w.rangeReach(seg.Name(w.size)); r > 0 {
+			c := start + pipeline.LSN(r)
+			if ended {
+				c = min(c, tEnd)
+			}
+			best = max(best, c)
 		}
 	}
 	return best
@@ -236,6 +245,11 @@ func (w *World) checkRemove(name string, data, replacement []byte) {
 		end = pipeline.LSN(e)
 	case strings.HasSuffix(base, ".history"):
 		file = base
+	case strings.HasSuffix(base, ".range"):
+		if seg, from, to, ok := w.rangeSpoolFile(base); ok {
+			w.checkRemoveRange(base, data, seg, from, to)
+		}
+		return
 	default:
 		return // .partial being written, temporary files, the lock
 	}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/walship/walship/sinks"
@@ -18,6 +20,7 @@ type bucket struct {
 	w        *World
 	downTill time.Time
 	objs     map[string]*stored
+	ranges   map[string][]span // walship's range objects by segment name, sorted by from
 }
 
 type stored struct {
@@ -27,7 +30,11 @@ type stored struct {
 	raw     []byte
 }
 
-var _ sinks.Sink = (*bucketFor)(nil)
+var (
+	_ sinks.Sink    = (*bucketFor)(nil)
+	_ sinks.Lister  = (*bucketFor)(nil)
+	_ sinks.Deleter = (*bucketFor)(nil)
+)
 
 // bucketFor is the bucket as one archiver sees it.
 type bucketFor struct {
@@ -54,11 +61,19 @@ func (s *bucketFor) Put(ctx context.Context, key string, body []byte, meta sinks
 		return fmt.Errorf("put %s: %w", key, sinks.ErrExists)
 	}
 	o := &stored{body: append([]byte(nil), body...), meta: meta}
-	if err := s.b.w.checkObject(key, o); err != nil {
-		s.b.w.fail("(c) bucket: %v", err)
+	if seg, from, to, ok := s.b.w.parseRangeKey(key); ok {
+		if err := s.b.w.checkRange(key, o, seg, from, to); err != nil {
+			s.b.w.fail("(c) bucket: %v", err)
+		}
+		s.b.addRange(seg, from, to, key)
+		s.b.w.count("ranges uploaded")
+	} else {
+		if err := s.b.w.checkObject(key, o); err != nil {
+			s.b.w.fail("(c) bucket: %v", err)
+		}
+		s.b.w.count("uploaded")
 	}
 	s.b.objs[key] = o
-	s.b.w.count("uploaded")
 	return s.b.w.maybeLostReply()
 }
 
@@ -82,4 +97,43 @@ func (s *bucketFor) Get(ctx context.Context, key string) (io.ReadCloser, sinks.M
 		return nil, sinks.Metadata{}, fmt.Errorf("get %s: %w", key, os.ErrNotExist)
 	}
 	return io.NopCloser(bytes.NewReader(o.body)), o.meta, nil
+}
+
+// List lists the keys under prefix in lexical order, as they were when the
+// call began (other actors may run while it waits).
+func (s *bucketFor) List(ctx context.Context, prefix string, fn func(sinks.Object) error) error {
+	if err := s.call(ctx); err != nil {
+		return err
+	}
+	var objs []sinks.Object
+	for k, o := range s.b.objs {
+		if strings.HasPrefix(k, prefix) {
+			objs = append(objs, sinks.Object{Key: k, Size: int64(len(o.body))})
+		}
+	}
+	sort.Slice(objs, func(i, j int) bool { return objs[i].Key < objs[j].Key })
+	for _, o := range objs {
+		if err := fn(o); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Delete removes the object at key; deleting what is not there succeeds,
+// as on S3. Walship may delete only its range objects of segments the
+// bucket holds whole (checkDelete).
+func (s *bucketFor) Delete(ctx context.Context, key string) error {
+	if err := s.call(ctx); err != nil {
+		return err
+	}
+	s.b.w.checkDelete(key)
+	if o, ok := s.b.objs[key]; ok {
+		delete(s.b.objs, key)
+		if !o.foreign {
+			s.b.dropRange(key)
+		}
+		s.b.w.count("ranges deleted")
+	}
+	return s.b.w.maybeLostReply()
 }

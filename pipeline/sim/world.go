@@ -32,6 +32,9 @@ type Options struct {
 	Seed  uint64
 	Steps int       // steps with faults injected (0: 400)
 	Log   io.Writer // every step, for replaying a failure (nil: none)
+	// Skip names actions (faults) never to take, e.g. to look past a
+	// known failure while it is being fixed.
+	Skip map[string]bool
 }
 
 // Result is what one run did.
@@ -68,6 +71,11 @@ type World struct {
 	// recipient of archivers started now (a rotation adds one).
 	ids  []age.Identity
 	pg14 bool // the server does not say the slot's timeline (PostgreSQL 12 to 14)
+	// partial is the receiver's --partial-interval (0: no ranges); quiet:
+	// the server mostly writes little at a time, so the segment being
+	// written stays open across many cuts.
+	partial time.Duration
+	quiet   bool
 
 	// PostgreSQL.
 	hist     walgen.History
@@ -124,6 +132,9 @@ type host struct {
 	// sessions: connections since the core started; the first one's
 	// slot check happened in Start.
 	sessions int
+	// flushed: the highest flush this receiver reported since it started;
+	// flush never moves back within a receiver's life.
+	flushed pipeline.LSN
 }
 
 // actor names one of the host's loops; one host keeps the old names.
@@ -198,6 +209,11 @@ func Run(o Options) (res Result) {
 		if p := recover(); p != nil {
 			if p != errStop {
 				w.err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
+			}
+		}
+		for _, c := range []string{"ranges uploaded", "ranges deleted", "flush inside a segment"} {
+			if w.res.Counts[c] > 0 {
+				w.count("seeds with " + c)
 			}
 		}
 		w.res.Steps, w.res.SimTime, w.res.Digest, w.res.Err = w.steps, w.now.Sub(w.start), h.Sum64(), w.err
@@ -275,6 +291,10 @@ func (w *World) setup() {
 		w.rotateKey()
 	}
 	w.pg14 = w.rng.IntN(3) == 0
+	if w.rng.IntN(2) == 0 {
+		w.partial = time.Duration(100+w.rng.IntN(3000)) * time.Millisecond
+		w.quiet = w.rng.IntN(2) == 0
+	}
 	w.hist = walgen.History{{TLI: 1}}
 	// The slot is created somewhere in segment 3, as RESERVE_WAL does.
 	w.end = w.recordBoundary(3*pipeline.LSN(w.size) + pipeline.LSN(w.rng.IntN(int(w.size))))
@@ -300,7 +320,7 @@ func (w *World) setup() {
 		w.hosts = append(w.hosts, h)
 	}
 	w.js = newJetStream(w)
-	w.bkt = &bucket{w: w, objs: map[string]*stored{}}
+	w.bkt = &bucket{w: w, objs: map[string]*stored{}, ranges: map[string][]span{}}
 	n := 1 + w.rng.IntN(3)
 	for i := 0; i < n; i++ {
 		a := &arch{name: "arch" + strconv.Itoa(i)}
@@ -308,7 +328,8 @@ func (w *World) setup() {
 		w.startArchiver(a)
 	}
 	w.faultsOn = true
-	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s", w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget)
+	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s partial=%s quiet=%v",
+		w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget, w.partial, w.quiet)
 	w.startReceiver(w.hosts[0])
 }
 
@@ -374,7 +395,7 @@ func (w *World) startReceiver(h *host) {
 	core, err := receiver.NewCore(receiver.CoreConfig{
 		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
 		FS: h.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
-		Run: fmt.Sprintf("%s%d", h.name, w.steps),
+		Run: fmt.Sprintf("%s%d", h.name, w.steps), PartialInterval: w.partial,
 		Log: w.logger(h.name), Metrics: h.m,
 	})
 	if err != nil {
@@ -396,7 +417,7 @@ func (w *World) startReceiver(h *host) {
 		core.Release()
 		return
 	}
-	h.core, h.sessions = core, 0
+	h.core, h.sessions, h.flushed = core, 0, 0
 	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
 	w.logf("%s: receiver started: resume %d/%s flush %s", h.name, tli, start, core.Flush())
@@ -431,6 +452,7 @@ func (w *World) makeActions() []action {
 			action{"recv-connect", h.actor("repl"), 6, false, func() bool { return up() && h.sess == nil }, func() { w.recvConnect(h) }},
 			action{"recv-stream", h.actor("repl"), 20, false, func() bool { return up() && h.sess != nil }, func() { w.recvStream(h) }},
 			action{"recv-status", h.actor("repl"), 8, false, func() bool { return up() && h.sess != nil }, func() { w.recvStatus(h) }},
+			action{"recv-cut", h.actor("repl"), 8, false, func() bool { return w.partial != 0 && up() && h.sess != nil }, func() { w.recvCut(h) }},
 			action{"recv-publish", h.actor("pub"), 12, false, up, func() { w.recvPublish(h) }},
 			action{"recv-confirm", h.actor("watch"), 10, false, func() bool { return up() && !w.js.down() }, func() { w.recvConfirm(h) }},
 			action{"recv-tick", h.actor("house"), 3, false, up, func() { w.recvTick(h) }},
@@ -449,6 +471,7 @@ func (w *World) makeActions() []action {
 		{"s3-outage", "fault", 1, true, func() bool { return !w.now.Before(w.bkt.downTill) }, w.s3Outage},
 		{"conflict", "fault", 1, true, func() bool { return w.conflict == "" }, w.injectConflict},
 		{"forged-confirm", "fault", 1, true, func() bool { return true }, w.forgeConfirm},
+		{"range-litter", "fault", 1, true, func() bool { return w.partial != 0 }, w.rangeLitter},
 		{"spool-truncate", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.truncateSpool(w.downHost()) }},
 		{"spool-damage", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.damageSpool(w.downHost()) }},
 		{"spool-delete", "fault", 1, true, func() bool { return w.downHost() != nil }, func() { w.deleteSpoolFile(w.downHost()) }},
@@ -483,7 +506,7 @@ func (w *World) pick(faults bool, exclude map[string]bool) {
 	total := 0
 	var en []action
 	for _, a := range acts {
-		if a.fault && !faults || w.busy[a.actor] || exclude[a.actor] || !a.ok() {
+		if a.fault && !faults || w.busy[a.actor] || exclude[a.actor] || w.opt.Skip[a.name] || !a.ok() {
 			continue
 		}
 		en = append(en, a)
@@ -549,6 +572,9 @@ func (w *World) clockJump() {
 
 func (w *World) pgWrite() {
 	n := pipeline.LSN(1 + w.rng.IntN(int(w.size)*6/10))
+	if w.quiet && w.rng.IntN(5) != 0 {
+		n = pipeline.LSN(1 + w.rng.IntN(1500)) // a few small transactions
+	}
 	if w.end+n > w.budget {
 		n = w.budget - w.end
 	}
@@ -569,6 +595,16 @@ func (w *World) recordBoundary(x pipeline.LSN) pipeline.LSN {
 		x += hdr - off
 	}
 	return x
+}
+
+// switchPoint: a timeline ended at x.
+func (w *World) switchPoint(x pipeline.LSN) bool {
+	for _, t := range w.hist[1:] {
+		if t.Begin == x {
+			return true
+		}
+	}
+	return false
 }
 
 func (w *World) pgPromote() {
@@ -712,12 +748,39 @@ func (w *World) recvStatus(h *host) {
 	}
 	w.checkWrite(h, write)
 	w.checkFlush(flush)
+	if flush < h.flushed {
+		w.fail("%s reported flush %s after %s: flush moved back within a receiver's life", h.name, flush, h.flushed)
+	}
+	if flush > h.flushed && w.size.Offset(flush) != 0 && flush != w.initial && flush != w.gapFloor && !w.switchPoint(flush) {
+		w.count("flush inside a segment") // moved there by confirmed ranges
+	}
+	h.flushed = flush
 	w.logf("%s: status write %s flush %s", h.name, write, flush)
 	if flush != 0 {
 		w.slot = flush
 		w.recycled = max(w.recycled, uint64(flush)/uint64(w.size))
 	}
 	w.lastSent = flush
+}
+
+// recvCut: the partial interval passed; the receiver fsyncs and reports
+// (usually: the status may also have gone out just before), then cuts a
+// range of the segment being written.
+func (w *World) recvCut(h *host) {
+	if w.rng.IntN(4) != 0 {
+		if w.recvStatus(h); h.sess == nil {
+			return
+		}
+	}
+	before := h.fs.count(".range")
+	if err := h.core.CutRange(); err != nil {
+		w.endSession(h, "cut range", err)
+		return
+	}
+	if n := h.fs.count(".range"); n > before {
+		w.count("ranges cut")
+		w.logf("%s: range cut", h.name)
+	}
 }
 
 func (w *World) recvPublish(h *host) {
@@ -782,7 +845,11 @@ func (w *World) archiveStep(a *arch) {
 	json.Unmarshal(d.Data(), &ev)
 	w.logf("%s: %s %s (delivery %d)", a.name, out, ev.File, d.n)
 	if out == archiver.Acked {
-		w.count("archived")
+		if ev.Kind == pipeline.KindRange {
+			w.count("ranges archived")
+		} else {
+			w.count("archived")
+		}
 	}
 }
 
@@ -823,6 +890,19 @@ func (w *World) injectConflict() {
 	w.bkt.objs[key] = &stored{body: []byte("not this segment"), meta: sinks.Metadata{SHA256: strings.Repeat("0", 64)}, foreign: true}
 	w.conflict = key
 	w.logf("conflict placed at %s", key)
+}
+
+// rangeLitter puts someone else's object beside the ranges of the segment
+// being written, under its range prefix but not named like a range: the
+// archivers must leave it alone when they delete the segment's ranges.
+func (w *World) rangeLitter() {
+	name := pipeline.SegmentOf(w.tli(), w.end, w.size).Name(w.size)
+	key := w.layout.RangePrefix(name) + "notes.txt"
+	if _, ok := w.bkt.objs[key]; ok {
+		return
+	}
+	w.bkt.objs[key] = &stored{body: []byte("an operator's notes"), foreign: true}
+	w.logf("foreign object placed at %s", key)
 }
 
 // truncateSpool damages a complete spool segment while the receiver is
@@ -866,6 +946,9 @@ func (w *World) damageSpool(h *host) {
 			ino.data = ino.data[:min(cut, len(ino.data))]
 			ino.size, ino.syncedLen, ino.syncedSize = cut, min(ino.syncedLen, cut), cut
 			w.logf("%s cut to %d bytes", base, cut)
+		case strings.HasSuffix(base, ".range") && len(ino.data) > 0:
+			ino.data[w.rng.IntN(len(ino.data))] ^= 0x40
+			w.logf("%s: a bit flipped", base)
 		case pipeline.IsSegmentName(base) && len(ino.data) == int(w.size):
 			if w.rng.IntN(2) == 0 {
 				clear(ino.data[len(ino.data)-8192:])
@@ -957,6 +1040,11 @@ func (w *World) settle() {
 		w.step(false)
 	}
 	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
+	for name, spans := range w.bkt.ranges {
+		if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil || w.walshipObject(w.layout.Key(name+".partial", w.codec.Ext())) != nil {
+			w.res.Counts["ranges left behind"] += len(spans) // best effort: harmless, counted
+		}
+	}
 }
 
 func must(r io.ReadCloser, err error) io.Reader {
