@@ -258,14 +258,10 @@ func (c *Core) addFound(f spoolFile) {
 		_, at, _ := pipeline.SwitchPoint(hist)
 		ev, hold = c.historyEvent(f.tli, path, data), c.cfg.Size.Start(at)
 	case pipeline.KindPartial:
-		if c.cfg.PartialInterval > 0 {
-			c.ranged[f.seg] = true
-		}
+		c.ranged[f.seg] = true
 		ev, hold = c.partialEvent(completed{seg: f.seg, path: path, sha256: f.sum}, f.end), f.seg.StartLSN(c.cfg.Size)
 	default:
-		if c.cfg.PartialInterval > 0 {
-			c.ranged[f.seg] = true // an earlier run may have cut ranges of it
-		}
+		c.ranged[f.seg] = true // an earlier run may have cut ranges of it
 		ev, hold = c.event(f.seg, f.sum), f.seg.StartLSN(c.cfg.Size)
 		c.tr.seen(f.seg.StartLSN(c.cfg.Size), f.info.ModTime)
 	}
@@ -276,9 +272,13 @@ func (c *Core) addFound(f spoolFile) {
 // add hands a file to the tracker; one already confirmed (its
 // confirmation came first) leaves the spool at once.
 func (c *Core) add(ev pipeline.SegmentEvent, hold pipeline.LSN) {
-	if c.tr.add(ev, hold) {
+	archived, gone := c.tr.add(ev, hold)
+	if archived {
 		c.archivedFile(ev, ev.Spool)
 		c.m.archivedSegs.Inc()
+	}
+	for _, g := range gone {
+		c.archivedFile(g, g.Spool)
 	}
 }
 
@@ -318,9 +318,7 @@ func (c *Core) Open(start pipeline.LSN) error {
 		return err
 	}
 	c.beginSegment(seg, time.Time{})
-	if c.cfg.PartialInterval > 0 {
-		c.ranged[seg] = true // an earlier run may have cut ranges of it
-	}
+	c.ranged[seg] = true // an earlier run or session may have cut ranges of it
 	c.tr.setFrontierOn(c.tli, seg.StartLSN(c.cfg.Size))
 	c.m.timeline.Set(float64(c.tli))
 	return nil
@@ -397,9 +395,10 @@ func (c *Core) EndTimeline(next uint32, at pipeline.LSN, history []byte) error {
 	if err != nil {
 		return err
 	}
+	// First what the old timeline's ranges hold of the new timeline's
+	// first segment: the history's hold rises over it.
+	c.tr.inherit(pipeline.SegmentOf(c.tli, at, c.cfg.Size), pipeline.SegmentOf(next, at, c.cfg.Size), at)
 	c.add(c.historyEvent(next, path, history), c.cfg.Size.Start(at))
-	old := pipeline.SegmentOf(c.tli, at, c.cfg.Size)
-	c.tr.inherit(old, pipeline.SegmentOf(next, at, c.cfg.Size), at)
 	switch {
 	case c.spool.isOpen() && c.spool.written > c.spool.seg.StartLSN(c.cfg.Size):
 		done, err := c.spool.endTimeline(at)
@@ -439,9 +438,11 @@ func (c *Core) CutRange() error {
 	if c.cfg.PartialInterval <= 0 || !c.spool.isOpen() || c.spool.seg != c.cutSeg {
 		return nil
 	}
-	// What the bucket holds already by confirmed ranges (a crashed run's,
-	// published again; the old timeline's below a switch) is not cut again.
-	from, to := max(c.cutEnd, c.tr.reachOf(c.cutSeg)), c.spool.synced
+	// What the bucket holds already by the segment's own confirmed ranges
+	// (a crashed run's, published again) is not cut again. The previous
+	// timeline's WAL below a switch is: a restore of this timeline's file
+	// stitches only its own ranges, from offset 0.
+	from, to := max(c.cutEnd, c.tr.ownReachOf(c.cutSeg)), c.spool.synced
 	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval {
 		return nil
 	}

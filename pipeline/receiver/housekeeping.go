@@ -91,7 +91,7 @@ func newGauges(m *Metrics, server string) gauges {
 	for _, stage := range []string{"receive", "publish", "watch", "slotpoll"} {
 		m.Errors.WithLabelValues(server, stage).Add(0)
 	}
-	for _, reason := range []string{"sha256", "dest", "undecodable"} {
+	for _, reason := range []string{"sha256", "dest", "position", "undecodable"} {
 		m.Ignored.WithLabelValues(server, reason).Add(0)
 	}
 	m.Republished.WithLabelValues(server).Add(0)

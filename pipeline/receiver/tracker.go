@@ -39,7 +39,12 @@ type tracker struct {
 	ftli     uint32 // the frontier segment's timeline
 	// spans are the confirmed ranges of segments not yet confirmed whole,
 	// by segment (on its timeline).
-	spans     map[pipeline.Segment][]span
+	spans map[pipeline.Segment][]span
+	// inherited: for the segment a timeline began in, how far from its
+	// start the bucket holds it by the previous timeline's files (the same
+	// WAL below the switch). It counts for flush, never for restoring the
+	// new timeline's file from its own ranges, which must start at 0.
+	inherited map[pipeline.Segment]pipeline.LSN
 	pending   map[string]*entry // by event MsgID
 	holds     holdHeap          // lazily cleaned: entries may be gone
 	queue     []string
@@ -92,10 +97,11 @@ type item struct {
 func newTracker(size pipeline.SegmentSize, floor, frontier pipeline.LSN, dest string) *tracker {
 	t := &tracker{
 		size: size, floor: floor, dest: dest, frontier: frontier,
-		pending: map[string]*entry{},
-		early:   map[string]string{},
-		spans:   map[pipeline.Segment][]span{},
-		wake:    make(chan struct{}, 1),
+		pending:   map[string]*entry{},
+		early:     map[string]string{},
+		spans:     map[pipeline.Segment][]span{},
+		inherited: map[pipeline.Segment]pipeline.LSN{},
+		wake:      make(chan struct{}, 1),
 	}
 	t.flush.Store(uint64(t.flushLocked()))
 	return t
@@ -118,9 +124,16 @@ func (t *tracker) flushLocked() pipeline.LSN {
 
 func (t *tracker) update() { t.flush.Store(uint64(t.flushLocked())) }
 
-// reach is how far from its start the bucket holds seg by its confirmed
-// ranges (the segment's start when it holds none).
+// reach is how far from its start the bucket holds seg's WAL: by seg's own
+// confirmed ranges, or by the previous timeline's files (inherited),
+// whichever goes further (the segment's start when neither holds any).
 func (t *tracker) reach(seg pipeline.Segment) pipeline.LSN {
+	return max(t.ownReach(seg), t.inherited[seg])
+}
+
+// ownReach is how far from its start seg's own confirmed ranges hold it
+// contiguously: what a restore of seg's file from its ranges has.
+func (t *tracker) ownReach(seg pipeline.Segment) pipeline.LSN {
 	end := seg.StartLSN(t.size)
 	for moved := true; moved; {
 		moved = false
@@ -157,21 +170,30 @@ func (t *tracker) setFrontierLocked(tli uint32, l pipeline.LSN) {
 // holdOf is where a file's hold starts: a whole segment's (or an ended
 // timeline's last segment's) rises over the ranges of it the bucket holds.
 func (t *tracker) holdOf(ev pipeline.SegmentEvent, hold pipeline.LSN) pipeline.LSN {
-	if ev.Kind != pipeline.KindHistory {
-		// A file whose first bytes the bucket holds already (by ranges)
-		// holds flush only from where they end: a range cut again from the
-		// segment's start after a restart never pulls flush back.
+	switch ev.Kind {
+	case pipeline.KindRange:
+		// A range whose first bytes the bucket holds already holds flush
+		// only from where they end, and one it holds all of, not at all
+		// below that: a range cut again from the segment's start after a
+		// restart, or one of a new timeline below its switch, never pulls
+		// flush back.
+		hold = max(hold, t.reach(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)))
+	case pipeline.KindSegment, pipeline.KindPartial:
 		seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
 		hold = max(hold, min(t.reach(seg), ev.EndLSN))
+	default:
+		// A new timeline's history is needed only for WAL past its switch
+		// point; below it, what the old timeline's files hold counts.
+		hold = max(hold, t.inherited[pipeline.SegmentOf(ev.Timeline, hold, t.size)])
 	}
 	return hold
 }
 
-// reachOf is reach, for other goroutines.
-func (t *tracker) reachOf(seg pipeline.Segment) pipeline.LSN {
+// ownReachOf is ownReach, for other goroutines.
+func (t *tracker) ownReachOf(seg pipeline.Segment) pipeline.LSN {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.reach(seg)
+	return t.ownReach(seg)
 }
 
 // add queues a WAL file that is durable in the spool for publishing; hold
@@ -180,18 +202,22 @@ func (t *tracker) reachOf(seg pipeline.Segment) pipeline.LSN {
 // different WAL) it is replaced and queued again. A file whose matching
 // confirmation came before it is archived already: add reports that, and
 // does not queue it.
-func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived bool) {
+func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived bool, gone []pipeline.SegmentEvent) {
 	id := ev.MsgID()
 	t.mu.Lock()
 	if sum, ok := t.early[id]; ok && sum == ev.SHA256 {
 		delete(t.early, id)
+		if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial {
+			gone = t.dropRanges(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size))
+			t.update()
+		}
 		t.mu.Unlock()
-		return true
+		return true, gone
 	}
 	e, ok := t.pending[id]
 	if ok && e.ev.SHA256 == ev.SHA256 {
 		t.mu.Unlock()
-		return false
+		return false, nil
 	}
 	if !ok {
 		e = &entry{}
@@ -207,7 +233,7 @@ func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived boo
 	t.update()
 	t.mu.Unlock()
 	t.signal()
-	return false
+	return false, nil
 }
 
 func (t *tracker) signal() {
@@ -339,9 +365,14 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 		return confirmMismatch, "sha256", nil, false
 	case t.dest != "" && ev.Dest != t.dest:
 		return confirmMismatch, "dest", nil, false
+	case ev.Timeline != e.ev.Timeline || ev.StartLSN != e.ev.StartLSN || ev.EndLSN != e.ev.EndLSN || ev.SegSize != e.ev.SegSize:
+		// Same name and bytes, another position: not this file (a range's
+		// name is relative to a segment size the event states).
+		return confirmMismatch, "position", nil, false
 	}
 	delete(t.pending, ev.MsgID())
 	gone = append(gone, e.ev)
+	ev.SegmentEvent = e.ev // from here on, the receiver's own record of the file
 	seg := pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size)
 	switch ev.Kind {
 	case pipeline.KindSegment, pipeline.KindRange:
@@ -352,21 +383,7 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 		t.spans[seg] = append(t.spans[seg], span{ev.StartLSN, ev.EndLSN})
 		t.raise(seg)
 	case pipeline.KindSegment, pipeline.KindPartial:
-		var ids []string
-		for id, r := range t.pending {
-			// All of them: an ended timeline's ranges past its end (WAL a
-			// cascading standby received but never replayed) are no
-			// timeline's WAL, and must not hold flush.
-			if r.ev.Kind == pipeline.KindRange && r.ev.File == ev.File {
-				ids = append(ids, id)
-			}
-		}
-		sort.Strings(ids)
-		for _, id := range ids {
-			gone = append(gone, t.pending[id].ev)
-			delete(t.pending, id)
-		}
-		delete(t.spans, seg)
+		gone = append(gone, t.dropRanges(seg)...)
 	}
 	before := pipeline.LSN(t.flush.Load())
 	t.update()
@@ -379,12 +396,37 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 	return confirmOK, "", gone, after != before
 }
 
+// dropRanges takes out the pending ranges of a segment the bucket now
+// holds whole (or, for an ended timeline, up to its end), and forgets its
+// confirmed ones; it returns the dropped, for removal from the spool. All
+// of them: an ended timeline's ranges past its end (WAL a cascading
+// standby received but never replayed) are no timeline's WAL, and must not
+// hold flush.
+func (t *tracker) dropRanges(seg pipeline.Segment) []pipeline.SegmentEvent {
+	name := seg.Name(t.size)
+	var ids []string
+	for id, r := range t.pending {
+		if r.ev.Kind == pipeline.KindRange && r.ev.File == name {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	var gone []pipeline.SegmentEvent
+	for _, id := range ids {
+		gone = append(gone, t.pending[id].ev)
+		delete(t.pending, id)
+	}
+	delete(t.spans, seg)
+	delete(t.inherited, seg)
+	return gone
+}
+
 // raise moves the holds of seg's pending files (the segment, an ended
 // timeline's last segment, its ranges) up over its confirmed ranges.
 func (t *tracker) raise(seg pipeline.Segment) {
 	name := seg.Name(t.size)
 	for id, e := range t.pending {
-		if e.ev.File != name || e.ev.Kind == pipeline.KindHistory {
+		if e.ev.File != name {
 			continue
 		}
 		if h := t.holdOf(e.ev, e.hold); h != e.hold {
@@ -401,7 +443,7 @@ func (t *tracker) inherit(old, next pipeline.Segment, at pipeline.LSN) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if end := min(t.reach(old), at); end > next.StartLSN(t.size) {
-		t.spans[next] = append(t.spans[next], span{next.StartLSN(t.size), end})
+		t.inherited[next] = max(t.inherited[next], end)
 	}
 }
 
