@@ -1,0 +1,72 @@
+package receiver
+
+// Adversarial review of the range (sub-segment upload) change: each test
+// here demonstrates one finding of /tmp/review-findings.txt and fails
+// until it is fixed.
+
+import (
+	"testing"
+	"time"
+
+	"github.com/walship/walship/pipeline"
+)
+
+// confirmRange confirms every published event of kind k not confirmed yet.
+func confirmKinds(c *Core, pub *fakePub, from int, kinds ...pipeline.Kind) {
+	for _, ev := range pub.events[from:] {
+		for _, k := range kinds {
+			if ev.Kind == k {
+				c.Archived(pipeline.ArchivedEvent{SegmentEvent: ev, Key: "k", Dest: "s3://b/p"})
+			}
+		}
+	}
+}
+
+// Finding: flush moves back at a timeline switch. The old timeline's
+// segment is archived in ranges up to the switch point and flush reports
+// it; EndTimeline queues the new timeline's history file with its hold at
+// the start of the switch segment, and the new timeline's first range
+// (cut from offset 0 again) holds there too: flush falls back to the
+// segment's start, below what it already reported, though inherit() was
+// meant to prevent exactly that.
+func TestReviewFlushMovesBackAtTimelineSwitch(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	c := newRangeCore(t, t.TempDir(), clk)
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}); err != nil {
+		t.Fatal(err)
+	}
+	pub := &fakePub{}
+	stream(t, c, hist[1].Begin)
+	if err := c.EndTimeline(2, hist[1].Begin, historyContent(2)); err != nil {
+		t.Fatal(err)
+	}
+	seg9 := pipeline.LSN(9 << 20)
+	stream(t, c, seg9+3000)
+	clk.t = clk.t.Add(6 * time.Second)
+	syncAndCut(t, c)
+	stream(t, c, hist[2].Begin) // 9<<20 + 5000: timeline 2 ends here
+	syncAndCut(t, c)
+	publishAll(t, c, pub)
+	confirmAll(c, pub)
+	before := c.Flush()
+	if before != hist[2].Begin {
+		t.Fatalf("flush %s with timeline 2's ranges of segment 9 confirmed to the switch point, want %s", before, hist[2].Begin)
+	}
+	if err := c.EndTimeline(3, hist[2].Begin, historyContent(3)); err != nil {
+		t.Fatal(err)
+	}
+	if f := c.Flush(); f < before {
+		t.Errorf("flush moved back from %s to %s at the switch to timeline 3 (the history file's hold is the segment's start)", before, f)
+	}
+	n := len(pub.events)
+	publishAll(t, c, pub)
+	confirmKinds(c, pub, n, pipeline.KindHistory, pipeline.KindPartial)
+	// Timeline 3 writes segment 9 again from its start and cuts a range
+	// from offset 0: pending, it holds flush at the segment's start.
+	stream(t, c, seg9+8000)
+	clk.t = clk.t.Add(6 * time.Second)
+	syncAndCut(t, c)
+	if f := c.Flush(); f < before {
+		t.Errorf("flush moved back from %s to %s once timeline 3 cut its first range of segment 9 (its hold is offset 0)", before, f)
+	}
+}
