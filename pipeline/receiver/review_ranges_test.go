@@ -70,3 +70,56 @@ func TestReviewFlushMovesBackAtTimelineSwitch(t *testing.T) {
 		t.Errorf("flush moved back from %s to %s once timeline 3 cut its first range of segment 9 (its hold is offset 0)", before, f)
 	}
 }
+
+// Finding: a whole segment whose confirmation came first (an earlier life
+// of the receiver archived it; the tracker remembers it as "early") is
+// taken out of the spool when it completes, but its pending ranges are not
+// dropped as confirm() drops them: they stay pending and hold flush inside
+// a segment the bucket holds whole, they are still uploaded after the
+// archiver that archived the whole segment deleted its ranges (so they
+// are left in the bucket for good), and the segment's spans are never
+// freed.
+func TestReviewEarlyWholeConfirmationKeepsRangesPending(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	in := StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20}
+	// An earlier life (its own spool, lost since) archived segment 5 whole.
+	c1 := newRangeCore(t, t.TempDir(), clk)
+	if err := c1.Start(in); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c1, 6<<20+10)
+	pub1 := &fakePub{}
+	publishAll(t, c1, pub1)
+	var whole pipeline.SegmentEvent
+	for _, ev := range pub1.events {
+		if ev.Kind == pipeline.KindSegment && ev.StartLSN == 5<<20 {
+			whole = ev
+		}
+	}
+	if whole.File == "" {
+		t.Fatal("no event of segment 5 from the first life")
+	}
+	c1.Release()
+
+	c := newRangeCore(t, t.TempDir(), clk)
+	if err := c.Start(in); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c, 5<<20+4000)
+	clk.t = clk.t.Add(6 * time.Second)
+	syncAndCut(t, c)
+	pub := &fakePub{}
+	publishAll(t, c, pub)
+	if len(rangesOf(pub.events)) != 1 {
+		t.Fatalf("no range cut")
+	}
+	// The earlier life's confirmation is replayed while 5 is being written.
+	c.Archived(pipeline.ArchivedEvent{SegmentEvent: whole, Key: "k", Dest: "s3://b/p"})
+	stream(t, c, 6<<20+10)
+	if p := c.Positions(); p.PendingFiles != 0 {
+		t.Errorf("%d files pending after segment 5 completed with its whole confirmation already in: its range should have left with it", p.PendingFiles)
+	}
+	if f := c.Flush(); f != 6<<20 {
+		t.Errorf("flush %s, want 0/600000: the bucket holds segment 5 whole, yet its range holds flush", f)
+	}
+}
