@@ -123,3 +123,39 @@ func TestReviewEarlyWholeConfirmationKeepsRangesPending(t *testing.T) {
 		t.Errorf("flush %s, want 0/600000: the bucket holds segment 5 whole, yet its range holds flush", f)
 	}
 }
+
+// Finding: confirm() matches a range confirmation by MsgID (file, offset
+// within the segment by the event's own SegSize, length), SHA-256 and
+// destination, then records the span from the confirmation's StartLSN and
+// EndLSN and computes its segment from them with the receiver's size. A
+// confirmation that carries another segment size passes Validate and
+// names the same MsgID with LSNs in another segment: the pending range
+// leaves without the bucket holding it where it belongs, and a span is
+// credited to a segment the bucket holds nothing of; when the frontier
+// gets there, flush passes WAL the bucket lacks.
+func TestReviewRangeConfirmationWithOtherSegSize(t *testing.T) {
+	tr := newTracker(mb, 5<<20, 5<<20, "s3://b/p")
+	seg := pipeline.Segment{Timeline: 1, No: 5}
+	ev := segEvent(1, 5)
+	ev.Kind, ev.StartLSN, ev.EndLSN, ev.Size = pipeline.KindRange, seg.StartLSN(mb), seg.StartLSN(mb)+4000, 4000
+	tr.add(ev, ev.StartLSN)
+	forged := archivedOf(ev)
+	forged.SegSize = 2 << 20 // the same file name is segment 5 at 0/A00000 with 2 MB segments
+	forged.StartLSN, forged.EndLSN = 10<<20, 10<<20+4000
+	if err := forged.SegmentEvent.Validate(); err != nil {
+		t.Fatalf("the forged confirmation does not pass Validate (so DecodeArchivedEvent would drop it): %v", err)
+	}
+	if forged.MsgID() != ev.MsgID() {
+		t.Fatalf("MsgID %s, pending %s", forged.MsgID(), ev.MsgID())
+	}
+	res, _, _, _ := tr.confirm(forged)
+	if res == confirmOK {
+		t.Errorf("a confirmation with segment size %d and LSNs %s-%s confirmed the range %s-%s of a %d-byte segment",
+			forged.SegSize, forged.StartLSN, forged.EndLSN, ev.StartLSN, ev.EndLSN, uint64(mb))
+	}
+	// Segments 5 to 9 are archived whole (not modelled); the frontier is at 10.
+	tr.setFrontierOn(1, 10<<20)
+	if f := pipeline.LSN(tr.flush.Load()); f > 10<<20 {
+		t.Errorf("flush %s inside segment 10, of which the bucket holds nothing", f)
+	}
+}
