@@ -159,3 +159,42 @@ func TestReviewRangeConfirmationWithOtherSegSize(t *testing.T) {
 		t.Errorf("flush %s inside segment 10, of which the bucket holds nothing", f)
 	}
 }
+
+// Finding: a receiver restarted with --partial-interval 0 (ranges turned
+// off after a run that cut some) publishes the segment its earlier run
+// cut ranges of without Ranges, so no archiver ever deletes those range
+// objects: they stay in the bucket for good. (Open and addFound mark a
+// segment as possibly ranged only when ranges are on now.)
+func TestReviewRangesOffAfterRangesOnLeavesThemForGood(t *testing.T) {
+	dir := t.TempDir()
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	in := StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20}
+	c1 := newRangeCore(t, dir, clk)
+	if err := c1.Start(in); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c1, 5<<20+4000)
+	clk.t = clk.t.Add(6 * time.Second)
+	syncAndCut(t, c1)
+	pub1 := &fakePub{}
+	publishAll(t, c1, pub1)
+	confirmAll(c1, pub1) // the range is in the bucket
+	c1.Release()
+
+	c2, err := NewCore(CoreConfig{Server: "s", SystemID: "42", Size: mb, Dir: dir, Dest: "s3://b/p", Now: clk.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c2.Release)
+	if err := c2.Start(in); err != nil {
+		t.Fatal(err)
+	}
+	stream(t, c2, 6<<20+10)
+	pub := &fakePub{}
+	publishAll(t, c2, pub)
+	for _, ev := range pub.events {
+		if ev.Kind == pipeline.KindSegment && ev.StartLSN == 5<<20 && !ev.Ranges {
+			t.Errorf("segment 5, of which the bucket holds a range of the previous run, published without Ranges: the range is never deleted")
+		}
+	}
+}
