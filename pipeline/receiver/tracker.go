@@ -208,7 +208,7 @@ func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived boo
 	if sum, ok := t.early[id]; ok && sum == ev.SHA256 {
 		delete(t.early, id)
 		if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial {
-			gone = t.dropRanges(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size))
+			gone = t.dropRanges(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size), ev.EndLSN)
 			t.update()
 		}
 		t.mu.Unlock()
@@ -383,7 +383,7 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 		t.spans[seg] = append(t.spans[seg], span{ev.StartLSN, ev.EndLSN})
 		t.raise(seg)
 	case pipeline.KindSegment, pipeline.KindPartial:
-		gone = append(gone, t.dropRanges(seg)...)
+		gone = append(gone, t.dropRanges(seg, ev.EndLSN)...)
 	}
 	before := pipeline.LSN(t.flush.Load())
 	t.update()
@@ -402,7 +402,12 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 // of them: an ended timeline's ranges past its end (WAL a cascading
 // standby received but never replayed) are no timeline's WAL, and must not
 // hold flush.
-func (t *tracker) dropRanges(seg pipeline.Segment) []pipeline.SegmentEvent {
+//
+// When seg is the segment being written (archived whole by an earlier life
+// of the receiver, or another receiver, and streamed again here), the
+// bucket holds it to end: that stays its reach, so flush does not fall
+// back to its start.
+func (t *tracker) dropRanges(seg pipeline.Segment, end pipeline.LSN) []pipeline.SegmentEvent {
 	name := seg.Name(t.size)
 	var ids []string
 	for id, r := range t.pending {
@@ -418,6 +423,9 @@ func (t *tracker) dropRanges(seg pipeline.Segment) []pipeline.SegmentEvent {
 	}
 	delete(t.spans, seg)
 	delete(t.inherited, seg)
+	if seg == pipeline.SegmentOf(t.ftli, t.frontier, t.size) {
+		t.spans[seg] = []span{{seg.StartLSN(t.size), end}}
+	}
 	return gone
 }
 
