@@ -443,7 +443,10 @@ func (c *Core) CutRange() error {
 	// timeline's WAL below a switch is: a restore of this timeline's file
 	// stitches only its own ranges, from offset 0.
 	from, to := max(c.cutEnd, c.tr.ownReachOf(c.cutSeg)), c.spool.synced
-	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval {
+	// A tenth of the interval's slack: the caller's timer and the
+	// segment's first byte start a hair apart, and a cut must not slip a
+	// whole interval for it.
+	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval-c.cfg.PartialInterval/10 {
 		return nil
 	}
 	data, err := c.spool.readOpen(from, to)

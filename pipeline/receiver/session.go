@@ -105,7 +105,12 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn) error {
 
 	var sentFlush pipeline.LSN
 	var stopping shutdownDetector
-	var rd recvDeadline
+	rd := recvDeadline{poll: 200 * time.Millisecond}
+	if r.cfg.Synchronous {
+		// A synchronous_commit = on commit waits for flush: notice its
+		// move within a few milliseconds, not 200.
+		rd.poll = 25 * time.Millisecond
+	}
 	defer rd.stop()
 	nextStatus := time.Now()
 	nextCut := time.Now().Add(r.cfg.PartialInterval)
@@ -251,14 +256,15 @@ type recvDeadline struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	at     time.Time
+	poll   time.Duration // the longest wait
 }
 
 // get returns a context that ends at the next status update or within
-// 200 ms, whichever is first, so flush changes are noticed promptly.
+// poll (200 ms), whichever is first, so flush changes are noticed promptly.
 func (d *recvDeadline) get(parent context.Context, nextStatus time.Time) context.Context {
 	if d.ctx == nil || d.ctx.Err() != nil || nextStatus.Before(d.at) {
 		d.stop()
-		d.at = time.Now().Add(min(time.Until(nextStatus), 200*time.Millisecond))
+		d.at = time.Now().Add(min(time.Until(nextStatus), d.poll))
 		d.ctx, d.cancel = context.WithDeadline(parent, d.at)
 	}
 	return d.ctx
