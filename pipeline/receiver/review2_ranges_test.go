@@ -66,3 +66,30 @@ func TestReviewNewTimelineRangeEndsBelowSwitch(t *testing.T) {
 		t.Errorf("flush %s, but timeline 3's ranges of segment 9 (what fetch --allow-partial serves for it) hold WAL to %s only", c.Flush(), end)
 	}
 }
+
+// Finding R2-2: ranges an earlier run (or the receiver a --standby took
+// over from) cut of a segment past the slot's segment stay in the bucket
+// for good. That run's flush was held in an earlier segment (still
+// pending) while it cut ranges of the segment being written; a run that
+// starts without that spool (spool lost, another host's standby) starts
+// at the slot's segment, catches up too fast to cut anything, and
+// publishes the later segment without Ranges, so no archiver deletes its
+// ranges. Only the first segment (Open) and spool files are marked.
+func TestReviewRangesOfEarlierRunPastSlotSegmentLeftBehind(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	c := newRangeCore(t, t.TempDir(), clk)
+	// The earlier run wrote to 6/80000 and cut ranges of segment 6 while
+	// segment 5 was not confirmed: the slot is at 5's start. The server's
+	// position at start is past everything that run can have cut.
+	if err := c.Start(StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 6<<20 + 0x80000, History: serverHistory}); err != nil {
+		t.Fatal(err)
+	}
+	pub := &fakePub{}
+	stream(t, c, 7<<20+100)
+	publishAll(t, c, pub)
+	for _, ev := range pub.events {
+		if ev.Kind == pipeline.KindSegment && ev.StartLSN == 6<<20 && !ev.Ranges {
+			t.Errorf("segment %s (the server had WAL in it when this run started, so an earlier run may have cut ranges of it) published without Ranges: its ranges in the bucket are never deleted", ev.File)
+		}
+	}
+}
