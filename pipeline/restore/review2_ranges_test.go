@@ -78,3 +78,34 @@ func sha(b []byte) string {
 	s := sha256.Sum256(b)
 	return pipeline.SHA256Hex(s[:])
 }
+
+// Finding R2-3: ranges of an ended timeline's last segment are served past
+// the timeline's end. A receiver streaming from a cascading standby cuts
+// ranges of what the standby received; the standby is promoted at a
+// point below that (a recovery target with recovery_target_action =
+// promote stops replay before WAL it received; a plain promote leaves a
+// torn record). Until the old timeline's .partial is archived (which
+// deletes its ranges), fetch --allow-partial of 00000001…05 - what
+// PostgreSQL asks for when timeline 2's file of segment 5 is not in the
+// bucket yet - stitches the ranges to their end, past the switch point
+// the bucket's own 00000002.history states: WAL that is on no timeline
+// recovery follows, which it replays as timeline 2's.
+func TestReviewFetchEndedTimelineRangesPastSwitch(t *testing.T) {
+	r := newRangeArchive(t)
+	const sw = 0x6000
+	at := r.seg.StartLSN(r.size) + sw
+	hist := []byte("1\t" + at.String() + "\tbefore transaction 1234\n")
+	r.put(pipeline.HistoryFileName(2), hist, sinks.Metadata{SHA256: sha(hist), Timeline: 2,
+		SystemID: strconv.FormatUint(testSysID, 10), Codec: "zstd", RawSize: int64(len(hist))})
+	r.putRange(0, 0x4000, nil)
+	r.putRange(0x4000, 0x8000, nil) // received by the standby, never replayed: past the switch
+	got, err := r.fetch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := sw; i < len(got); i++ {
+		if got[i] != 0 {
+			t.Fatalf("served %s with WAL at offset %#x, past timeline 1's end %s (offset %#x) that 00000002.history states", r.seg.Name(r.size), i, at, sw)
+		}
+	}
+}
