@@ -93,3 +93,35 @@ func TestReviewRangesOfEarlierRunPastSlotSegmentLeftBehind(t *testing.T) {
 		}
 	}
 }
+
+// Finding R2-4: every segment completed with its confirmation already
+// known (tracker.early: a takeover or a restart catching up WAL another
+// receiver or an earlier life archived) leaves a full span in
+// tracker.spans for good. The completion callback adds the segment while
+// it is still the frontier, so dropRanges keeps "a full span for the
+// frontier segment", and nothing ever deletes it: memory and the O(n)
+// scans in dropRanges grow with every segment of the catch-up.
+func TestReviewEarlyWholeConfirmationsLeakSpans(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	start := StartInput{Slot: SlotState{Exists: true, RestartLSN: 5 << 20, Timeline: 1}, ServerTLI: 1, ServerPos: 5 << 20, History: serverHistory}
+	a := newRangeCore(t, t.TempDir(), clk)
+	if err := a.Start(start); err != nil {
+		t.Fatal(err)
+	}
+	pub := &fakePub{}
+	stream(t, a, 7<<20+100)
+	publishAll(t, a, pub)
+
+	b := newRangeCore(t, t.TempDir(), clk) // takes over with its own spool
+	if err := b.Start(start); err != nil {
+		t.Fatal(err)
+	}
+	confirmAll(b, pub) // a's confirmations, replayed: early for b
+	stream(t, b, 7<<20+100)
+	b.tr.mu.Lock()
+	n := len(b.tr.spans)
+	b.tr.mu.Unlock()
+	if n > 1 {
+		t.Errorf("%d segments' spans kept after two segments completed already archived; want at most the frontier's", n)
+	}
+}
