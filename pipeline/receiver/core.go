@@ -59,6 +59,10 @@ type Core struct {
 	segBegan time.Time
 	lastMark time.Time
 	ranged   map[pipeline.Segment]bool
+	// rangedUpTo: every segment up to this number, which the server had
+	// WAL in when this run started, may have ranges an earlier run (or
+	// another receiver) cut.
+	rangedUpTo uint64
 }
 
 // CoreConfig configures a Core.
@@ -175,6 +179,7 @@ func (c *Core) Start(in StartInput) error {
 	c.tr.setFrontierOn(p.tli, p.start)
 	c.done = map[pipeline.Segment]string{}
 	c.ranged = map[pipeline.Segment]bool{}
+	c.rangedUpTo = uint64(max(in.ServerPos, in.Slot.RestartLSN)) / uint64(c.cfg.Size)
 	c.cutSeg, c.cutEnd = pipeline.Segment{}, 0
 	for _, f := range p.done {
 		c.done[f.seg] = join(c.spool.dir, f.name)
@@ -449,6 +454,13 @@ func (c *Core) CutRange() error {
 	if to <= from || c.segBegan.IsZero() || c.cfg.Now().Sub(c.segBegan) < c.cfg.PartialInterval-c.cfg.PartialInterval/10 {
 		return nil
 	}
+	// A new timeline's first range reaches at least its switch point:
+	// recovery reads this timeline's file, stitched from its ranges with
+	// the parent's WAL below the switch, and one ending below what flush
+	// already counts would be a step back for a restore that only has it.
+	if to < c.tr.inheritedOf(c.cutSeg) {
+		return nil
+	}
 	data, err := c.spool.readOpen(from, to)
 	if err != nil {
 		return err
@@ -655,7 +667,7 @@ func (c *Core) LagSeconds(now time.Time, received pipeline.LSN) float64 {
 
 func (c *Core) event(seg pipeline.Segment, sum string) pipeline.SegmentEvent {
 	ev := c.baseEvent(seg, sum)
-	if c.ranged[seg] {
+	if c.ranged[seg] || seg.No <= c.rangedUpTo {
 		ev.Ranges = true
 		delete(c.ranged, seg)
 	}

@@ -189,6 +189,13 @@ func (t *tracker) holdOf(ev pipeline.SegmentEvent, hold pipeline.LSN) pipeline.L
 	return hold
 }
 
+// inheritedOf is how far the previous timeline's files hold seg.
+func (t *tracker) inheritedOf(seg pipeline.Segment) pipeline.LSN {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.inherited[seg]
+}
+
 // ownReachOf is ownReach, for other goroutines.
 func (t *tracker) ownReachOf(seg pipeline.Segment) pipeline.LSN {
 	t.mu.Lock()
@@ -208,7 +215,7 @@ func (t *tracker) add(ev pipeline.SegmentEvent, hold pipeline.LSN) (archived boo
 	if sum, ok := t.early[id]; ok && sum == ev.SHA256 {
 		delete(t.early, id)
 		if ev.Kind == pipeline.KindSegment || ev.Kind == pipeline.KindPartial {
-			gone = t.dropRanges(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size), ev.EndLSN)
+			gone = t.dropRanges(pipeline.SegmentOf(ev.Timeline, ev.StartLSN, t.size), ev.EndLSN, false)
 			t.update()
 		}
 		t.mu.Unlock()
@@ -383,7 +390,7 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 		t.spans[seg] = append(t.spans[seg], span{ev.StartLSN, ev.EndLSN})
 		t.raise(seg)
 	case pipeline.KindSegment, pipeline.KindPartial:
-		gone = append(gone, t.dropRanges(seg, ev.EndLSN)...)
+		gone = append(gone, t.dropRanges(seg, ev.EndLSN, true)...)
 	}
 	before := pipeline.LSN(t.flush.Load())
 	t.update()
@@ -407,7 +414,11 @@ func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason s
 // of the receiver, or another receiver, and streamed again here), the
 // bucket holds it to end: that stays its reach, so flush does not fall
 // back to its start.
-func (t *tracker) dropRanges(seg pipeline.Segment, end pipeline.LSN) []pipeline.SegmentEvent {
+//
+// A segment added already archived (its confirmation came first) is
+// complete: the frontier moves past it at once, so it keeps no span
+// (frontier false).
+func (t *tracker) dropRanges(seg pipeline.Segment, end pipeline.LSN, frontier bool) []pipeline.SegmentEvent {
 	name := seg.Name(t.size)
 	var ids []string
 	for id, r := range t.pending {
@@ -423,7 +434,7 @@ func (t *tracker) dropRanges(seg pipeline.Segment, end pipeline.LSN) []pipeline.
 	}
 	delete(t.spans, seg)
 	delete(t.inherited, seg)
-	if seg == pipeline.SegmentOf(t.ftli, t.frontier, t.size) {
+	if frontier && seg == pipeline.SegmentOf(t.ftli, t.frontier, t.size) {
 		t.spans[seg] = []span{{seg.StartLSN(t.size), end}}
 	}
 	return gone

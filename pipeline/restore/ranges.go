@@ -71,9 +71,9 @@ func listRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, segme
 // the end of that run (0 and none when no range starts at 0). Ranges of
 // different receiver runs may overlap; each chosen one starts at or
 // before the end of the previous one.
-func cover(ranges []rangeObject) ([]rangeObject, uint64) {
+func cover(ranges []rangeObject, from uint64) ([]rangeObject, uint64) {
 	var chosen []rangeObject
-	end, i := uint64(0), 0
+	end, i := from, 0
 	for {
 		best := -1
 		for ; i < len(ranges) && ranges[i].From <= end; i++ {
@@ -195,15 +195,54 @@ func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	chosen, end := cover(ranges)
-	if len(chosen) == 0 {
+	chosen, end := cover(ranges, 0)
+	// A timeline that began inside this segment: its file below the switch
+	// point is its parent's WAL, which the bucket may hold further than
+	// this timeline's own ranges (the receiver's first range of a new
+	// timeline can end below the switch; a restarted receiver cuts from
+	// 0). Recovery reads this timeline's file and never falls back to the
+	// parent's, so the parent's copy fills in below the switch.
+	var base []byte
+	var baseEnd uint64
+	if sw, parent, ok, err := f.beganInside(ctx, seg, size); err != nil {
+		return nil, err
+	} else if ok && end < sw {
+		switch p, err := f.Read(ctx, pipeline.Segment{Timeline: parent, No: seg.No}.Name(size)); {
+		case err == nil && uint64(len(p)) >= sw:
+			base, baseEnd = p[:sw], sw
+			chosen, end = cover(ranges, sw)
+		case err != nil && !errors.Is(err, ErrNotFound):
+			return nil, err
+		}
+	}
+	// An ended timeline's ranges past its end (what a promoted cascading
+	// standby received but did not replay) are no timeline's WAL.
+	if stop, ok, err := f.endedInside(ctx, seg, size); err != nil {
+		return nil, err
+	} else if ok && end > stop {
+		end = stop
+		if baseEnd > stop {
+			base, baseEnd = base[:stop], stop
+		}
+		var kept []rangeObject
+		for _, r := range chosen {
+			if r.From < stop {
+				kept = append(kept, r)
+			}
+		}
+		chosen = kept
+	}
+	if len(chosen) == 0 && base != nil {
+		chosen, end = nil, baseEnd
+	}
+	if len(chosen) == 0 && base == nil {
 		// None, or none at offset 0: the whole file may have been archived
 		// and its ranges deleted since it was looked up.
 		return f.recheckWhole(ctx, name, nil)
 	}
 	buf := make([]byte, size)
-	var have uint64
-	var prev string
+	copy(buf, base)
+	have, prev := baseEnd, "the parent timeline's copy"
 	for _, r := range chosen {
 		raw, err := f.downloadRange(ctx, seg, size, r, want)
 		if errors.Is(err, errRangeVanished) {
@@ -218,8 +257,8 @@ func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
 					ErrCorrupt, name, prev, r.Key, r.From+uint64(i))
 			}
 		}
-		copy(buf[r.From:], raw)
-		have, prev = r.To, r.Key
+		copy(buf[r.From:], raw[:min(uint64(len(raw)), end-r.From)])
+		have, prev = min(r.To, end), r.Key
 	}
 	sum := sha256.Sum256(buf[:end])
 	meta := sinks.Metadata{SHA256: pipeline.SHA256Hex(sum[:]), StartLSN: seg.StartLSN(size).String(),
@@ -228,6 +267,57 @@ func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
 		return nil, fmt.Errorf("ranges of %s stitched to offset %#x: %w", name, end, err)
 	}
 	return buf, nil
+}
+
+// beganInside reads the history of seg's timeline from the bucket: when
+// the timeline began inside seg, it returns the switch point's offset and
+// the parent timeline. No history file in the bucket: ok false.
+func (f *Fetcher) beganInside(ctx context.Context, seg pipeline.Segment, size pipeline.SegmentSize) (sw uint64, parent uint32, ok bool, err error) {
+	if seg.Timeline < 2 {
+		return 0, 0, false, nil
+	}
+	hist, err := f.history(ctx, seg.Timeline)
+	if err != nil || hist == nil {
+		return 0, 0, false, err
+	}
+	parent, at, ok := pipeline.SwitchPoint(hist)
+	if !ok || pipeline.SegmentOf(seg.Timeline, at, size) != seg || size.Offset(at) == 0 {
+		return 0, 0, false, nil
+	}
+	return uint64(size.Offset(at)), parent, true, nil
+}
+
+// endedInside looks for the timeline after seg's (the next number's
+// history, the usual case): when seg's timeline ended inside seg, it
+// returns the offset where.
+func (f *Fetcher) endedInside(ctx context.Context, seg pipeline.Segment, size pipeline.SegmentSize) (uint64, bool, error) {
+	hist, err := f.history(ctx, seg.Timeline+1)
+	if err != nil || hist == nil {
+		return 0, false, err
+	}
+	for _, e := range hist {
+		if e.Parent == seg.Timeline && pipeline.SegmentOf(seg.Timeline, e.Switch, size) == seg {
+			return uint64(size.Offset(e.Switch)), true, nil
+		}
+	}
+	return 0, false, nil
+}
+
+// history reads a timeline's history file from the bucket; nil when there
+// is none.
+func (f *Fetcher) history(ctx context.Context, tli uint32) ([]pipeline.HistoryEntry, error) {
+	data, err := f.Read(ctx, pipeline.HistoryFileName(tli))
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	hist, err := pipeline.ParseHistory(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, pipeline.HistoryFileName(tli), err)
+	}
+	return hist, nil
 }
 
 // recheckWhole looks a segment up again, whole then .partial, after its

@@ -104,7 +104,7 @@ func verifyRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, obj
 		sort.Slice(ranges, func(i, j int) bool {
 			return ranges[i].From < ranges[j].From || ranges[i].From == ranges[j].From && ranges[i].To > ranges[j].To
 		})
-		_, end := cover(ranges)
+		_, end := cover(ranges, 0)
 		if end == 0 {
 			rep.Problems = append(rep.Problems, Problem{layout.RangePrefix(seg.Name(size)),
 				fmt.Sprintf("ranges of %s do not start at offset 0: fetch --allow-partial cannot serve them", seg.Name(size))})
