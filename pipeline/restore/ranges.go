@@ -207,12 +207,17 @@ func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
 	if sw, parent, ok, err := f.beganInside(ctx, seg, size); err != nil {
 		return nil, err
 	} else if ok && end < sw {
-		switch p, err := f.Read(ctx, pipeline.Segment{Timeline: parent, No: seg.No}.Name(size)); {
-		case err == nil && uint64(len(p)) >= sw:
-			base, baseEnd = p[:sw], sw
-			chosen, end = cover(ranges, sw)
-		case err != nil && !errors.Is(err, ErrNotFound):
+		p, err := f.Read(ctx, pipeline.Segment{Timeline: parent, No: seg.No}.Name(size))
+		if err != nil && !errors.Is(err, ErrNotFound) {
 			return nil, err
+		}
+		// The parent's copy is zero-padded: it counts to its last byte
+		// that is not zero (its own ranges may not reach the switch yet;
+		// zeros after that are what the buffer holds anyway).
+		if n := dataEnd(p, sw); err == nil && n > end {
+			base, baseEnd = p[:n], n
+			chosen, end = cover(ranges, baseEnd)
+			end = max(end, baseEnd)
 		}
 	}
 	// An ended timeline's ranges past its end (what a promoted cascading
@@ -333,6 +338,15 @@ func (f *Fetcher) recheckWhole(ctx context.Context, name string, cause error) ([
 		return nil, cause
 	}
 	return nil, err
+}
+
+// dataEnd is the end of p's bytes below limit, without its zero tail.
+func dataEnd(p []byte, limit uint64) uint64 {
+	n := min(uint64(len(p)), limit)
+	for n > 0 && p[n-1] == 0 {
+		n--
+	}
+	return n
 }
 
 func firstDiff(a, b []byte) int {

@@ -109,3 +109,38 @@ func TestReviewFetchEndedTimelineRangesPastSwitch(t *testing.T) {
 		}
 	}
 }
+
+// The parent timeline's copy below the switch point may itself be short
+// (its ranges, its .partial not archived yet): a new timeline's segment
+// is stitched over as much of it as the bucket holds, never aborted for
+// the zeros after it.
+func TestFetchNewTimelineParentShort(t *testing.T) {
+	r := newRangeArchive(t)
+	const sw = 0x6000
+	at := r.seg.StartLSN(r.size) + sw
+	r.putRange(0, 0x3000, nil) // timeline 1's ranges reach 0x3000 only
+	hist := []byte("1\t" + at.String() + "\tno recovery target specified\n")
+	r.put(pipeline.HistoryFileName(2), hist, sinks.Metadata{SHA256: sha(hist), Timeline: 2,
+		SystemID: strconv.FormatUint(testSysID, 10), Codec: "zstd", RawSize: int64(len(hist))})
+	seg2 := pipeline.Segment{Timeline: 2, No: r.seg.No}
+	body := r.raw[:0x1000]
+	z, err := r.enc.Encode(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta := r.rangeMeta(0, 0x1000, body)
+	meta.Timeline = 2
+	if err := r.sink.Put(context.Background(), r.layout.RangeKey(seg2.Name(r.size), 0, 0x1000, ".zst"), append([]byte(nil), z...), meta); err != nil {
+		t.Fatal(err)
+	}
+	f := r.fetcher()
+	f.AllowPartial = true
+	got, err := f.Read(context.Background(), seg2.Name(r.size))
+	if err != nil {
+		t.Fatalf("fetch %s: %v", seg2.Name(r.size), err)
+	}
+	n := dataEnd(r.raw, 0x3000)
+	if !bytes.Equal(got[:n], r.raw[:n]) || !allZero(got[0x3000:]) {
+		t.Errorf("served %s: want timeline 1's WAL to %#x from its ranges, then zeros", seg2.Name(r.size), n)
+	}
+}
