@@ -34,7 +34,7 @@ var (
 // 5s without progress goes to another archiver, a conflict is retried
 // every 5s. The defaults stay production-sized.
 var (
-	chaosRecvTimers = []string{"--republish-after", "5s", "--ack-wait", "5s", "--status-interval", "1s"}
+	chaosRecvTimers = []string{"--republish-after", "5s", "--ack-wait", "5s", "--status-interval", "1s", "--partial-interval", "1s"}
 	chaosArchTimers = []string{"--ack-wait", "5s", "--conflict-retry", "5s"}
 )
 
@@ -259,8 +259,11 @@ func TestChaos(t *testing.T) {
 	}
 	sort.Strings(kinds)
 	t.Logf("%d faults in %s: %s", n, faultTime.Round(time.Second), strings.Join(kinds, ", "))
-	t.Logf("%d invariant samples (%d while S3 was down), 0 ahead of the bucket; %d segments compared byte for byte; longest flush stall %s (during: %s)",
-		smp.samples, smp.blind, compared, smp.longest.Round(100*time.Millisecond), smp.longestDuring)
+	if smp.mid == 0 {
+		t.Errorf("no sample saw flush inside a segment: ranges (--partial-interval 1s) were not exercised")
+	}
+	t.Logf("%d invariant samples (%d while S3 was down, %d with flush inside a segment by ranges), 0 ahead of the bucket; %d segments compared byte for byte; longest flush stall %s (during: %s)",
+		smp.samples, smp.blind, smp.mid, compared, smp.longest.Round(100*time.Millisecond), smp.longestDuring)
 }
 
 // chaosLoad writes WAL through restarts and a promotion, paced (a few
@@ -297,6 +300,7 @@ type chaosSampler struct {
 	during        string         // the fault being injected
 	samples       int
 	blind         int // samples taken while S3 was down or cut off
+	mid           int // samples with flush inside a segment, beyond the whole segments (ranges)
 	longest       time.Duration
 	longestDuring string
 }
@@ -357,7 +361,8 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		s.mu.Lock()
 		switches := s.switches
 		s.mu.Unlock()
-		end := max(extendByRanges(lineEnd(have, s.first, switches), ranges, switches), s.initial)
+		whole := lineEnd(have, s.first, switches)
+		end := max(extendByRanges(whole, ranges, switches), s.initial)
 		r, _ := pipeline.ParseLSN(restart)
 		f, _ := pipeline.ParseLSN(flush)
 		cur, _ := pipeline.ParseLSN(current)
@@ -368,6 +373,9 @@ func (s *chaosSampler) run(ctx context.Context, t *testing.T) {
 		}
 		if r > end || f > end {
 			t.Errorf("invariant broken during %q: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", s.during, r, f, end)
+		}
+		if f > max(whole, s.initial) && segSize.Offset(f) != 0 {
+			s.mid++
 		}
 		now := time.Now()
 		switch {
