@@ -71,7 +71,7 @@ func (st *stack) invariantSampler(ctx context.Context, t *testing.T, first uint6
 			if restart > end || flush > end {
 				t.Errorf("invariant broken: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", restart, flush, end)
 			}
-			if flush > whole && segSize.Offset(flush) != 0 {
+			if flush > max(whole, initial) && segSize.Offset(flush) != 0 {
 				mid.Add(1)
 			}
 			n++
