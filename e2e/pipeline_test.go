@@ -67,7 +67,7 @@ func (st *stack) invariantSampler(ctx context.Context, t *testing.T, first uint6
 				continue
 			}
 			whole := contiguousEnd(have, first)
-			end := max(extendByRanges(whole, ranges, nil), initial)
+			end := max(extendByRanges(whole, ranges, nil, nil), initial)
 			if restart > end || flush > end {
 				t.Errorf("invariant broken: restart_lsn %s, flush_lsn %s, bucket contiguous to %s", restart, flush, end)
 			}

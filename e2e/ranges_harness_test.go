@@ -74,9 +74,10 @@ func reachOf(rs []rangeObj) uint64 {
 
 // extendByRanges moves end, the end of the whole segments the bucket holds
 // contiguously (a segment boundary), over the ranges of the segment that
-// starts there: the owner timeline's, and those of a timeline that ended
-// inside it, up to where it ended (its WAL before that is the line's).
-func extendByRanges(end pipeline.LSN, ranges map[pipeline.Segment][]rangeObj, switches []pipeline.LSN) pipeline.LSN {
+// starts there: the owner timeline's, and those (or the .partial, ended)
+// of a timeline that ended inside it, up to where it ended (its WAL before
+// that is the line's; fetch fills a new timeline's file with it).
+func extendByRanges(end pipeline.LSN, ranges map[pipeline.Segment][]rangeObj, ended map[pipeline.Segment]bool, switches []pipeline.LSN) pipeline.LSN {
 	if segSize.Offset(end) != 0 {
 		return end
 	}
@@ -84,11 +85,15 @@ func extendByRanges(end pipeline.LSN, ranges map[pipeline.Segment][]rangeObj, sw
 	best := end
 	owner := timelineOf(n, switches)
 	for tli := uint32(1); tli <= owner; tli++ {
-		reach := end + pipeline.LSN(reachOf(ranges[pipeline.Segment{Timeline: tli, No: n}]))
+		seg := pipeline.Segment{Timeline: tli, No: n}
+		reach := end + pipeline.LSN(reachOf(ranges[seg]))
 		if tli < owner {
 			at := switches[tli-1] // where timeline tli ended
 			if uint64(at)/uint64(segSize) != n {
 				continue
+			}
+			if ended[seg] {
+				reach = at
 			}
 			reach = min(reach, at)
 		}
