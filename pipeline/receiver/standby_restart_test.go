@@ -48,9 +48,13 @@ func TestStandbySurvivesPostgresRestart(t *testing.T) {
 	r := New(Config{ConnString: pg.URL("postgres"), AppName: "walship", Slot: "walship", Server: "db", SpoolDir: t.TempDir(), Standby: true}, nopPublisher{}, nopConfirmations{})
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for !r.standby.Load() && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case err := <-done:
+			t.Fatalf("the receiver ended before reporting standby: %v", err)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	if !r.standby.Load() {
 		t.Fatal("receiver never reported standby")
