@@ -238,6 +238,14 @@ func (f *Fetcher) fromRanges(ctx context.Context, name string) ([]byte, error) {
 		chosen = kept
 	}
 	if len(chosen) == 0 && base != nil {
+		// Only the parent's copy: the segment may have been archived whole
+		// (and its ranges deleted) since it was looked up.
+		switch data, err := f.recheckWhole(ctx, name, nil); {
+		case err == nil:
+			return data, nil
+		case !errors.Is(err, ErrNotFound):
+			return nil, err
+		}
 		chosen, end = nil, baseEnd
 	}
 	if len(chosen) == 0 && base == nil {
@@ -292,20 +300,36 @@ func (f *Fetcher) beganInside(ctx context.Context, seg pipeline.Segment, size pi
 	return uint64(size.Offset(at)), parent, true, nil
 }
 
-// endedInside looks for the timeline after seg's (the next number's
-// history, the usual case): when seg's timeline ended inside seg, it
-// returns the offset where.
+// endedInside looks, in the history files of the timelines after seg's
+// (probed upwards until eight in a row are missing: a timeline walship
+// never streamed, an abandoned branch, leaves a hole that a restore naming
+// its target timeline jumps), for where seg's timeline ended inside seg; the earliest such
+// switch, when several timelines branched from it there. A restore that
+// follows seg's own timeline past such a branch (recovery_target_timeline
+// naming it) then gets its ranges cut at the branch: never WAL of a line
+// recovery may not follow.
 func (f *Fetcher) endedInside(ctx context.Context, seg pipeline.Segment, size pipeline.SegmentSize) (uint64, bool, error) {
-	hist, err := f.history(ctx, seg.Timeline+1)
-	if err != nil || hist == nil {
-		return 0, false, err
-	}
-	for _, e := range hist {
-		if e.Parent == seg.Timeline && pipeline.SegmentOf(seg.Timeline, e.Switch, size) == seg {
-			return uint64(size.Offset(e.Switch)), true, nil
+	var stop uint64
+	found := false
+	for tli, missing := seg.Timeline+1, 0; tli > seg.Timeline && missing < 8; tli++ {
+		hist, err := f.history(ctx, tli)
+		if err != nil {
+			return 0, false, err
+		}
+		if hist == nil {
+			missing++
+			continue
+		}
+		missing = 0
+		for _, e := range hist {
+			if e.Parent == seg.Timeline && pipeline.SegmentOf(seg.Timeline, e.Switch, size) == seg {
+				if off := uint64(size.Offset(e.Switch)); !found || off < stop {
+					stop, found = off, true
+				}
+			}
 		}
 	}
-	return 0, false, nil
+	return stop, found, nil
 }
 
 // history reads a timeline's history file from the bucket; nil when there
