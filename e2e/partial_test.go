@@ -122,6 +122,7 @@ func (st *stack) restoreAll(t *testing.T, from *testenv.Postgres, backup string)
 // interval plus an upload before the crash; the rows it has are exactly
 // the first ones, without a hole.
 func TestPartialRPO(t *testing.T) {
+	t.Parallel() // mostly waiting: runs beside the other range tests
 	const interval = time.Second
 	st := newStack(t)
 	st.pg.Exec(`CREATE TABLE rpo (id serial primary key, phase text, at timestamptz default clock_timestamp())`)
@@ -160,6 +161,7 @@ func TestPartialRPO(t *testing.T) {
 // row of timeline 2 committed more than an interval and an upload before
 // the crash.
 func TestPartialRPOPromotion(t *testing.T) {
+	t.Parallel() // mostly waiting: runs beside the other range tests
 	const interval = time.Second
 	st := newStack(t)
 	primary := st.pg
