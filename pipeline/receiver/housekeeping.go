@@ -88,7 +88,7 @@ type gauges struct {
 }
 
 func newGauges(m *Metrics, server string) gauges {
-	for _, stage := range []string{"receive", "publish", "watch", "slotpoll"} {
+	for _, stage := range []string{"receive", "publish", "watch", "slotpoll", "range"} {
 		m.Errors.WithLabelValues(server, stage).Add(0)
 	}
 	for _, reason := range []string{"sha256", "dest", "position", "undecodable"} {

@@ -146,8 +146,14 @@ func (r *Receiver) stream(ctx context.Context, conn *pgconn.PgConn) error {
 			if err := status(ctx); err != nil {
 				return err
 			}
+			// A range that cannot be written (a full disk: the segment is
+			// preallocated, a range file is not) is tried again next
+			// interval; streaming goes on, and the slot still holds its WAL.
 			if err := r.core.CutRange(); err != nil {
-				return err
+				r.m.errors.WithLabelValues("range").Inc()
+				r.rl.Warn("range", "cannot cut a range of the segment being written; trying again next interval (the slot still holds its WAL)", "error", err)
+			} else {
+				r.rl.Reset("range")
 			}
 			nextCut = time.Now().Add(r.cfg.PartialInterval)
 		}
