@@ -115,6 +115,12 @@ func TestByteForByteAndInvariant(t *testing.T) {
 	if cutLoad-cutBefore > 1 {
 		t.Errorf("%v ranges cut during a load that wrote %d segments: a busy server must upload whole segments only", cutLoad-cutBefore, loadSegs)
 	}
+	// The quiet spell starts once the receiver has caught up with the load
+	// (before that, the segments it writes fill at once: no ranges).
+	loadEnd := st.currentLSN()
+	waitFor(t, 60*time.Second, "the receiver to catch up with the load", func() bool {
+		return st.lsn(`SELECT coalesce((SELECT write_lsn::text FROM pg_stat_replication WHERE application_name = 'walship'), '0/0')`) >= loadEnd
+	})
 	st.pg.Exec(`CREATE TABLE quiet (id serial, at timestamptz default clock_timestamp())`)
 	for i := 0; i < 40; i++ {
 		st.pg.Exec(`INSERT INTO quiet DEFAULT VALUES`)
