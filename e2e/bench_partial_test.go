@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"context"
 	"net/http"
-		"strconv"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,11 +17,12 @@ import (
 //   - live RPO: walship_archive_lag_seconds sampled every 250 ms under 1,
 //     10 and 100 small commits per second and under a bulk load, p50 and
 //     p99; S3 PUTs per hour (range objects and whole segments);
+//
 //   - commit latency with walship as the synchronous standby
 //     (synchronous_commit = on, --synchronous) at --partial-interval 200ms
 //     and 1s, against remote_write (the spool only) in the same run.
 //
-//	go test -v -run '^$' -bench PartialRPO -benchtime 1x -timeout 30m ./e2e/
+//     go test -v -run '^$' -bench PartialRPO -benchtime 1x -timeout 30m ./e2e/
 //
 // WALSHIP_BENCH_SECONDS (default 30) is each load's length.
 func BenchmarkPartialRPO(b *testing.B) {
@@ -169,4 +170,3 @@ func scrapeSum(port int, name string, match ...string) float64 {
 	}
 	return sum
 }
-
