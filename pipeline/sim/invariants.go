@@ -33,16 +33,9 @@ func (w *World) checkObject(key string, o *stored) error {
 	if w.layout.Key(file, w.codec.Ext()) != key {
 		return fmt.Errorf("%s: not where the layout puts %s", key, file)
 	}
-	body, err := crypt.Decrypt(o.meta.Encryption, o.body, w.ids)
+	raw, err := w.decode(key, o)
 	if err != nil {
-		return fmt.Errorf("%s: %v", key, err)
-	}
-	if len(w.ids) > 0 && o.meta.Encryption == "" {
-		return fmt.Errorf("%s: stored in plaintext by archivers that encrypt", key)
-	}
-	raw, err := compress.Decode(w.codec, body, int(w.size))
-	if err != nil {
-		return fmt.Errorf("%s: %v", key, err)
+		return err
 	}
 	want, end, err := w.expected(file)
 	if err != nil {
@@ -60,6 +53,23 @@ func (w *World) checkObject(key string, o *stored) error {
 	}
 	o.raw = raw
 	return nil
+}
+
+// decode decrypts and decompresses a stored object: archivers that
+// encrypt never store plaintext.
+func (w *World) decode(key string, o *stored) ([]byte, error) {
+	body, err := crypt.Decrypt(o.meta.Encryption, o.body, w.ids)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", key, err)
+	}
+	if len(w.ids) > 0 && o.meta.Encryption == "" {
+		return nil, fmt.Errorf("%s: stored in plaintext by archivers that encrypt", key)
+	}
+	raw, err := compress.Decode(w.codec, body, int(w.size))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", key, err)
+	}
+	return raw, nil
 }
 
 // content is a file's bytes and their SHA-256.

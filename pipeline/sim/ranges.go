@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/walship/walship/compress"
-	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/internal/walgen"
 	"github.com/walship/walship/pipeline"
 )
@@ -63,16 +61,9 @@ func (w *World) rangeBytes(seg pipeline.Segment, from, to uint64) ([]byte, bool)
 // checkRange is invariant (c) for a range object: it holds exactly the
 // server's WAL its key names, and its metadata describes those bytes.
 func (w *World) checkRange(key string, o *stored, seg pipeline.Segment, from, to uint64) error {
-	body, err := crypt.Decrypt(o.meta.Encryption, o.body, w.ids)
+	raw, err := w.decode(key, o)
 	if err != nil {
-		return fmt.Errorf("%s: %v", key, err)
-	}
-	if len(w.ids) > 0 && o.meta.Encryption == "" {
-		return fmt.Errorf("%s: stored in plaintext by archivers that encrypt", key)
-	}
-	raw, err := compress.Decode(w.codec, body, int(w.size))
-	if err != nil {
-		return fmt.Errorf("%s: %v", key, err)
+		return err
 	}
 	want, ok := w.rangeBytes(seg, from, to)
 	if !ok {
