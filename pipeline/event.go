@@ -27,6 +27,13 @@ const (
 	// of segment File, only those. The name "partial" was taken first by
 	// the ended timeline's last segment, which PostgreSQL calls .partial.
 	KindRange Kind = "range"
+	// KindBackup is one chunk of a base backup (see pipeline/backup): File
+	// is <backup id>/<archive>/<seq>, the bytes are a piece of the
+	// archive's tar stream (or of the backup manifest), and the archiver
+	// stores them under the layout's BackupPrefix. StartLSN is the
+	// backup's start; EndLSN equals it. A backup chunk is not WAL: no
+	// receiver's watermark counts it.
+	KindBackup Kind = "backup"
 )
 
 // SegmentEvent announces a WAL file that is durable in the receiver's spool
@@ -129,7 +136,15 @@ var (
 	serverNameRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 	historyRE    = regexp.MustCompile(`^[0-9A-F]{8}\.history$`)
 	sha256RE     = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	// backupChunkRE is a backup chunk's File: <id>/<archive>/<seq>, the id
+	// a UTC time (20061102T150405Z), the archive "base", "manifest" or a
+	// tablespace OID, the sequence six decimal digits from 000000.
+	backupChunkRE = regexp.MustCompile(`^[0-9]{8}T[0-9]{6}Z/(base|manifest|[1-9][0-9]{0,9})/[0-9]{6}$`)
 )
+
+// ValidBackupChunk reports whether name is a backup chunk's name,
+// <id>/<archive>/<seq> (see KindBackup).
+func ValidBackupChunk(name string) bool { return backupChunkRE.MatchString(name) }
 
 // ValidServerName reports whether s can be a server name: it is used in NATS
 // subjects and object keys, so only letters, digits, '-' and '_'.
@@ -203,6 +218,13 @@ func (e *SegmentEvent) Validate() error {
 		}
 		if e.Size != int64(e.EndLSN-e.StartLSN) {
 			return bad("range %s-%s has size %d", e.StartLSN, e.EndLSN, e.Size)
+		}
+	case KindBackup:
+		if !backupChunkRE.MatchString(e.File) {
+			return bad("backup chunk %q: want <id>/<archive>/<seq>", e.File)
+		}
+		if e.EndLSN != e.StartLSN {
+			return bad("backup chunk %s has lsn %s-%s", e.File, e.StartLSN, e.EndLSN)
 		}
 	case KindHistory:
 		if !historyRE.MatchString(e.File) || e.File != HistoryFileName(e.Timeline) {

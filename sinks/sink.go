@@ -150,6 +150,10 @@ type Layout interface {
 	// RangePrefix is the prefix of every range key of a segment; it ends
 	// with "/".
 	RangePrefix(segment string) string
+	// BackupPrefix is the prefix under which walship's base backups live
+	// (see pipeline/backup): <BackupPrefix><id>/... It ends with "/" and
+	// lies outside WALPrefix.
+	BackupPrefix() string
 }
 
 // rangeLeaf is a range key's last element without its extension.
@@ -185,6 +189,9 @@ func (l BarmanCloud) RangePrefix(segment string) string {
 	return joinKey(l.base(), "walship-partial", segment) + "/"
 }
 
+// BackupPrefix implements Layout: <prefix>/<server>/walship-backups/.
+func (l BarmanCloud) BackupPrefix() string { return joinKey(l.base(), "walship-backups") + "/" }
+
 // IdentityKey implements Layout.
 func (l BarmanCloud) IdentityKey() string { return joinKey(l.base(), "walship.identity.json") }
 
@@ -208,6 +215,9 @@ func (l WalG) RangeKey(segment string, from, to uint64, ext string) string {
 func (l WalG) RangePrefix(segment string) string {
 	return joinKey(l.Prefix, "walship_partial", segment) + "/"
 }
+
+// BackupPrefix implements Layout: <prefix>/walship_backups/.
+func (l WalG) BackupPrefix() string { return joinKey(l.Prefix, "walship_backups") + "/" }
 
 // IdentityKey implements Layout.
 func (l WalG) IdentityKey() string { return joinKey(l.Prefix, "wal_005", "walship.identity.json") }
