@@ -12,6 +12,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // ErrExists is returned by Put when an object already exists at the key.
@@ -51,6 +52,9 @@ type Syncer interface {
 type Object struct {
 	Key  string
 	Size int64
+	// Modified is when the object was stored (S3 LastModified, the file's
+	// modification time); zero when the sink cannot tell.
+	Modified time.Time
 }
 
 // Lister is an optional capability: listing the keys under a prefix, for

@@ -266,7 +266,7 @@ func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) er
 		if err != nil {
 			return err
 		}
-		objs = append(objs, sinks.Object{Key: key, Size: info.Size()})
+		objs = append(objs, sinks.Object{Key: key, Size: info.Size(), Modified: info.ModTime()})
 		return nil
 	})
 	if err != nil {

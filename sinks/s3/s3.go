@@ -359,7 +359,7 @@ func (s *Sink) List(ctx context.Context, prefix string, fn func(sinks.Object) er
 				continue // listed already: keys come in order
 			}
 			progressed, last = true, key
-			if err := fn(sinks.Object{Key: key, Size: aws.ToInt64(o.Size)}); err != nil {
+			if err := fn(sinks.Object{Key: key, Size: aws.ToInt64(o.Size), Modified: aws.ToTime(o.LastModified)}); err != nil {
 				return err
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/walship/walship/sinks"
 )
@@ -87,7 +88,15 @@ func Run(t *testing.T, newSink func(t *testing.T) sinks.Sink) {
 			}
 		}
 		var got []string
-		if err := l.List(ctx, "a/wals/", func(o sinks.Object) error { got = append(got, fmt.Sprint(o.Key, ":", o.Size)); return nil }); err != nil {
+		before := time.Now().Add(-time.Hour)
+		if err := l.List(ctx, "a/wals/", func(o sinks.Object) error {
+			got = append(got, fmt.Sprint(o.Key, ":", o.Size))
+			// Retention reports the recovery window's end by it.
+			if o.Modified.Before(before) || o.Modified.After(time.Now().Add(time.Hour)) {
+				t.Errorf("list %s: modified %v, want about now", o.Key, o.Modified)
+			}
+			return nil
+		}); err != nil {
 			t.Fatal(err)
 		}
 		if fmt.Sprint(got) != "[a/wals/1:8 a/wals/2:8]" {
