@@ -1,0 +1,227 @@
+package retention
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/sinks"
+)
+
+// Policy is which backups to keep. A complete backup is kept when either
+// rule keeps it.
+type Policy struct {
+	// Keep keeps the Keep newest complete backups (by end time).
+	Keep int
+	// KeepWithin keeps every complete backup that ended within it of Now,
+	// plus the newest that ended before Now-KeepWithin, without which
+	// recovery could not reach back to Now-KeepWithin.
+	KeepWithin time.Duration
+	// IncompleteAfter: a backup without a catalogue that started longer
+	// ago than this is deleted; newer ones may be in progress.
+	IncompleteAfter time.Duration
+	Now             time.Time
+}
+
+// Validate checks the policy.
+func (p Policy) Validate() error {
+	switch {
+	case p.Keep < 0 || p.KeepWithin < 0:
+		return errors.New("--keep and --keep-within must not be negative")
+	case p.Keep == 0 && p.KeepWithin == 0:
+		return errors.New("say what to keep: --keep N (the N newest backups) and/or --keep-within DURATION (e.g. 7d)")
+	case p.IncompleteAfter <= 0:
+		return errors.New("--incomplete-after must be positive")
+	}
+	return nil
+}
+
+// Plan is what a prune deletes, and why.
+type Plan struct {
+	Keep             []*Backup // complete backups kept
+	Delete           []*Backup // complete backups outside the policy
+	DeleteIncomplete []*Backup // incomplete backups older than IncompleteAfter
+	LeaveIncomplete  []*Backup // incomplete backups that may be in progress
+	// Floor: WAL whose segment ends at or before it is deleted, on every
+	// timeline; 0 deletes no WAL. It is the start of the segment holding
+	// the oldest start LSN among the kept backups, other tools' backups
+	// and backups in progress.
+	Floor       pipeline.LSN
+	FloorReason string
+	// WAL are the WAL objects (segments, .partial, ranges) below Floor,
+	// oldest first.
+	WAL []sinks.Object
+	// Note says why no WAL goes, when none does.
+	Note string
+}
+
+// NewPlan decides what a prune deletes. It refuses (an error) when the
+// bucket holds a catalogue it cannot read — a newer walship's or another
+// tool's — rather than guess what WAL that backup needs.
+func NewPlan(st *State, p Policy) (*Plan, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	if len(st.Unreadable) > 0 {
+		return nil, fmt.Errorf("refusing to prune: backup catalogue %s does not decode (a newer walship's, or damaged); move it away or delete that backup by hand", st.Unreadable[0])
+	}
+	if len(st.ForeignErrors) > 0 {
+		return nil, fmt.Errorf("refusing to prune: cannot tell what WAL another tool's backup needs: %s", st.ForeignErrors[0])
+	}
+	plan := &Plan{}
+	complete := st.Complete() // oldest end first
+	keep := map[*Backup]bool{}
+	for i := len(complete) - 1; i >= 0 && len(complete)-i <= p.Keep; i-- {
+		keep[complete[i]] = true
+	}
+	if p.KeepWithin > 0 {
+		cut := p.Now.Add(-p.KeepWithin)
+		before := false
+		for i := len(complete) - 1; i >= 0; i-- {
+			b := complete[i]
+			if !b.EndTime().Before(cut) {
+				keep[b] = true
+			} else if !before {
+				keep[b], before = true, true
+			}
+		}
+	}
+	for _, b := range complete {
+		if keep[b] {
+			plan.Keep = append(plan.Keep, b)
+		} else {
+			plan.Delete = append(plan.Delete, b)
+		}
+	}
+	for _, b := range st.Backups {
+		if b.Complete {
+			continue
+		}
+		if p.Now.Sub(b.StartedAt) > p.IncompleteAfter {
+			plan.DeleteIncomplete = append(plan.DeleteIncomplete, b)
+		} else {
+			plan.LeaveIncomplete = append(plan.LeaveIncomplete, b)
+		}
+	}
+	if len(plan.Keep) == 0 {
+		plan.Note = "no complete backup: no WAL deleted"
+		return plan, nil
+	}
+	if st.SegSize == 0 {
+		plan.Note = "the WAL segment size is unknown: no WAL deleted"
+		return plan, nil
+	}
+	floor, why := pipeline.LSN(0), ""
+	lower := func(l pipeline.LSN, reason string) {
+		if l != 0 && (floor == 0 || l < floor) {
+			floor, why = l, reason
+		}
+	}
+	for _, b := range plan.Keep {
+		lower(b.Catalog.StartLSN, "kept backup "+b.ID)
+	}
+	for _, f := range st.Foreign {
+		lower(f.StartLSN, f.Tool+" backup "+f.Key)
+	}
+	for _, b := range plan.LeaveIncomplete {
+		if b.Started != nil {
+			lower(b.Started.StartLSN, "backup in progress "+b.ID)
+		}
+	}
+	plan.Floor = st.SegSize.Start(floor)
+	plan.FloorReason = fmt.Sprintf("%s starts at %s", why, floor)
+	var wal []walObject
+	for _, o := range append(append([]walObject(nil), st.wal...), st.ranges...) {
+		if o.seg.EndLSN(st.SegSize) <= plan.Floor {
+			wal = append(wal, o)
+		}
+	}
+	sort.SliceStable(wal, func(i, j int) bool {
+		if wal[i].seg.No != wal[j].seg.No {
+			return wal[i].seg.No < wal[j].seg.No
+		}
+		return wal[i].Key < wal[j].Key
+	})
+	for _, o := range wal {
+		plan.WAL = append(plan.WAL, o.Object)
+	}
+	return plan, nil
+}
+
+// Result counts what a prune deleted.
+type Result struct {
+	Backups    int   `json:"backups"`
+	Incomplete int   `json:"incomplete"`
+	WAL        int   `json:"wal"`
+	Objects    int   `json:"objects"`
+	Bytes      int64 `json:"bytes"`
+}
+
+// Execute carries out a plan: each backup's catalogue first (a backup
+// half deleted is never seen complete), then its chunks, its start marker
+// last; then incomplete backups the same way; then the WAL, oldest first
+// (an interrupted prune never leaves a hole inside what remains).
+func Execute(ctx context.Context, sink sinks.Sink, st *State, plan *Plan) (Result, error) {
+	var res Result
+	del, ok := sink.(sinks.Deleter)
+	if !ok {
+		return res, errors.New("this destination cannot delete objects: prune needs a sink that deletes (s3:// or file://)")
+	}
+	rm := func(o sinks.Object) error {
+		if err := del.Delete(ctx, o.Key); err != nil {
+			return err
+		}
+		res.Objects++
+		res.Bytes += o.Size
+		return nil
+	}
+	prefix := st.Layout.BackupPrefix()
+	dropBackup := func(b *Backup) error {
+		cat, started := backup.CatalogKey(prefix, b.ID), backup.StartedKey(prefix, b.ID)
+		var first, last []sinks.Object
+		var rest []sinks.Object
+		for _, o := range b.Objects {
+			switch o.Key {
+			case cat:
+				first = append(first, o)
+			case started:
+				last = append(last, o)
+			default:
+				rest = append(rest, o)
+			}
+		}
+		for _, o := range append(append(first, rest...), last...) {
+			if err := rm(o); err != nil {
+				return fmt.Errorf("delete backup %s: %w", b.ID, err)
+			}
+		}
+		return nil
+	}
+	for _, b := range plan.Delete {
+		if err := dropBackup(b); err != nil {
+			return res, err
+		}
+		res.Backups++
+	}
+	for _, b := range plan.DeleteIncomplete {
+		if err := dropBackup(b); err != nil {
+			return res, err
+		}
+		res.Incomplete++
+	}
+	for _, o := range plan.WAL {
+		if strings.HasSuffix(o.Key, st.Layout.IdentityKey()) {
+			continue // never: a second line of defence
+		}
+		if err := rm(o); err != nil {
+			return res, fmt.Errorf("delete WAL: %w", err)
+		}
+		res.WAL++
+	}
+	return res, nil
+}
