@@ -318,7 +318,11 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "run", c, ln, reg, log, deps, b, recv, arch, watchNATS, watchS3)
+	watchRet, err := retentionWatcher(c, log, reg) // prune.go
+	if err != nil {
+		return err
+	}
+	return runAll(ctx, "run", c, ln, reg, log, deps, b, recv, arch, watchNATS, watchS3, watchRet)
 }
 
 func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -377,7 +381,11 @@ func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "archive", c, ln, reg, log, deps, b, nil, arch, watchNATS, watchS3)
+	watchRet, err := retentionWatcher(c, log, reg) // prune.go
+	if err != nil {
+		return err
+	}
+	return runAll(ctx, "archive", c, ln, reg, log, deps, b, nil, arch, watchNATS, watchS3, watchRet)
 }
 
 // runAll runs the receiver and/or archiver, the metrics server, the

@@ -52,8 +52,9 @@ type config struct {
 	IfNotExists    bool
 	IfExists       bool
 	cryptConfig
-	NATSSec natsSecurity // natssec.go
-	S3Sec   s3Security   // s3sec.go
+	NATSSec   natsSecurity   // natssec.go
+	S3Sec     s3Security     // s3sec.go
+	Retention retentionFlags // prune.go
 }
 
 type flagGroup int
@@ -136,6 +137,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 		fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	}
 	registerDebugFlags(fs, c, groups)
+	registerRetentionFlags(fs, c, groups) // prune.go
 	return fs
 }
 

@@ -31,6 +31,7 @@ Commands:
   fetch <wal> <dest>  restore_command: download, decompress, verify (with prefetch)
   verify         walk the archive: gaps per timeline, history chain, metadata (--deep: checksums)
   ls             list archived WAL per timeline
+  prune          delete backups outside --keep/--keep-within and the WAL no kept backup needs
   status         positions, lags, slot, backlog, last archived segment, per server
   check          preflight: PostgreSQL, slot, NATS, bucket, spool; one line per check
   health         probe a walship /readyz URL (container healthcheck)
@@ -128,6 +129,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdStatus(ctx, rest, stdout)
 	case "check":
 		return cmdCheck(ctx, rest, stdout)
+	case "prune":
+		return cmdPrune(ctx, rest, stdout)
+	case "backup": // TEMPORARY until the take branch's backup command merges: it dispatches "list" to backupList
+		return backupListOnly(ctx, rest, stdout)
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":
