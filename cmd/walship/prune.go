@@ -104,6 +104,10 @@ func retentionWatcher(c *config, log *slog.Logger, reg prometheus.Registerer) (w
 		return nil, nil
 	}
 	m := retention.NewMetrics(reg)
+	// Discovering the servers lists the whole prefix: done when none is
+	// known yet, and otherwise at most hourly.
+	var known []string
+	var discovered time.Time
 	return func(ctx context.Context) error {
 		sink, prefix, err := openSinkChecked(ctx, c, false)
 		if err != nil {
@@ -117,7 +121,16 @@ func retentionWatcher(c *config, log *slog.Logger, reg prometheus.Registerer) (w
 				l, _ := sinks.NewLayout(c.Layout, prefix, server)
 				return l
 			},
-			Servers: func(ctx context.Context) ([]string, error) { return retentionServers(ctx, c, sink, prefix) },
+			Servers: func(ctx context.Context) ([]string, error) {
+				if len(known) > 0 && time.Since(discovered) < time.Hour {
+					return known, nil
+				}
+				s, err := retentionServers(ctx, c, sink, prefix)
+				if err == nil {
+					known, discovered = s, time.Now()
+				}
+				return s, err
+			},
 		}
 		return run.Run(ctx)
 	}, nil
