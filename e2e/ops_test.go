@@ -114,7 +114,11 @@ func TestMetricsAndStatus(t *testing.T) {
 	}
 	// Exposed only by a process that streams several servers (--config),
 	// where TestManyServersOneReceiver checks them.
-	fleetOnly := map[string]bool{"walship_receiver_up": true, "walship_receiver_restarts_total": true}
+	fleetOnly := map[string]bool{"walship_receiver_up": true, "walship_receiver_restarts_total": true,
+		// Exposed once the archiver's catalogue scan has found the
+		// server's archive (and the age once a backup exists), where
+		// TestRetention checks them.
+		"walship_backups": true, "walship_backup_latest_age_seconds": true, "walship_recovery_window_gap": true, "walship_prune_errors_total": true}
 	for name, where := range usedMetrics(t) {
 		if !have[name] && !have[name+"_bucket"] && !fleetOnly[name] {
 			t.Errorf("%s uses %s, which no walship process exposes", where, name)

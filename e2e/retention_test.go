@@ -251,6 +251,9 @@ func TestRetention(t *testing.T) {
 		v, ok := st.metric("walship_recovery_window_gap")
 		return ok && v == 1
 	})
+	if _, ok := st.metric("walship_prune_errors_total"); !ok {
+		t.Error("walship_prune_errors_total is not exposed")
+	}
 	if v, _ := st.metric("walship_backups"); v != 1 {
 		t.Errorf("walship_backups = %v, want 1", v)
 	}

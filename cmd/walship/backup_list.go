@@ -26,6 +26,7 @@ type backupListEntry struct {
 	Size        int64             `json:"size"`        // raw bytes of the archives (complete backups)
 	StoredSize  int64             `json:"stored_size"` // bytes of every object of the backup in the bucket
 	Objects     int               `json:"objects"`
+	AgeSeconds  float64           `json:"age_seconds,omitempty"` // incomplete backups: since they started
 	Window      *retention.Window `json:"recovery_window,omitempty"`
 }
 
@@ -52,6 +53,9 @@ func backupList(ctx context.Context, args []string, stdout io.Writer) error {
 		e := backupListEntry{ID: b.ID, Complete: b.Complete, StartTime: b.StartedAt.UTC(), StoredSize: b.Bytes, Objects: len(b.Objects)}
 		if b.Started != nil {
 			e.StartLSN, e.Timeline = &b.Started.StartLSN, b.Started.Timeline
+		}
+		if !b.Complete {
+			e.AgeSeconds = time.Since(b.StartedAt).Round(time.Second).Seconds()
 		}
 		if c := b.Catalog; c != nil {
 			end := c.EndTime.UTC()

@@ -116,7 +116,7 @@ func retentionWatcher(c *config, log *slog.Logger, reg prometheus.Registerer) (w
 			return nil
 		}
 		run := &retention.Runner{
-			Sink: sink, Policy: r.policy(), PruneEvery: r.PruneEvery, ScanEvery: r.ScanEvery, Now: time.Now, Log: log, Metrics: m,
+			Sink: sink, Policy: r.policy(), PruneEvery: r.PruneEvery, ScanEvery: r.ScanEvery, Retry: 10 * time.Second, Now: time.Now, Log: log, Metrics: m,
 			Layout: func(server string) sinks.Layout {
 				l, _ := sinks.NewLayout(c.Layout, prefix, server)
 				return l

@@ -96,6 +96,11 @@ func (st *State) Summarize() Summary {
 // Observe sets server's gauges from a scan taken at now.
 func (m *Metrics) Observe(server string, st *State, now time.Time) {
 	s := st.Summarize()
+	// Counters exist from the first scan on, so that alerts on their
+	// increase see them start at 0.
+	for _, c := range []*prometheus.CounterVec{m.ScanErrors, m.PruneRuns, m.PruneErrors, m.PruneObjects, m.PruneBytes} {
+		c.WithLabelValues(server).Add(0)
+	}
 	m.Backups.WithLabelValues(server).Set(float64(s.Backups))
 	m.Incomplete.WithLabelValues(server).Set(float64(s.Incomplete))
 	if s.Latest.IsZero() {

@@ -20,10 +20,13 @@ type Runner struct {
 	Policy     Policy // Now is set at each run
 	PruneEvery time.Duration
 	ScanEvery  time.Duration
-	Options    Options
-	Now        func() time.Time
-	Log        *slog.Logger
-	Metrics    *Metrics
+	// Retry is how soon a pass that found no server (or could not tell)
+	// is repeated; 0: at the next tick.
+	Retry   time.Duration
+	Options Options
+	Now     func() time.Time
+	Log     *slog.Logger
+	Metrics *Metrics
 }
 
 // Run scans at once and every ScanEvery, prunes at once and every
@@ -45,27 +48,39 @@ func (r *Runner) Run(ctx context.Context) error {
 		defer t.Stop()
 		pruneC = t.C
 	}
-	r.pass(ctx, r.PruneEvery > 0)
+	// While no server is known (a new, empty bucket), look again soon
+	// rather than at the next tick.
+	var retry <-chan time.Time
+	again := func(found bool) {
+		retry = nil
+		if !found && r.Retry > 0 {
+			retry = time.After(r.Retry)
+		}
+	}
+	again(r.pass(ctx, r.PruneEvery > 0))
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-scanC:
-			r.pass(ctx, false)
+			again(r.pass(ctx, false))
+		case <-retry:
+			again(r.pass(ctx, false))
 		case <-pruneC:
-			r.pass(ctx, true)
+			again(r.pass(ctx, true))
 		}
 	}
 }
 
-func (r *Runner) pass(ctx context.Context, prune bool) {
+// pass scans (and prunes) every server; it reports whether there was any.
+func (r *Runner) pass(ctx context.Context, prune bool) bool {
 	servers, err := r.Servers(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.Log.Warn("backup catalogue: cannot tell which servers to look after", "error", err)
 			r.Metrics.ScanErrors.WithLabelValues("").Inc()
 		}
-		return
+		return false
 	}
 	for _, s := range servers {
 		if prune {
@@ -73,6 +88,7 @@ func (r *Runner) pass(ctx context.Context, prune bool) {
 		}
 		r.scan(ctx, s)
 	}
+	return len(servers) > 0
 }
 
 func (r *Runner) scan(ctx context.Context, server string) {
