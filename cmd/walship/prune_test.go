@@ -86,4 +86,19 @@ func TestPruneCommand(t *testing.T) {
 	if err := backupList(ctx, append(dest, "--json"), &out); err != nil || !strings.Contains(out.String(), ids[1]) || strings.Contains(out.String(), ids[0]) {
 		t.Errorf("backup list --json: %v\n%s", err, out.String())
 	}
+	// A backup without a catalogue is listed only with --all, as such.
+	inc, err := retentiontest.Write(ctx, s, l, retentiontest.Spec{Server: "db", SystemID: "7", SegSize: 1 << 20, Timeline: 1,
+		StartLSN: 0x500028, StartTime: now.Add(-time.Hour), Incomplete: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	if err := backupList(ctx, dest, &out); err != nil || strings.Contains(out.String(), inc) || !strings.Contains(out.String(), ids[1]) {
+		t.Errorf("backup list: %v\n%s", err, out.String())
+	}
+	out.Reset()
+	if err := backupList(ctx, append(dest, "--all"), &out); err != nil || !strings.Contains(out.String(), inc) || !strings.Contains(out.String(), "INCOMPLETE") {
+		t.Errorf("backup list --all: %v\n%s", err, out.String())
+	}
+	t.Logf("backup list --all:\n%s", out.String())
 }
