@@ -127,7 +127,8 @@ type listJSON struct {
 // backup list and its windows; prune --dry-run deletes nothing; a WAL-G
 // backup's sentinel holds its WAL; prune --keep 2 deletes exactly the WAL
 // below the third-newest backup's start segment and the three old
-// backups; --keep-within; a gap is reported by list and the metrics.
+// backups; --keep-within, by prune and by the archiver process
+// (--prune-every); a gap is reported by list and the metrics.
 func TestRetention(t *testing.T) {
 	st := newStack(t)
 	layout := sinks.WalG{Prefix: st.prefix}
@@ -218,8 +219,18 @@ func TestRetention(t *testing.T) {
 	if after := st.bucketKeys(t); len(after) < len(before) {
 		t.Errorf("prune --keep-within 36h deleted %d objects, want none", len(before)-len(after))
 	}
+	// The archiver process prunes by itself: --prune-every (at start, then
+	// periodically) with --keep-within 12h keeps only backup 4.
+	if err := w.stop(t); err != nil {
+		t.Fatalf("walship exit: %v", err)
+	}
 	before = st.bucketKeys(t)
-	walship("prune", "--keep-within", "0.5d")
+	w = startWalship(t, st.env(), st.args("run", "--layout", "wal-g", "--partial-interval", "0", "--backup-scan-every", "1s",
+		"--prune-every", "1h", "--keep-within", "0.5d")...)
+	waitFor(t, 30*time.Second, "the archiver's prune", func() bool {
+		v, ok := st.metric("walship_prune_runs_total")
+		return ok && v >= 1
+	})
 	st.checkPruned(t, before, segSize.Start(starts[4]), ids[3:4])
 
 	// A gap after the last backup: list reports it, and so do the metrics.
