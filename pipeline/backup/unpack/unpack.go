@@ -1,0 +1,443 @@
+package unpack
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"filippo.io/age"
+	"golang.org/x/sys/unix"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/internal/backoff"
+	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/pipeline/restore"
+	"github.com/walship/walship/sinks"
+)
+
+// FailedFile is written into a target whose restore failed: the data
+// directory is not usable (it has no recovery.signal), and this file says
+// why. Remove the directory and restore again.
+const FailedFile = "walship-restore.FAILED"
+
+// ErrTarget marks a target directory that cannot be restored into (not
+// empty, not a directory).
+var ErrTarget = errors.New("target directory")
+
+// Options configure a restore.
+type Options struct {
+	Sink       sinks.Sink
+	Identities []age.Identity // to decrypt an encrypted backup
+	Jobs       int            // chunks downloaded at once (default 4)
+	// Tablespaces maps a tablespace's location on the server (the
+	// catalogue's Location) to the directory it is restored into.
+	Tablespaces map[string]string
+	// Attempts bounds the tries of each chunk on transient errors
+	// (default 5).
+	Attempts int
+}
+
+// Result describes a finished restore.
+type Result struct {
+	Files       int
+	Bytes       int64            // raw bytes written
+	Tablespaces map[string]string // OID -> directory restored into
+}
+
+// CheckTarget refuses a target that exists and is not an empty directory.
+func CheckTarget(dir string) error {
+	entries, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("%w %s: %v", ErrTarget, dir, err)
+	case len(entries) > 0:
+		return fmt.Errorf("%w %s is not empty: restore only into an empty or absent directory", ErrTarget, dir)
+	}
+	return nil
+}
+
+// TablespaceDirs returns where each tablespace of cat goes (OID ->
+// directory), after checking that every mapping names a tablespace of
+// the backup and every target is absolute.
+func TablespaceDirs(cat backup.Catalog, mapping map[string]string) (map[string]string, error) {
+	out := map[string]string{}
+	used := map[string]bool{}
+	var have []string
+	for _, a := range cat.Archives[1:] {
+		dir := a.Location
+		if m, ok := mapping[a.Location]; ok {
+			dir, used[a.Location] = m, true
+		}
+		if !filepath.IsAbs(dir) {
+			return nil, fmt.Errorf("tablespace %s: directory %q is not absolute", a.Name, dir)
+		}
+		out[a.Name] = filepath.Clean(dir)
+		have = append(have, a.Location)
+	}
+	for old := range mapping {
+		if !used[old] {
+			list := strings.Join(have, ", ")
+			if list == "" {
+				list = "none"
+			}
+			return nil, fmt.Errorf("--tablespace-mapping %s: backup %s has no tablespace there (it has: %s)", old, cat.ID, list)
+		}
+	}
+	return out, nil
+}
+
+// Restore unpacks backup cat into dir (created if absent, refused if not
+// empty). On failure after it began writing, dir holds FailedFile and no
+// recovery configuration: it must not be started.
+func Restore(ctx context.Context, o Options, cat backup.Catalog, dir string) (*Result, error) {
+	if err := cat.Validate(); err != nil {
+		return nil, err
+	}
+	if cat.Encryption != "" && len(o.Identities) == 0 {
+		return nil, fmt.Errorf("backup %s is encrypted (%s): give the identity file with --decrypt-identity", cat.ID, cat.Encryption)
+	}
+	if _, err := compress.ParseCodec(cat.Codec); err != nil {
+		return nil, fmt.Errorf("backup %s: %v", cat.ID, err)
+	}
+	if o.Jobs < 1 {
+		o.Jobs = 4
+	}
+	if o.Attempts < 1 {
+		o.Attempts = 5
+	}
+	ts, err := TablespaceDirs(cat, o.Tablespaces)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range append([]string{dir}, values(ts)...) {
+		if err := CheckTarget(d); err != nil {
+			return nil, err
+		}
+	}
+	r := &restorer{o: o, cat: cat}
+	res, err := r.run(ctx, dir, ts)
+	if err != nil {
+		os.WriteFile(filepath.Join(dir, FailedFile), []byte(fmt.Sprintf("walship restore of backup %s failed at %s; do not start this data directory:\n%v\n", cat.ID, time.Now().UTC().Format(time.RFC3339), err)), 0o600)
+		return nil, err
+	}
+	return res, nil
+}
+
+func values(m map[string]string) []string {
+	var out []string
+	for _, v := range m {
+		out = append(out, v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+type restorer struct {
+	o   Options
+	cat backup.Catalog
+}
+
+func (r *restorer) run(ctx context.Context, dir string, ts map[string]string) (*Result, error) {
+	for _, d := range append([]string{dir}, values(ts)...) {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("%w %s: %v", ErrTarget, d, err)
+		}
+		if err := os.Chmod(d, 0o700); err != nil {
+			return nil, fmt.Errorf("%w %s: %v", ErrTarget, d, err)
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	// The manifest first: every file is checked against it as it is written.
+	manifest, err := r.readArchive(ctx, r.cat.Manifest)
+	if err != nil {
+		return nil, err
+	}
+	m, err := ParseManifest(manifest)
+	if err != nil {
+		return nil, fmt.Errorf("backup %s: %w", r.cat.ID, err)
+	}
+	if r.cat.ManifestChecksum != "" && !strings.EqualFold(r.cat.ManifestChecksum, m.Checksum) {
+		return nil, fmt.Errorf("backup %s: %w: its Manifest-Checksum is %s, the catalogue says %s", r.cat.ID, ErrVerify, m.Checksum, r.cat.ManifestChecksum)
+	}
+	v := newVerifier(m)
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	futures := r.fetchAll(ctx, &wg, r.cat.Archives)
+
+	res := &Result{Tablespaces: ts}
+	for _, a := range r.cat.Archives {
+		x := &extractor{root: dir, v: v, base: a.Name == backup.ArchiveBase}
+		if x.base {
+			x.mapTablespaceMap = func(b []byte) ([]byte, error) { return mapTablespaceMap(b, ts) }
+			x.linkTarget = func(oid, target string) string {
+				if d, ok := ts[oid]; ok {
+					return d
+				}
+				return target
+			}
+		} else {
+			x.root, x.prefix = ts[a.Name], "pg_tblspc/"+a.Name+"/"
+		}
+		if err := r.extract(ctx, a, futures, x); err != nil {
+			return nil, err
+		}
+		res.Files += x.files
+		res.Bytes += x.bytes
+	}
+	if err := v.finish(); err != nil {
+		return nil, fmt.Errorf("backup %s: %w", r.cat.ID, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "backup_manifest"), manifest, 0o600); err != nil {
+		return nil, err
+	}
+	for _, d := range append([]string{dir}, values(ts)...) {
+		if err := syncFS(d); err != nil {
+			return nil, fmt.Errorf("sync %s: %w", d, err)
+		}
+	}
+	return res, nil
+}
+
+// mapTablespaceMap points tablespace_map's entries at their new
+// directories.
+func mapTablespaceMap(b []byte, ts map[string]string) ([]byte, error) {
+	oids, paths, err := parseTablespaceMap(b)
+	if err != nil {
+		return nil, err
+	}
+	for i, oid := range oids {
+		d, ok := ts[oid]
+		if !ok {
+			return nil, fmt.Errorf("tablespace_map names tablespace %s, which the catalogue does not hold", oid)
+		}
+		paths[i] = d
+	}
+	return formatTablespaceMap(oids, paths), nil
+}
+
+// syncFS makes everything written under dir durable (syncfs(2)).
+func syncFS(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Syncfs(int(f.Fd()))
+}
+
+// fetched is one downloaded, decoded and checked chunk.
+type fetched struct {
+	data []byte
+	err  error
+}
+
+// fetchAll downloads the chunks of archives in order, Jobs at a time,
+// and hands them out in order: one future per chunk. At most about 2*Jobs
+// chunks are held at once.
+func (r *restorer) fetchAll(ctx context.Context, wg *sync.WaitGroup, archives []backup.Archive) <-chan chan fetched {
+	out := make(chan chan fetched, r.o.Jobs)
+	sem := make(chan struct{}, r.o.Jobs)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer close(out)
+		for _, a := range archives {
+			for _, ch := range a.Chunks {
+				f := make(chan fetched, 1)
+				select {
+				case out <- f:
+				case <-ctx.Done():
+					return
+				}
+				select {
+				case sem <- struct{}{}:
+				case <-ctx.Done():
+					f <- fetched{err: ctx.Err()}
+					return
+				}
+				wg.Add(1)
+				go func(ch backup.Chunk) {
+					defer wg.Done()
+					data, err := r.chunk(ctx, ch)
+					f <- fetched{data, err}
+					<-sem
+				}(ch)
+			}
+		}
+	}()
+	return out
+}
+
+// readArchive downloads a small archive (the manifest) into memory.
+func (r *restorer) readArchive(ctx context.Context, a backup.Archive) ([]byte, error) {
+	var buf bytes.Buffer
+	h := sha256.New()
+	for _, ch := range a.Chunks {
+		data, err := r.chunk(ctx, ch)
+		if err != nil {
+			return nil, err
+		}
+		buf.Write(data)
+		h.Write(data)
+	}
+	if err := checkArchive(r.cat.ID, a, int64(buf.Len()), h); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func checkArchive(id string, a backup.Archive, n int64, h hash.Hash) error {
+	if sum := hex.EncodeToString(h.Sum(nil)); n != a.Size || sum != a.SHA256 {
+		return fmt.Errorf("%w: backup %s archive %s: %d bytes with SHA-256 %s, the catalogue says %d bytes with %s", restore.ErrCorrupt, id, a.Name, n, sum, a.Size, a.SHA256)
+	}
+	return nil
+}
+
+// extract streams archive a, whose chunks come next from futures, through x.
+func (r *restorer) extract(ctx context.Context, a backup.Archive, futures <-chan chan fetched, x *extractor) error {
+	cr := &chunkReader{ctx: ctx, futures: futures, left: len(a.Chunks)}
+	h := sha256.New()
+	counted := &countWriter{w: h}
+	tee := io.TeeReader(cr, counted)
+	if err := x.run(tee); err != nil {
+		if cr.err != nil {
+			return cr.err // the chunk's own error names its object
+		}
+		return fmt.Errorf("backup %s archive %s: %w", r.cat.ID, a.Name, err)
+	}
+	// The tar's end-of-archive padding counts in the archive's SHA-256.
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return err
+	}
+	if cr.left != 0 {
+		return fmt.Errorf("backup %s archive %s: the tar stream ended %d chunks early", r.cat.ID, a.Name, cr.left)
+	}
+	return checkArchive(r.cat.ID, a, counted.n, h)
+}
+
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return c.w.Write(p) }
+
+// chunkReader reads an archive's chunks, in order, as one stream.
+type chunkReader struct {
+	ctx     context.Context
+	futures <-chan chan fetched
+	left    int // chunks of this archive not yet taken
+	cur     []byte
+	err     error
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	for len(c.cur) == 0 {
+		if c.err != nil {
+			return 0, c.err
+		}
+		if c.left == 0 {
+			return 0, io.EOF
+		}
+		var f chan fetched
+		var ok bool
+		select {
+		case f, ok = <-c.futures:
+		case <-c.ctx.Done():
+			c.err = c.ctx.Err()
+			return 0, c.err
+		}
+		if !ok {
+			c.err = fmt.Errorf("chunk list ended early")
+			return 0, c.err
+		}
+		res := <-f
+		if res.err != nil {
+			c.err = res.err
+			return 0, c.err
+		}
+		c.left--
+		c.cur = res.data
+	}
+	n := copy(p, c.cur)
+	c.cur = c.cur[n:]
+	return n, nil
+}
+
+// chunk downloads one chunk and returns its checked raw bytes, retrying
+// transient errors.
+func (r *restorer) chunk(ctx context.Context, ch backup.Chunk) ([]byte, error) {
+	bo := backoff.New(200*time.Millisecond, 5*time.Second)
+	var err error
+	for i := 0; i < r.o.Attempts; i++ {
+		var data []byte
+		data, err = r.chunkOnce(ctx, ch)
+		if err == nil || restore.Permanent(err) || errors.Is(err, os.ErrNotExist) || ctx.Err() != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				err = fmt.Errorf("%w: backup %s: chunk %s is missing", restore.ErrCorrupt, r.cat.ID, ch.Key)
+			}
+			return data, err
+		}
+		if !bo.Wait(ctx) {
+			break
+		}
+	}
+	return nil, fmt.Errorf("download %s: %w", ch.Key, err)
+}
+
+func (r *restorer) chunkOnce(ctx context.Context, ch backup.Chunk) ([]byte, error) {
+	rc, meta, err := r.o.Sink.Get(ctx, ch.Key)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	limit := ch.StoredSize
+	if limit <= 0 {
+		limit = ch.Size
+	}
+	limit += limit/8 + 1<<20
+	var buf bytes.Buffer
+	if ch.StoredSize > 0 {
+		buf.Grow(int(ch.StoredSize) + bytes.MinRead)
+	}
+	n, err := buf.ReadFrom(io.LimitReader(rc, limit+1))
+	if err != nil {
+		if strings.Contains(err.Error(), "checksum did not match") {
+			return nil, fmt.Errorf("%w: %s: %v", restore.ErrCorrupt, ch.Key, err)
+		}
+		return nil, fmt.Errorf("read %s: %w", ch.Key, err)
+	}
+	if n > limit {
+		return nil, fmt.Errorf("%w: %s is larger than its chunk could be stored in", restore.ErrCorrupt, ch.Key)
+	}
+	if r.cat.Encryption != "" && meta.Encryption == "" {
+		return nil, fmt.Errorf("%w: %s is stored in plaintext, but backup %s is encrypted", restore.ErrCorrupt, ch.Key, r.cat.ID)
+	}
+	codec, _ := compress.ParseCodec(r.cat.Codec)
+	raw, err := restore.Open(ch.Key, codec, buf.Bytes(), meta, r.o.Identities)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(raw)
+	if got := hex.EncodeToString(sum[:]); int64(len(raw)) != ch.Size || got != ch.SHA256 {
+		return nil, fmt.Errorf("%w: %s: %d bytes with SHA-256 %s, the catalogue says %d bytes with %s", restore.ErrCorrupt, ch.Key, len(raw), got, ch.Size, ch.SHA256)
+	}
+	return raw, nil
+}
