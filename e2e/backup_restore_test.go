@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -138,23 +139,38 @@ func TestRestoreBaseBackup(t *testing.T) {
 	}
 	p.Stop("fast")
 
-	// (c) A chunk overwritten with another chunk's (valid zstd) bytes.
+	// (c) A chunk overwritten, through the S3 API (so the store's own
+	// checksum is right), with another chunk's valid zstd bytes and the
+	// original metadata: only walship's SHA-256 check can catch it.
 	chunks := cat.Archives[0].Chunks
 	if len(chunks) < 3 {
 		t.Fatalf("base archive has %d chunks; the test wants at least 3", len(chunks))
 	}
 	victim := chunks[len(chunks)/2].Key
-	other, err := os.ReadFile(filepath.Join(st.s3.Root, st.s3.Bucket, chunks[0].Key))
+	sink := fixtureSink(t, st)
+	rc, _, err := sink.Get(context.Background(), chunks[0].Key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(st.s3.Root, st.s3.Bucket, victim), other, 0o644); err != nil {
+	other, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta, err := sink.Head(context.Background(), victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Delete(context.Background(), victim); err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Put(context.Background(), victim, other, meta); err != nil {
 		t.Fatal(err)
 	}
 	d3 := filepath.Join(t.TempDir(), "restore3")
 	out, err = runWalship(t, st.env(), st.restoreArgs("--backup", cat.ID, "--target-dir", d3, "--tablespace-mapping", tsDir+"="+filepath.Join(t.TempDir(), "ts3"))...)
-	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() == 0 || !strings.Contains(out, victim) {
-		t.Errorf("restore with a corrupt chunk: %v, want a failure naming %s\n%s", err, victim, out)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() == 0 || !strings.Contains(out, victim) || !strings.Contains(out, "SHA-256") {
+		t.Errorf("restore with a corrupt chunk: %v, want a failure naming %s and its SHA-256\n%s", err, victim, out)
 	}
 	t.Logf("restore with a corrupt chunk:\n%s", out)
 	if _, err := os.Stat(filepath.Join(d3, "recovery.signal")); err == nil {

@@ -81,11 +81,7 @@ func putFixtureBackup(t *testing.T, st *stack, o fixtureOpts) backup.Catalog {
 		id = backup.NewID(startTime)
 	}
 
-	st.s3.SetEnv(t)
-	sink, err := s3sink.New(ctx, s3sink.Options{Bucket: st.s3.Bucket, Endpoint: st.s3.Endpoint(), PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sink := fixtureSink(t, st)
 	layout, err := sinks.NewLayout(o.Layout, st.prefix, st.server)
 	if err != nil {
 		t.Fatal(err)
@@ -177,6 +173,18 @@ func putFixtureBackup(t *testing.T, st *stack, o fixtureOpts) backup.Catalog {
 	}
 	putJSON(backup.CatalogKey(prefix, id), cat)
 	return cat
+}
+
+// fixtureSink is the sink API on st's bucket (the S3 credentials are set
+// in the test's environment).
+func fixtureSink(t *testing.T, st *stack) *s3sink.Sink {
+	t.Helper()
+	st.s3.SetEnv(t)
+	sink, err := s3sink.New(context.Background(), s3sink.Options{Bucket: st.s3.Bucket, Endpoint: st.s3.Endpoint(), PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sink
 }
 
 // tarFile returns one file of a tar archive.
