@@ -1,0 +1,281 @@
+package unpack
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/walship/walship/compress"
+	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/pipeline/restore"
+	"github.com/walship/walship/sinks"
+	filesink "github.com/walship/walship/sinks/file"
+)
+
+type entry struct {
+	name, link string
+	typ        byte
+	body       string
+	mode       int64
+}
+
+func makeTar(t *testing.T, entries []entry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range entries {
+		h := &tar.Header{Name: e.name, Typeflag: e.typ, Linkname: e.link, Mode: e.mode, Size: int64(len(e.body)), ModTime: time.Unix(0, 0)}
+		if h.Mode == 0 {
+			h.Mode = 0o600
+		}
+		if e.typ != tar.TypeReg {
+			h.Size = 0
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if e.typ == tar.TypeReg {
+			tw.Write([]byte(e.body))
+		}
+	}
+	tw.Close()
+	return buf.Bytes()
+}
+
+// makeManifest writes a backup_manifest of files (path -> contents) with
+// CRC32C checksums and a correct Manifest-Checksum, as PostgreSQL does.
+func makeManifest(files map[string]string, override map[string]string) []byte {
+	var b strings.Builder
+	b.WriteString("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n")
+	first := true
+	for p, body := range files {
+		c, _ := newChecksum("CRC32C")
+		c.Write([]byte(body))
+		sum := c.hex()
+		if o, ok := override[p]; ok {
+			sum = o
+		}
+		if !first {
+			b.WriteString(",\n")
+		}
+		first = false
+		fmt.Fprintf(&b, `{ "Path": %q, "Size": %d, "Last-Modified": "2026-11-29 21:00:00 GMT", "Checksum-Algorithm": "CRC32C", "Checksum": %q }`, p, len(body), sum)
+	}
+	b.WriteString("\n],\n\"WAL-Ranges\": [\n{ \"Timeline\": 1, \"Start-LSN\": \"0/2000028\", \"End-LSN\": \"0/2000100\" }\n],\n")
+	s := sha256.Sum256([]byte(b.String()))
+	fmt.Fprintf(&b, "\"Manifest-Checksum\": \"%s\"}\n", hex.EncodeToString(s[:]))
+	return []byte(b.String())
+}
+
+// putBackup stores archives (name -> bytes; "base" first, then
+// tablespaces with their locations) and the manifest as chunks of size
+// chunk, and the catalogue unless incomplete.
+func putBackup(t *testing.T, sink sinks.Sink, prefix, id string, chunk int, base []byte, ts map[string][]byte, locs map[string]string, manifest []byte, incomplete bool) backup.Catalog {
+	t.Helper()
+	ctx := context.Background()
+	enc, _ := compress.NewEncoder(compress.Zstd, 0)
+	put := func(name string, raw []byte) backup.Archive {
+		sum := sha256.Sum256(raw)
+		a := backup.Archive{Name: name, Size: int64(len(raw)), SHA256: hex.EncodeToString(sum[:]), Location: locs[name]}
+		for seq := 0; seq == 0 || seq*chunk < len(raw); seq++ {
+			part := raw[seq*chunk : min((seq+1)*chunk, len(raw))]
+			body, _ := enc.Encode(part)
+			body = append([]byte(nil), body...)
+			s := sha256.Sum256(part)
+			key := backup.ChunkKey(prefix, id, name, seq, ".zst")
+			if err := sink.Put(ctx, key, body, sinks.Metadata{SHA256: hex.EncodeToString(s[:]), Codec: "zstd", RawSize: int64(len(part))}); err != nil {
+				t.Fatal(err)
+			}
+			a.Chunks = append(a.Chunks, backup.Chunk{Seq: seq, Key: key, Size: int64(len(part)), SHA256: hex.EncodeToString(s[:]), StoredSize: int64(len(body))})
+		}
+		return a
+	}
+	cat := backup.Catalog{V: 1, ID: id, Server: "db1", SystemID: "1", SegSize: 1 << 20, Timeline: 1, EndTimeline: 1, StartLSN: 0x2000028, EndLSN: 0x2000100, Codec: "zstd"}
+	cat.Archives = []backup.Archive{put("base", base)}
+	for name, raw := range ts {
+		cat.Archives = append(cat.Archives, put(name, raw))
+	}
+	cat.Manifest = put("manifest", manifest)
+	if err := sink.Put(ctx, backup.StartedKey(prefix, id), []byte("{}"), sinks.Metadata{}); err != nil {
+		t.Fatal(err)
+	}
+	if !incomplete {
+		b, _ := cat.Encode()
+		if err := sink.Put(ctx, backup.CatalogKey(prefix, id), b, sinks.Metadata{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return cat
+}
+
+const prefix = "p/db1/walship-backups/"
+
+func baseFiles() map[string]string {
+	return map[string]string{"PG_VERSION": "15\n", "backup_label": "START WAL LOCATION: 0/2000028\n", "global/pg_control": strings.Repeat("c", 8192),
+		"base/1/1259": strings.Repeat("x", 70000), "tablespace_map": "16384 /srv/ts\n",
+		"pg_tblspc/16384/PG_15_202209061/1/16385": strings.Repeat("t", 9000)}
+}
+
+func tars(t *testing.T, files map[string]string) (base, ts []byte) {
+	base = makeTar(t, []entry{
+		{name: "PG_VERSION", typ: tar.TypeReg, body: files["PG_VERSION"]},
+		{name: "backup_label", typ: tar.TypeReg, body: files["backup_label"]},
+		{name: "tablespace_map", typ: tar.TypeReg, body: files["tablespace_map"]},
+		{name: "global", typ: tar.TypeDir, mode: 0o700},
+		{name: "global/pg_control", typ: tar.TypeReg, body: files["global/pg_control"]},
+		{name: "base/1", typ: tar.TypeDir, mode: 0o700},
+		{name: "base/1/1259", typ: tar.TypeReg, body: files["base/1/1259"]},
+		{name: "pg_wal", typ: tar.TypeDir, mode: 0o700},
+		{name: "pg_tblspc", typ: tar.TypeDir, mode: 0o700},
+	})
+	ts = makeTar(t, []entry{
+		{name: "PG_15_202209061", typ: tar.TypeDir, mode: 0o700},
+		{name: "PG_15_202209061/1", typ: tar.TypeDir, mode: 0o700},
+		{name: "PG_15_202209061/1/16385", typ: tar.TypeReg, body: files["pg_tblspc/16384/PG_15_202209061/1/16385"]},
+	})
+	return base, ts
+}
+
+func TestRestoreFileSink(t *testing.T) {
+	dir := t.TempDir()
+	sink, err := filesink.New(filepath.Join(dir, "archive"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := baseFiles()
+	base, ts := tars(t, files)
+	locs := map[string]string{"16384": "/srv/ts"}
+	good := putBackup(t, sink, prefix, "20261129T210000Z", 4096, base, map[string][]byte{"16384": ts}, locs, makeManifest(files, nil), false)
+	// A newer backup that never completed, and a newer one whose files do
+	// not match its manifest.
+	putBackup(t, sink, prefix, "20261129T230000Z", 4096, base, map[string][]byte{"16384": ts}, locs, makeManifest(files, nil), true)
+	bad := putBackup(t, sink, prefix, "20261129T220000Z", 4096, base, map[string][]byte{"16384": ts}, locs,
+		makeManifest(files, map[string]string{"base/1/1259": "00000000"}), false)
+
+	ctx := context.Background()
+	cat, _, err := Find(ctx, sink, prefix, "latest")
+	if err != nil || cat.ID != bad.ID {
+		t.Fatalf("latest: %s, %v; want %s (the newest with a catalogue)", cat.ID, err, bad.ID)
+	}
+	if _, _, err := Find(ctx, sink, prefix, "20261129T230000Z"); !errors.Is(err, ErrIncomplete) || !strings.Contains(err.Error(), "is not complete (no catalogue)") {
+		t.Errorf("incomplete by ID: %v", err)
+	}
+	if _, _, err := Find(ctx, sink, prefix, "20261129T000000Z"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing by ID: %v", err)
+	}
+
+	tsDir := filepath.Join(dir, "newts")
+	opts := Options{Sink: sink, Jobs: 3, Tablespaces: map[string]string{"/srv/ts": tsDir}}
+	// The manifest disagrees with base/1/1259: refused, named, marked.
+	if _, err := Restore(ctx, opts, bad, filepath.Join(dir, "bad")); !errors.Is(err, ErrVerify) || !strings.Contains(err.Error(), "base/1/1259") {
+		t.Errorf("restore against a mismatching manifest: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "bad", FailedFile)); err != nil {
+		t.Errorf("failed restore not marked: %v", err)
+	}
+	// The tablespace directory is not empty any more: refused.
+	if _, err := Restore(ctx, opts, good, filepath.Join(dir, "good")); !errors.Is(err, ErrTarget) {
+		t.Errorf("restore into a used tablespace directory: %v", err)
+	}
+	os.RemoveAll(tsDir)
+	res, err := Restore(ctx, opts, good, filepath.Join(dir, "good"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Files != 6 {
+		t.Errorf("%d files restored, want 6", res.Files)
+	}
+	for p, body := range files {
+		path := filepath.Join(dir, "good", p)
+		if rest, ok := strings.CutPrefix(p, "pg_tblspc/16384/"); ok {
+			path = filepath.Join(tsDir, rest)
+		}
+		got, err := os.ReadFile(path)
+		if p == "tablespace_map" {
+			body = "16384 " + tsDir + "\n"
+		}
+		if err != nil || string(got) != body {
+			t.Errorf("%s: %q, %v", p, got, err)
+		}
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "good", "global", "pg_control")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("pg_control mode: %v %v", fi.Mode(), err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "good", "backup_manifest")); err != nil {
+		t.Error(err)
+	}
+	// Into a non-empty directory: refused.
+	if _, err := Restore(ctx, Options{Sink: sink}, good, filepath.Join(dir, "good")); !errors.Is(err, ErrTarget) {
+		t.Errorf("restore into a non-empty directory: %v", err)
+	}
+
+	// A chunk replaced by other valid zstd bytes (same metadata): refused by its key.
+	victim := good.Archives[0].Chunks[2]
+	enc, _ := compress.NewEncoder(compress.Zstd, 0)
+	body, _ := enc.Encode(bytes.Repeat([]byte("z"), int(victim.Size)))
+	os.WriteFile(filepath.Join(dir, "archive", victim.Key), body, 0o644)
+	os.RemoveAll(tsDir)
+	if _, err := Restore(ctx, opts, good, filepath.Join(dir, "corrupt")); !errors.Is(err, restore.ErrCorrupt) || !strings.Contains(err.Error(), victim.Key) {
+		t.Errorf("corrupt chunk: %v", err)
+	}
+}
+
+func TestExtractRefusesUnsafeEntries(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		e    []entry
+	}{
+		{"dotdot", []entry{{name: "../evil", typ: tar.TypeReg, body: "x"}}},
+		{"absolute", []entry{{name: "/etc/evil", typ: tar.TypeReg, body: "x"}}},
+		{"inner dotdot", []entry{{name: "base/../../evil", typ: tar.TypeReg, body: "x"}}},
+		{"symlink elsewhere", []entry{{name: "base/link", typ: tar.TypeSymlink, link: "/etc"}}},
+		{"relative tablespace link", []entry{{name: "pg_tblspc/16384", typ: tar.TypeSymlink, link: "../x"}}},
+		{"through a tablespace link", []entry{{name: "pg_tblspc/16384", typ: tar.TypeSymlink, link: "/tmp"}, {name: "pg_tblspc/16384/evil", typ: tar.TypeReg, body: "x"}}},
+		{"hard link", []entry{{name: "a", typ: tar.TypeReg, body: "x"}, {name: "b", typ: tar.TypeLink, link: "a"}}},
+		{"device", []entry{{name: "dev", typ: tar.TypeChar}}},
+		{"twice", []entry{{name: "a", typ: tar.TypeReg, body: "x"}, {name: "a", typ: tar.TypeReg, body: "y"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			x := &extractor{root: root, base: true, v: newVerifier(&Manifest{}), linkTarget: func(_, t string) string { return filepath.Join(root, "..", "ts") }}
+			err := x.run(bytes.NewReader(makeTar(t, tc.e)))
+			if err == nil {
+				t.Fatal("extracted")
+			}
+			if _, serr := os.Stat(filepath.Join(root, "..", "evil")); serr == nil {
+				t.Fatal("wrote outside the target")
+			}
+		})
+	}
+}
+
+func TestManifestChecksum(t *testing.T) {
+	m := makeManifest(map[string]string{"a": "b"}, nil)
+	if _, err := ParseManifest(m); err != nil {
+		t.Fatal(err)
+	}
+	bad := bytes.Replace(m, []byte(`"Size": 1`), []byte(`"Size": 2`), 1)
+	if _, err := ParseManifest(bad); !errors.Is(err, ErrVerify) {
+		t.Errorf("tampered manifest: %v", err)
+	}
+}
+
+func TestTablespaceMapRoundTrip(t *testing.T) {
+	in := []byte("16384 /srv/ts\n16390 /srv/odd\\\\dir\\\nname\n")
+	oids, paths, err := parseTablespaceMap(in)
+	if err != nil || len(oids) != 2 || paths[1] != "/srv/odd\\dir\nname" {
+		t.Fatalf("%q %q %v", oids, paths, err)
+	}
+	if out := formatTablespaceMap(oids, paths); !bytes.Equal(out, in) {
+		t.Errorf("%q != %q", out, in)
+	}
+}
