@@ -42,7 +42,7 @@ type fixtureOpts struct {
 // sink API (put-if-absent, SHA-256 of the raw bytes in the metadata);
 // started.json first and backup.json last, once walship (which must be
 // streaming st.pg) has archived the WAL up to the backup's end.
-func putFixtureBackup(t *testing.T, st *stack, o fixtureOpts) backup.Catalog {
+func putFixtureBackup(t testing.TB, st *stack, o fixtureOpts) backup.Catalog {
 	t.Helper()
 	if o.Layout == "" {
 		o.Layout = "barman-cloud"
@@ -108,29 +108,43 @@ func putFixtureBackup(t *testing.T, st *stack, o fixtureOpts) backup.Catalog {
 	}
 	var size, stored int64
 	putArchive := func(name, file string) backup.Archive {
-		raw, err := os.ReadFile(filepath.Join(dir, file))
+		f, err := os.Open(filepath.Join(dir, file))
 		if err != nil {
 			t.Fatal(err)
 		}
-		whole := sha256.Sum256(raw)
-		a := backup.Archive{Name: name, Size: int64(len(raw)), SHA256: hex.EncodeToString(whole[:])}
-		for seq := 0; seq == 0 || seq*o.ChunkSize < len(raw); seq++ {
-			part := raw[seq*o.ChunkSize : min((seq+1)*o.ChunkSize, len(raw))]
-			body, err := enc.Encode(part)
+		defer f.Close()
+		whole := sha256.New()
+		a := backup.Archive{Name: name}
+		part := make([]byte, o.ChunkSize)
+		for seq := 0; ; seq++ {
+			n, err := io.ReadFull(f, part)
+			if err == io.EOF && seq > 0 {
+				break
+			}
+			if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+				t.Fatal(err)
+			}
+			raw := part[:n]
+			whole.Write(raw)
+			body, err := enc.Encode(raw)
 			if err != nil {
 				t.Fatal(err)
 			}
-			body = append([]byte(nil), body...)
-			sum := sha256.Sum256(part)
+			sum := sha256.Sum256(raw)
 			key := backup.ChunkKey(prefix, id, name, seq, compress.Zstd.Ext())
 			meta := sinks.Metadata{SHA256: hex.EncodeToString(sum[:]), StartLSN: startLSN.String(), EndLSN: startLSN.String(),
-				Timeline: tli, SystemID: sysID, Codec: string(compress.Zstd), RawSize: int64(len(part))}
+				Timeline: tli, SystemID: sysID, Codec: string(compress.Zstd), RawSize: int64(n)}
 			if err := sink.Put(ctx, key, body, meta); err != nil {
 				t.Fatalf("put %s: %v", key, err)
 			}
-			a.Chunks = append(a.Chunks, backup.Chunk{Seq: seq, Key: key, Size: int64(len(part)), SHA256: meta.SHA256, StoredSize: int64(len(body))})
+			a.Chunks = append(a.Chunks, backup.Chunk{Seq: seq, Key: key, Size: int64(n), SHA256: meta.SHA256, StoredSize: int64(len(body))})
+			a.Size += int64(n)
 			stored += int64(len(body))
+			if n < o.ChunkSize {
+				break
+			}
 		}
+		a.SHA256 = hex.EncodeToString(whole.Sum(nil))
 		if name != backup.ArchiveManifest {
 			size += a.Size
 		}
@@ -177,7 +191,7 @@ func putFixtureBackup(t *testing.T, st *stack, o fixtureOpts) backup.Catalog {
 
 // fixtureSink is the sink API on st's bucket (the S3 credentials are set
 // in the test's environment).
-func fixtureSink(t *testing.T, st *stack) *s3sink.Sink {
+func fixtureSink(t testing.TB, st *stack) *s3sink.Sink {
 	t.Helper()
 	st.s3.SetEnv(t)
 	sink, err := s3sink.New(context.Background(), s3sink.Options{Bucket: st.s3.Bucket, Endpoint: st.s3.Endpoint(), PathStyle: true})
@@ -188,7 +202,7 @@ func fixtureSink(t *testing.T, st *stack) *s3sink.Sink {
 }
 
 // tarFile returns one file of a tar archive.
-func tarFile(t *testing.T, path, name string) string {
+func tarFile(t testing.TB, path, name string) string {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -214,7 +228,7 @@ func tarFile(t *testing.T, path, name string) string {
 // labelField is a backup_label field's value up to its first blank
 // ("START WAL LOCATION: 0/2000028 (file ...)" -> "0/2000028"); START TIME
 // keeps its date, time and zone.
-func labelField(t *testing.T, label, field string) string {
+func labelField(t testing.TB, label, field string) string {
 	t.Helper()
 	for _, line := range strings.Split(label, "\n") {
 		if v, ok := strings.CutPrefix(line, field+": "); ok {
