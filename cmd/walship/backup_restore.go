@@ -223,6 +223,15 @@ func (bf *backupRestoreFlags) validate(c *config) error {
 // checkTargets refuses a target PostgreSQL could not reach from the
 // backup: recovery must replay at least to the backup's end.
 func (bf *backupRestoreFlags) checkTargets(cat backup.Catalog) error {
+	ts, err := unpack.TablespaceDirs(cat, bf.tablespaces)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	for _, d := range ts {
+		if d == bf.targetDir || strings.HasPrefix(d, bf.targetDir+string(filepath.Separator)) {
+			return fmt.Errorf("%w: tablespace directory %s lies inside --target-dir %s: map it elsewhere with --tablespace-mapping", errUsage, d, bf.targetDir)
+		}
+	}
 	if bf.targetLSN != "" {
 		if l, _ := pipeline.ParseLSN(bf.targetLSN); l < cat.EndLSN {
 			return fmt.Errorf("%w: --target-lsn %s is before backup %s ends (%s): choose an older backup or a later target", errUsage, l, cat.ID, cat.EndLSN)

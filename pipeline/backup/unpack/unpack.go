@@ -87,6 +87,13 @@ func TablespaceDirs(cat backup.Catalog, mapping map[string]string) (map[string]s
 		out[a.Name] = filepath.Clean(dir)
 		have = append(have, a.Location)
 	}
+	seen := map[string]string{}
+	for oid, d := range out {
+		if other, dup := seen[d]; dup {
+			return nil, fmt.Errorf("tablespaces %s and %s would both be restored into %s: map one elsewhere with --tablespace-mapping", other, oid, d)
+		}
+		seen[d] = oid
+	}
 	for old := range mapping {
 		if !used[old] {
 			list := strings.Join(have, ", ")
