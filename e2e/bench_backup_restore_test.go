@@ -42,12 +42,18 @@ func BenchmarkRestoreBackup(b *testing.B) {
 		cat := putFixtureBackup(b, st, fixtureOpts{ChunkSize: 16 << 20, NoWALWait: true})
 		b.Logf("fixture backup %s: %d raw bytes, %d stored (zstd), %d chunks in %.0f s", cat.ID, cat.Size, cat.StoredSize, len(cat.Archives[0].Chunks), time.Since(t0).Seconds())
 
+		restoreCmd := func(target string, extra ...string) *exec.Cmd {
+			return exec.Command(walshipBin, append([]string{"restore", "--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(),
+				"--s3-path-style", "--server", st.server, "--backup", cat.ID, "--target-dir", target}, extra...)...)
+		}
+		exec.Command("sync").Run()
 		b.ResetTimer()
-		target := filepath.Join(b.TempDir(), "restored")
-		w := measure(b, exec.Command(walshipBin, "restore", "--dest", "s3://"+st.s3.Bucket+"/"+st.prefix, "--s3-endpoint", st.s3.Endpoint(),
-			"--s3-path-style", "--server", st.server, "--backup", cat.ID, "--target-dir", target), st.env())
+		w := measure(b, restoreCmd(filepath.Join(b.TempDir(), "restored")), st.env())
 		b.StopTimer()
-		w.report(b, "walship restore (S3, zstd, verified)", cat.Size)
+		w.report(b, "walship restore (S3, zstd, verified, syncfs at the end)", cat.Size)
+		exec.Command("sync").Run()
+		ns := measure(b, restoreCmd(filepath.Join(b.TempDir(), "restored-nosync"), "--no-sync"), st.env())
+		ns.report(b, "walship restore --no-sync", cat.Size)
 
 		// pg_basebackup -Ft -z to local disk, then tar -xzf.
 		t0 = time.Now()
@@ -55,8 +61,12 @@ func BenchmarkRestoreBackup(b *testing.B) {
 		b.Logf("pg_basebackup -Ft -z: %.0f s", time.Since(t0).Seconds())
 		out := filepath.Join(b.TempDir(), "untar")
 		os.MkdirAll(out, 0o700)
+		exec.Command("sync").Run()
 		x := measure(b, exec.Command("tar", "-xzf", filepath.Join(tgz, "base.tar.gz"), "-C", out), nil)
-		x.report(b, "tar -xzf base.tar.gz (local disk)", cat.Size)
+		x.report(b, "tar -xzf base.tar.gz (local disk, no sync)", cat.Size)
+		t0 = time.Now()
+		exec.Command("sync", "-f", out).Run()
+		b.Logf("then sync -f: %.1f s", time.Since(t0).Seconds())
 		b.ReportMetric(float64(cat.Size)/1e6/w.wall.Seconds(), "walship-MB/s")
 		b.ReportMetric(float64(cat.Size)/1e6/x.wall.Seconds(), "tar-MB/s")
 	}
@@ -74,6 +84,9 @@ func measure(b *testing.B, cmd *exec.Cmd, env []string) restoreUsage {
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		b.Fatalf("%v: %v\n%s", cmd.Args, err, out)
+	}
+	if len(out) > 0 {
+		b.Logf("%s", out)
 	}
 	u := restoreUsage{wall: time.Since(start)}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {

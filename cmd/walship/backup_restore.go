@@ -26,6 +26,7 @@ type backupRestoreFlags struct {
 	tablespaces    mappingList
 	walshipBin     string
 	noPartial      bool
+	noSync         bool
 	targetTime     string
 	targetName     string
 	targetLSN      string
@@ -66,6 +67,7 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	fs.Var(bf.tablespaces, "tablespace-mapping", "OLDDIR=NEWDIR: restore the tablespace at OLDDIR on the server into NEWDIR (repeatable; default: the same directory)")
 	fs.StringVar(&bf.walshipBin, "walship-bin", "", "walship binary restore_command runs (default: this binary's absolute path)")
 	fs.BoolVar(&bf.noPartial, "no-partial", false, "restore_command without --allow-partial: recovery stops at the last WAL archived as whole segments")
+	fs.BoolVar(&bf.noSync, "no-sync", false, "do not syncfs the restored directories at the end (PostgreSQL fsyncs its data directory when it starts recovery)")
 	fs.StringVar(&bf.targetTime, "target-time", "", "recover to this time (recovery_target_time, e.g. 2026-11-29 21:30:00+00)")
 	fs.StringVar(&bf.targetName, "target-name", "", "recover to this restore point (recovery_target_name, made by pg_create_restore_point)")
 	fs.StringVar(&bf.targetLSN, "target-lsn", "", "recover to this LSN (recovery_target_lsn)")
@@ -116,7 +118,7 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	}
 	fmt.Fprintf(stdout, "restoring backup %s of %s (timeline %d, %s-%s, %d bytes) into %s\n", cat.ID, cat.Server, cat.Timeline, cat.StartLSN, cat.EndLSN, cat.Size, bf.targetDir)
 	start := time.Now()
-	res, err := unpack.Restore(ctx, unpack.Options{Sink: sink, Identities: ids, Jobs: bf.jobs, Tablespaces: bf.tablespaces}, cat, bf.targetDir)
+	res, err := unpack.Restore(ctx, unpack.Options{Sink: sink, Identities: ids, Jobs: bf.jobs, Tablespaces: bf.tablespaces, NoSync: bf.noSync}, cat, bf.targetDir)
 	if err != nil {
 		if errors.Is(err, unpack.ErrTarget) {
 			return fmt.Errorf("%w: %v", errUsage, err)
@@ -131,7 +133,7 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 		return err
 	}
 	el := time.Since(start).Seconds()
-	fmt.Fprintf(stdout, "restored %d files, %d bytes in %.1f s (%.0f MB/s); every file matches backup_manifest\n", res.Files, res.Bytes, el, float64(res.Bytes)/1e6/max(el, 1e-3))
+	fmt.Fprintf(stdout, "restored %d files, %d bytes in %.1f s (%.0f MB/s, of which %.1f s syncing to disk); every file matches backup_manifest\n", res.Files, res.Bytes, el, float64(res.Bytes)/1e6/max(el, 1e-3), res.Sync.Seconds())
 	for oid, d := range res.Tablespaces {
 		fmt.Fprintf(stdout, "tablespace %s restored into %s\n", oid, d)
 	}

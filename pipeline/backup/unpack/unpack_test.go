@@ -218,6 +218,15 @@ func TestRestoreFileSink(t *testing.T) {
 		t.Errorf("restore into a non-empty directory: %v", err)
 	}
 
+	// A catalogue whose archive SHA-256 disagrees with its chunks'.
+	wrong := good
+	wrong.Archives = append([]backup.Archive(nil), good.Archives...)
+	wrong.Archives[0].SHA256 = strings.Repeat("0", 64)
+	os.RemoveAll(tsDir)
+	if _, err := Restore(ctx, opts, wrong, filepath.Join(dir, "wrongsum")); !errors.Is(err, restore.ErrCorrupt) || !strings.Contains(err.Error(), "archive base") {
+		t.Errorf("archive SHA-256 mismatch: %v", err)
+	}
+
 	// A chunk replaced by other valid zstd bytes (same metadata): refused by its key.
 	victim := good.Archives[0].Chunks[2]
 	enc, _ := compress.NewEncoder(compress.Zstd, 0)
