@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -85,8 +86,10 @@ func measure(b *testing.B, cmd *exec.Cmd, env []string) restoreUsage {
 	if err != nil {
 		b.Fatalf("%v: %v\n%s", cmd.Args, err, out)
 	}
-	if len(out) > 0 {
-		b.Logf("%s", out)
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(line, "restored ") {
+			b.Log(line)
+		}
 	}
 	u := restoreUsage{wall: time.Since(start)}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
