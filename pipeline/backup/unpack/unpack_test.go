@@ -14,7 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"filippo.io/age"
+
 	"github.com/walship/walship/compress"
+	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/pipeline/backup"
 	"github.com/walship/walship/pipeline/restore"
 	"github.com/walship/walship/sinks"
@@ -79,7 +82,7 @@ func makeManifest(files map[string]string, override map[string]string) []byte {
 // putBackup stores archives (name -> bytes; "base" first, then
 // tablespaces with their locations) and the manifest as chunks of size
 // chunk, and the catalogue unless incomplete.
-func putBackup(t *testing.T, sink sinks.Sink, prefix, id string, chunk int, base []byte, ts map[string][]byte, locs map[string]string, manifest []byte, incomplete bool) backup.Catalog {
+func putBackup(t *testing.T, sink sinks.Sink, prefix, id string, chunk int, base []byte, ts map[string][]byte, locs map[string]string, manifest []byte, incomplete bool, encrypt ...*crypt.Encrypter) backup.Catalog {
 	t.Helper()
 	ctx := context.Background()
 	enc, _ := compress.NewEncoder(compress.Zstd, 0)
@@ -90,9 +93,17 @@ func putBackup(t *testing.T, sink sinks.Sink, prefix, id string, chunk int, base
 			part := raw[seq*chunk : min((seq+1)*chunk, len(raw))]
 			body, _ := enc.Encode(part)
 			body = append([]byte(nil), body...)
+			scheme := ""
+			if len(encrypt) > 0 {
+				e, err := encrypt[0].Encrypt(body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, scheme = append([]byte(nil), e...), crypt.Scheme
+			}
 			s := sha256.Sum256(part)
 			key := backup.ChunkKey(prefix, id, name, seq, ".zst")
-			if err := sink.Put(ctx, key, body, sinks.Metadata{SHA256: hex.EncodeToString(s[:]), Codec: "zstd", RawSize: int64(len(part))}); err != nil {
+			if err := sink.Put(ctx, key, body, sinks.Metadata{SHA256: hex.EncodeToString(s[:]), Codec: "zstd", RawSize: int64(len(part)), Encryption: scheme}); err != nil {
 				t.Fatal(err)
 			}
 			a.Chunks = append(a.Chunks, backup.Chunk{Seq: seq, Key: key, Size: int64(len(part)), SHA256: hex.EncodeToString(s[:]), StoredSize: int64(len(body))})
@@ -100,6 +111,9 @@ func putBackup(t *testing.T, sink sinks.Sink, prefix, id string, chunk int, base
 		return a
 	}
 	cat := backup.Catalog{V: 1, ID: id, Server: "db1", SystemID: "1", SegSize: 1 << 20, Timeline: 1, EndTimeline: 1, StartLSN: 0x2000028, EndLSN: 0x2000100, Codec: "zstd"}
+	if len(encrypt) > 0 {
+		cat.Encryption = crypt.Scheme
+	}
 	cat.Archives = []backup.Archive{put("base", base)}
 	for name, raw := range ts {
 		cat.Archives = append(cat.Archives, put(name, raw))
@@ -286,5 +300,48 @@ func TestTablespaceMapRoundTrip(t *testing.T) {
 	}
 	if out := formatTablespaceMap(oids, paths); !bytes.Equal(out, in) {
 		t.Errorf("%q != %q", out, in)
+	}
+}
+
+// An encrypted backup restores with its identity, is refused without one,
+// and a chunk swapped for a plaintext one is refused by name.
+func TestRestoreEncrypted(t *testing.T) {
+	dir := t.TempDir()
+	sink, err := filesink.New(filepath.Join(dir, "archive"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := baseFiles()
+	base, ts := tars(t, files)
+	cat := putBackup(t, sink, prefix, "20261129T210000Z", 4096, base, map[string][]byte{"16384": ts}, map[string]string{"16384": "/srv/ts"},
+		makeManifest(files, nil), false, crypt.NewEncrypter([]age.Recipient{id.Recipient()}))
+	ctx := context.Background()
+	opts := Options{Sink: sink, Tablespaces: map[string]string{"/srv/ts": filepath.Join(dir, "ts1")}}
+	if _, err := Restore(ctx, opts, cat, filepath.Join(dir, "noid")); err == nil || !strings.Contains(err.Error(), "--decrypt-identity") {
+		t.Errorf("encrypted without identity: %v", err)
+	}
+	opts.Identities = []age.Identity{id}
+	if _, err := Restore(ctx, opts, cat, filepath.Join(dir, "ok")); err != nil {
+		t.Fatalf("encrypted with its identity: %v", err)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "ok", "base", "1", "1259"))
+	if string(got) != files["base/1/1259"] {
+		t.Error("encrypted restore: wrong bytes")
+	}
+	// A chunk replaced by its plaintext (compressed) twin, metadata without encryption.
+	victim := cat.Archives[0].Chunks[1]
+	enc, _ := compress.NewEncoder(compress.Zstd, 0)
+	body, _ := enc.Encode(base[4096:8192])
+	sink.Delete(ctx, victim.Key)
+	if err := sink.Put(ctx, victim.Key, body, sinks.Metadata{SHA256: victim.SHA256, Codec: "zstd", RawSize: victim.Size}); err != nil {
+		t.Fatal(err)
+	}
+	opts.Tablespaces = map[string]string{"/srv/ts": filepath.Join(dir, "ts2")}
+	if _, err := Restore(ctx, opts, cat, filepath.Join(dir, "plain")); !errors.Is(err, restore.ErrCorrupt) || !strings.Contains(err.Error(), victim.Key) || !strings.Contains(err.Error(), "plaintext") {
+		t.Errorf("plaintext chunk in an encrypted backup: %v", err)
 	}
 }
