@@ -180,3 +180,37 @@ func TestRestoreBaseBackup(t *testing.T) {
 		t.Errorf("a failed restore is not marked: %v", err)
 	}
 }
+
+// The wal-g layout (backups under walship_backups/, WAL under wal_005/,
+// gzip WAL beside zstd chunks): restore latest needs no --server, and its
+// restore_command recovers every row.
+func TestRestoreBaseBackupWalG(t *testing.T) {
+	st := newStack(t)
+	st.s3.SetEnv(t)
+	os.Chmod(filepath.Dir(walshipBin), 0o755)
+	st.pg.Exec(`CREATE TABLE ledger (id serial primary key, phase text)`)
+	st.pg.Exec(`INSERT INTO ledger (phase) SELECT 'before' FROM generate_series(1, 300)`)
+	w := startWalship(t, st.env(), st.args("run", "--create-slot", "--layout", "wal-g", "--compression", "gzip")...)
+	waitFor(t, 30*time.Second, "streaming", func() bool { return st.walsenderPID() != "" })
+	cat := putFixtureBackup(t, st, fixtureOpts{Layout: "wal-g"})
+	st.pg.Exec(`INSERT INTO ledger (phase) SELECT 'after' FROM generate_series(1, 300)`)
+	end := st.switchWAL()
+	waitFor(t, 60*time.Second, "everything archived", func() bool { return st.replFlush() >= end })
+	if err := w.stop(t); err != nil {
+		t.Fatalf("walship exit: %v", err)
+	}
+	d := st.pg.OwnedDir("restore")
+	out, err := runWalship(t, st.env(), "restore", "--dest", "s3://"+st.s3.Bucket+"/"+st.prefix, "--s3-endpoint", st.s3.Endpoint(),
+		"--s3-path-style", "--layout", "wal-g", "--backup", "latest", "--target-dir", d)
+	if err != nil || !strings.Contains(out, "restoring backup "+cat.ID) {
+		t.Fatalf("restore latest (wal-g): %v\n%s", err, out)
+	}
+	r := st.pg.FromRestore(d)
+	if err := r.TryStart(120 * time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, r.Log())
+	}
+	waitPromoted(t, r)
+	if got := count(r, `SELECT count(*)::text FROM ledger`); got != 600 {
+		t.Errorf("wal-g restore: %d rows, want 600", got)
+	}
+}

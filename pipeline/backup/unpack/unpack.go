@@ -55,7 +55,7 @@ type Options struct {
 // Result describes a finished restore.
 type Result struct {
 	Files       int
-	Bytes       int64            // raw bytes written
+	Bytes       int64             // raw bytes written
 	Tablespaces map[string]string // OID -> directory restored into
 	Sync        time.Duration     // spent in the final syncfs
 }
