@@ -316,4 +316,3 @@ func (r *restorer) extract(ctx context.Context, a backup.Archive, futures <-chan
 	}
 	return nil
 }
-
