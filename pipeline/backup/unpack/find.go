@@ -53,7 +53,7 @@ func Find(ctx context.Context, st Store, prefix, id string) (cat backup.Catalog,
 			if _, serr := st.Head(ctx, backup.StartedKey(prefix, id)); serr == nil {
 				return cat, nil, fmt.Errorf("backup %s is %w (no catalogue): it is in progress or it failed; %s exists, %s does not", id, ErrIncomplete, backup.StartedKey(prefix, id), backup.CatalogKey(prefix, id))
 			}
-			return cat, nil, fmt.Errorf("backup %s: %w (no %s)", id, os.ErrNotExist, backup.CatalogKey(prefix, id))
+			return cat, nil, fmt.Errorf("backup %s is not in the bucket (no %s; walship backup list shows the backups): %w", id, backup.CatalogKey(prefix, id), os.ErrNotExist)
 		}
 		return cat, nil, err
 	}
