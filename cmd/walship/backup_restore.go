@@ -27,6 +27,7 @@ type backupRestoreFlags struct {
 	walshipBin     string
 	noPartial      bool
 	noSync         bool
+	retryFor       time.Duration
 	targetTime     string
 	targetName     string
 	targetLSN      string
@@ -67,6 +68,7 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	fs.Var(bf.tablespaces, "tablespace-mapping", "OLDDIR=NEWDIR: restore the tablespace at OLDDIR on the server into NEWDIR (repeatable; default: the same directory)")
 	fs.StringVar(&bf.walshipBin, "walship-bin", "", "walship binary restore_command runs (default: this binary's absolute path)")
 	fs.BoolVar(&bf.noPartial, "no-partial", false, "restore_command without --allow-partial: recovery stops at the last WAL archived as whole segments")
+	fs.DurationVar(&bf.retryFor, "retry-for", 2*time.Minute, "how long each chunk is retried while the store is unreachable")
 	fs.BoolVar(&bf.noSync, "no-sync", false, "do not syncfs the restored directories at the end (PostgreSQL fsyncs its data directory when it starts recovery)")
 	fs.StringVar(&bf.targetTime, "target-time", "", "recover to this time (recovery_target_time, e.g. 2026-11-29 21:30:00+00)")
 	fs.StringVar(&bf.targetName, "target-name", "", "recover to this restore point (recovery_target_name, made by pg_create_restore_point)")
@@ -118,7 +120,7 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	}
 	fmt.Fprintf(stdout, "restoring backup %s of %s (timeline %d, %s-%s, %d bytes) into %s\n", cat.ID, cat.Server, cat.Timeline, cat.StartLSN, cat.EndLSN, cat.Size, bf.targetDir)
 	start := time.Now()
-	res, err := unpack.Restore(ctx, unpack.Options{Sink: sink, Identities: ids, Jobs: bf.jobs, Tablespaces: bf.tablespaces, NoSync: bf.noSync}, cat, bf.targetDir)
+	res, err := unpack.Restore(ctx, unpack.Options{Sink: sink, Identities: ids, Jobs: bf.jobs, Tablespaces: bf.tablespaces, NoSync: bf.noSync, RetryFor: bf.retryFor}, cat, bf.targetDir)
 	if err != nil {
 		if errors.Is(err, unpack.ErrTarget) {
 			return fmt.Errorf("%w: %v", errUsage, err)
@@ -179,6 +181,9 @@ func (bf *backupRestoreFlags) validate(c *config) error {
 	bf.targetDir = abs
 	if bf.jobs < 1 {
 		return bad("--jobs must be at least 1")
+	}
+	if bf.retryFor <= 0 {
+		return bad("--retry-for must be positive")
 	}
 	if c.Server == "" && c.Layout != "wal-g" {
 		return bad("--server is required with the barman-cloud layout")

@@ -111,7 +111,7 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 func (r *restorer) chunk(ctx context.Context, ch backup.Chunk) ([]byte, error) {
 	bo := backoff.New(200*time.Millisecond, 5*time.Second)
 	var err error
-	for i := 0; i < r.o.Attempts; i++ {
+	for start := time.Now(); ; {
 		var data []byte
 		data, err = r.chunkOnce(ctx, ch)
 		if err == nil || restore.Permanent(err) || errors.Is(err, os.ErrNotExist) || ctx.Err() != nil {
@@ -120,11 +120,10 @@ func (r *restorer) chunk(ctx context.Context, ch backup.Chunk) ([]byte, error) {
 			}
 			return data, err
 		}
-		if !bo.Wait(ctx) {
-			break
+		if time.Since(start) > r.o.RetryFor || !bo.Wait(ctx) {
+			return nil, fmt.Errorf("download %s (retried for %s): %w", ch.Key, time.Since(start).Round(time.Second), err)
 		}
 	}
-	return nil, fmt.Errorf("download %s: %w", ch.Key, err)
 }
 
 func (r *restorer) chunkOnce(ctx context.Context, ch backup.Chunk) ([]byte, error) {

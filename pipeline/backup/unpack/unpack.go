@@ -42,9 +42,9 @@ type Options struct {
 	// Tablespaces maps a tablespace's location on the server (the
 	// catalogue's Location) to the directory it is restored into.
 	Tablespaces map[string]string
-	// Attempts bounds the tries of each chunk on transient errors
-	// (default 5).
-	Attempts int
+	// RetryFor bounds how long each chunk is retried on transient errors
+	// (an unreachable store; default 2 minutes).
+	RetryFor time.Duration
 	// NoSync skips the final syncfs of the target and tablespace
 	// directories (PostgreSQL fsyncs its data directory itself when it
 	// starts recovery from a backup_label).
@@ -126,8 +126,8 @@ func Restore(ctx context.Context, o Options, cat backup.Catalog, dir string) (*R
 	if o.Jobs < 1 {
 		o.Jobs = 4
 	}
-	if o.Attempts < 1 {
-		o.Attempts = 5
+	if o.RetryFor <= 0 {
+		o.RetryFor = 2 * time.Minute
 	}
 	ts, err := TablespaceDirs(cat, o.Tablespaces)
 	if err != nil {

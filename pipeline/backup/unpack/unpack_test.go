@@ -8,9 +8,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -362,5 +364,49 @@ func TestWriteRecovery(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "recovery.signal")); err != nil {
 		t.Error(err)
+	}
+}
+
+// flaky fails every object's first two reads as an unreachable store
+// does (a fault injected in front of the real file sink).
+type flaky struct {
+	Store
+	mu    sync.Mutex
+	fails map[string]int
+}
+
+func (f *flaky) Get(ctx context.Context, key string) (io.ReadCloser, sinks.Metadata, error) {
+	f.mu.Lock()
+	f.fails[key]++
+	n := f.fails[key]
+	f.mu.Unlock()
+	if n <= 2 {
+		return nil, sinks.Metadata{}, fmt.Errorf("dial tcp 127.0.0.1:9000: connect: connection refused")
+	}
+	return f.Store.Get(ctx, key)
+}
+
+// Transient errors are retried within RetryFor; past it, the restore fails
+// naming the chunk.
+func TestRestoreRetriesTransientErrors(t *testing.T) {
+	dir := t.TempDir()
+	fs, err := filesink.New(filepath.Join(dir, "archive"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := baseFiles()
+	base, ts := tars(t, files)
+	cat := putBackup(t, fs, prefix, "20261129T210000Z", 16384, base, map[string][]byte{"16384": ts}, map[string]string{"16384": "/srv/ts"}, makeManifest(files, nil), false)
+	ctx := context.Background()
+	sink := &flaky{Store: fs, fails: map[string]int{}}
+	opts := Options{Sink: sink, Tablespaces: map[string]string{"/srv/ts": filepath.Join(dir, "ts1")}}
+	if _, err := Restore(ctx, opts, cat, filepath.Join(dir, "ok")); err != nil {
+		t.Fatalf("restore through transient errors: %v", err)
+	}
+	sink.fails = map[string]int{}
+	opts.RetryFor = time.Millisecond
+	opts.Tablespaces = map[string]string{"/srv/ts": filepath.Join(dir, "ts2")}
+	if _, err := Restore(ctx, opts, cat, filepath.Join(dir, "short")); err == nil || !strings.Contains(err.Error(), cat.Manifest.Chunks[0].Key) {
+		t.Errorf("restore past RetryFor: %v", err)
 	}
 }
