@@ -29,6 +29,7 @@ Commands:
   slot create    create the physical replication slot
   slot drop      drop it
   fetch <wal> <dest>  restore_command: download, decompress, verify (with prefetch)
+  restore        a base backup into an empty data directory, with restore_command and PITR targets
   verify         walk the archive: gaps per timeline, history chain, metadata (--deep: checksums)
   ls             list archived WAL per timeline
   prune          delete backups outside --keep/--keep-within and the WAL no kept backup needs
@@ -121,6 +122,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdSlot(ctx, rest, stdout)
 	case "fetch":
 		return cmdFetch(ctx, rest, stdout)
+	case "restore":
+		return cmdRestoreBackup(ctx, rest, stdout)
 	case "verify":
 		return cmdVerify(ctx, rest, stdout, false)
 	case "ls":
