@@ -32,6 +32,7 @@ Commands:
   verify         walk the archive: gaps per timeline, history chain, metadata (--deep: checksums)
   ls             list archived WAL per timeline
   status         positions, lags, slot, backlog, last archived segment, per server
+  backup         take a base backup through the pipeline (backup list: the backups)
   check          preflight: PostgreSQL, slot, NATS, bucket, spool; one line per check
   health         probe a walship /readyz URL (container healthcheck)
   version        print the version, and those of Go, pglogrepl and NATS
@@ -128,6 +129,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdStatus(ctx, rest, stdout)
 	case "check":
 		return cmdCheck(ctx, rest, stdout)
+	case "backup":
+		return cmdBackup(ctx, rest, stdout)
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":
