@@ -194,8 +194,9 @@ func TestBackupTake(t *testing.T) {
 	ts := tablespaceDir(t)
 	st.pg.Exec(`CREATE TABLESPACE ts2 LOCATION '` + ts + `'`)
 	st.pg.Exec(`CREATE TABLE in_ts2 (id int, v text) TABLESPACE ts2;
-		INSERT INTO in_ts2 SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
-		VACUUM (FREEZE) in_ts2; CHECKPOINT`)
+		INSERT INTO in_ts2 SELECT g, md5(g::text) FROM generate_series(1, 20000) g`)
+	st.pg.Exec(`VACUUM (FREEZE) in_ts2`)
+	st.pg.Exec(`CHECKPOINT`)
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "3", "-q"); err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +204,12 @@ func TestBackupTake(t *testing.T) {
 	ctx, stop := context.WithCancel(context.Background())
 	wg := st.load(ctx, t)
 	_, wait := backupCmd(t, st, st.backupArgs(st.s3.Endpoint(), "--chunk-size", "1MiB", "--label", "e2e take"))
+	began := time.Now()
 	id, log, err := wait()
+	t.Logf("walship backup took %s", time.Since(began))
+	if os.Getenv("WALSHIP_E2E_BACKUP_LOG") != "" {
+		t.Log(log)
+	}
 	stop()
 	wg.Wait()
 	if err != nil {
@@ -353,6 +359,7 @@ func TestBackupIncomplete(t *testing.T) {
 		t.Fatalf("a backup with S3 down past its timeout exited %v, printed %q", err, out)
 	}
 	lines := strings.Split(strings.TrimSpace(log), "\n")
+	t.Logf("the backup with S3 down ended: %s", lines[len(lines)-1])
 	if last := lines[len(lines)-1]; !strings.HasPrefix(last, "walship: backup "+failed) || !strings.Contains(last, "--timeout") {
 		t.Errorf("last line %q does not say which backup failed and why", last)
 	}
