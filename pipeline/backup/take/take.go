@@ -180,12 +180,8 @@ func (t *Taker) Run(ctx context.Context) (*backup.Catalog, error) {
 		return nil, err
 	}
 	s.w = newWindow(t.cfg.Window, t.cfg.ChunkSize, t.cfg.Dest)
-	s.startAt = t.cfg.Now()
-	s.id = backup.NewID(s.startAt)
-	if _, err := t.sink.Head(ctx, backup.StartedKey(s.layout.BackupPrefix(), s.id)); err == nil {
-		return nil, fmt.Errorf("backup %s exists already (two backups in the same second?): try again", s.id)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("look up backup %s: %w", s.id, err)
+	if err := s.newID(); err != nil {
+		return nil, err
 	}
 
 	wctx, stopWatch := context.WithCancel(ctx)
@@ -226,6 +222,29 @@ func (t *Taker) Run(ctx context.Context) (*backup.Catalog, error) {
 		return nil, s.explain("write the catalogue", err)
 	}
 	return cat, nil
+}
+
+// newID picks the backup's ID, its start time to the second: a backup
+// that follows another within the same second waits for the next one.
+// (Two started at once by different processes: the second one's
+// started.json is refused, put-if-absent, and it fails.)
+func (s *state) newID() error {
+	for range 3 {
+		s.startAt = s.t.cfg.Now()
+		s.id = backup.NewID(s.startAt)
+		_, err := s.t.sink.Head(s.ctx, backup.StartedKey(s.layout.BackupPrefix(), s.id))
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("look up backup %s: %w", s.id, err)
+		}
+		next := s.startAt.Truncate(time.Second).Add(time.Second)
+		if !backoff.Sleep(s.ctx, next.Sub(s.t.cfg.Now())+10*time.Millisecond) {
+			return s.ctx.Err()
+		}
+	}
+	return fmt.Errorf("backup %s exists already: is another walship backup running for server %s?", s.id, s.server)
 }
 
 // explain turns an error into the line an operator reads.
