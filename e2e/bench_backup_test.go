@@ -20,6 +20,7 @@ import (
 // throughput (database MB per second), CPU seconds per GB (walship: the
 // backup process, walship run, NATS (in this process) and versitygw;
 // pg_basebackup: its own process) and the peak RSS of walship backup.
+// WALSHIP_BENCH_BACKUP_CHUNKS=4MiB,16MiB,64MiB compares chunk sizes.
 //
 //	go test -run '^$' -bench Backup -benchtime 1x ./e2e/
 func BenchmarkBackup(b *testing.B) {
@@ -49,40 +50,51 @@ func BenchmarkBackup(b *testing.B) {
 		b.Cleanup(func() { run.Process.Kill(); run.Wait() })
 		time.Sleep(2 * time.Second) // the receiver connects; not measured
 
-		// walship backup.
-		runCPU, gwCPU, natsCPU := cpuOf(run.Process.Pid), cpuOf(gw.PID()), selfCPU()
-		began := time.Now()
-		bk := exec.Command(walshipBin, append([]string{"backup", "--metrics-addr", ""}, common...)...)
-		bk.Env = append(os.Environ(), gw.Env()...)
-		var out bytes.Buffer
-		bk.Stdout, bk.Stderr = &out, os.Stderr
-		if err := bk.Start(); err != nil {
-			b.Fatal(err)
+		// walship backup, once per chunk size.
+		chunks := []string{"16MiB"}
+		if c := os.Getenv("WALSHIP_BENCH_BACKUP_CHUNKS"); c != "" {
+			chunks = strings.Split(c, ",")
 		}
-		peak := watchPeakRSS(bk.Process.Pid)
-		if err := bk.Wait(); err != nil {
-			b.Fatalf("walship backup: %v", err)
-		}
-		took := time.Since(began)
-		rss := peak()
-		cpu := usage(bk.ProcessState) + cpuOf(run.Process.Pid) - runCPU + cpuOf(gw.PID()) - gwCPU + selfCPU() - natsCPU
 		gb := dbMB / 1024
-		b.ReportMetric(dbMB/took.Seconds(), "walship-MB/s")
-		b.ReportMetric(cpu.Seconds()/gb, "walship-CPU-s/GB")
-		b.ReportMetric(usage(bk.ProcessState).Seconds()/gb, "walship-backup-proc-CPU-s/GB")
-		b.ReportMetric(rss, "walship-backup-peak-RSS-MB")
-		b.Logf("walship backup %s of %.0f MB in %s", strings.TrimSpace(out.String()), dbMB, took.Round(time.Millisecond))
+		for _, chunk := range chunks {
+			sfx := ""
+			if len(chunks) > 1 {
+				sfx = "-" + chunk
+			}
+			runCPU, gwCPU, natsCPU := cpuOf(run.Process.Pid), cpuOf(gw.PID()), selfCPU()
+			began := time.Now()
+			bk := exec.Command(walshipBin, append([]string{"backup", "--metrics-addr", "", "--chunk-size", chunk}, common...)...)
+			bk.Env = append(os.Environ(), gw.Env()...)
+			var out bytes.Buffer
+			bk.Stdout, bk.Stderr = &out, os.Stderr
+			if err := bk.Start(); err != nil {
+				b.Fatal(err)
+			}
+			peak := watchPeakRSS(bk.Process.Pid)
+			if err := bk.Wait(); err != nil {
+				b.Fatalf("walship backup: %v", err)
+			}
+			took := time.Since(began)
+			rss := peak()
+			cpu := usage(bk.ProcessState) + cpuOf(run.Process.Pid) - runCPU + cpuOf(gw.PID()) - gwCPU + selfCPU() - natsCPU
+			b.ReportMetric(dbMB/took.Seconds(), "walship"+sfx+"-MB/s")
+			b.ReportMetric(cpu.Seconds()/gb, "walship"+sfx+"-CPU-s/GB")
+			b.ReportMetric(usage(bk.ProcessState).Seconds()/gb, "walship"+sfx+"-backup-proc-CPU-s/GB")
+			b.ReportMetric(rss, "walship"+sfx+"-backup-peak-RSS-MB")
+			b.Logf("walship backup --chunk-size %s: %s, %.0f MB in %s", chunk, strings.TrimSpace(out.String()), dbMB, took.Round(time.Millisecond))
+			time.Sleep(time.Second) // a new backup ID
+		}
 
 		// pg_basebackup -Ft -z to local disk.
 		dir := filepath.Join(b.TempDir(), "pgbb")
-		began = time.Now()
+		began := time.Now()
 		pb := exec.Command(filepath.Join(pg.Bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", strconv.Itoa(pg.Port), "-U", "postgres",
 			"-D", dir, "-Ft", "-z", "-X", "none", "-c", "fast", "--no-sync")
 		pb.Stderr = os.Stderr
 		if err := pb.Run(); err != nil {
 			b.Fatalf("pg_basebackup: %v", err)
 		}
-		took = time.Since(began)
+		took := time.Since(began)
 		b.ReportMetric(dbMB/took.Seconds(), "pg_basebackup-MB/s")
 		b.ReportMetric(usage(pb.ProcessState).Seconds()/gb, "pg_basebackup-CPU-s/GB")
 		b.Logf("pg_basebackup -Ft -z of %.0f MB in %s", dbMB, took.Round(time.Millisecond))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -117,6 +118,12 @@ func backupTake(ctx context.Context, args []string, stdout io.Writer) error {
 	dest, err := sinks.DestID(c.Dest, c.S3Endpoint)
 	if err != nil {
 		return fmt.Errorf("%w: --dest: %v", errUsage, err)
+	}
+	if os.Getenv("GOGC") == "" {
+		// The window's chunks are the live heap; staging them in the object
+		// store makes as much garbage again. Collecting at 50% growth keeps
+		// the RSS near (window+1) chunks, as the archivers do.
+		debug.SetGCPercent(50)
 	}
 	log, _, err := newLogging(c)
 	if err != nil {
