@@ -100,6 +100,21 @@ func (st *stack) backupKeys(id string) []string {
 	return keys
 }
 
+// backupKeysOf lists every backup key of another server name.
+func (st *stack) backupKeysOf(server string) []string {
+	st.t.Helper()
+	out, err := st.s3.Client().ListObjectsV2(context.Background(), &s3.ListObjectsV2Input{Bucket: aws.String(st.s3.Bucket),
+		Prefix: aws.String(st.prefix + "/" + server + "/walship-backups/")})
+	if err != nil {
+		st.t.Fatal(err)
+	}
+	var keys []string
+	for _, o := range out.Contents {
+		keys = append(keys, *o.Key)
+	}
+	return keys
+}
+
 // readCatalog reads and validates a backup's catalogue.
 func (st *stack) readCatalog(id string) backup.Catalog {
 	st.t.Helper()
@@ -291,8 +306,8 @@ func TestBackupTake(t *testing.T) {
 }
 
 // A backup that cannot complete leaves no catalogue and exits non-zero:
-// killed (SIGKILL) in the middle, or with S3 unreachable past --timeout.
-// The next backup succeeds.
+// killed (SIGKILL) in the middle, with S3 unreachable past --timeout, or
+// with its WAL never archived. The next backup succeeds.
 func TestBackupIncomplete(t *testing.T) {
 	st := newStack(t)
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "2", "-q"); err != nil {
@@ -362,6 +377,25 @@ func TestBackupIncomplete(t *testing.T) {
 	t.Logf("the backup with S3 down ended: %s", lines[len(lines)-1])
 	if last := lines[len(lines)-1]; !strings.HasPrefix(last, "walship: backup "+failed) || !strings.Contains(last, "--timeout") {
 		t.Errorf("last line %q does not say which backup failed and why", last)
+	}
+
+	// WAL that never arrives: the chunks are archived, but no receiver
+	// streams for this server name, so the backup is never complete.
+	other := st.backupArgs(faulty.Endpoint(), "--timeout", "10s")
+	for i, a := range other {
+		if a == "--server" {
+			other[i+1] = "nowal"
+		}
+	}
+	_, wait = backupCmd(t, st, other)
+	out, log, err = wait()
+	lines = strings.Split(strings.TrimSpace(log), "\n")
+	t.Logf("the backup without WAL ended: %s", lines[len(lines)-1])
+	if err == nil || out != "" || !strings.Contains(lines[len(lines)-1], "is not in the bucket after --timeout 10s: is walship receive or run running for server nowal?") {
+		t.Errorf("a backup whose WAL never arrives exited %v, printed %q", err, out)
+	}
+	if keys := st.backupKeysOf("nowal"); len(keys) < 2 || slices.ContainsFunc(keys, func(k string) bool { return strings.HasSuffix(k, "/backup.json") }) {
+		t.Errorf("the backup without WAL left %v: want its chunks, no catalogue", keys)
 	}
 
 	// The next backup completes; neither failed one ever has a catalogue.
