@@ -323,6 +323,15 @@ func TestBackupIncomplete(t *testing.T) {
 	startWalship(t, st.env(), runArgs...)
 	slow := []string{"--chunk-size", "256KiB", "--max-rate", "2M", "--window", "2"}
 
+	// PostgreSQL unreachable: one line, non-zero, nothing written.
+	noPG := st.backupArgs(faulty.Endpoint())
+	for i, a := range noPG {
+		if a == "--pg" {
+			noPG[i+1] = "postgres://postgres@127.0.0.1:" + strconv.Itoa(testenv.FreePort(t)) + "/postgres?sslmode=disable&connect_timeout=5"
+		}
+	}
+	failsWith(t, st.env(), noPG, "127.0.0.1")
+
 	chunksOf := func(id string) int {
 		n := 0
 		for _, k := range st.backupKeys(id) {
@@ -413,5 +422,29 @@ func TestBackupIncomplete(t *testing.T) {
 		if _, _, ok := st.getObject(st.backupPrefix() + bad + "/backup.json"); ok {
 			t.Errorf("incomplete backup %s has a catalogue", bad)
 		}
+	}
+}
+
+// walship backup's own flags: each mistake is one line naming the flag,
+// exit non-zero, before anything is contacted.
+func TestBackupBadInput(t *testing.T) {
+	base := []string{"backup", "--nats", "nats://127.0.0.1:1", "--dest", "s3://bucket/prefix", "--s3-endpoint", "http://127.0.0.1:1"}
+	for _, tc := range []struct {
+		args    []string
+		phrases []string
+	}{
+		{[]string{"backup", "--dest", "s3://b/p"}, []string{"--nats"}},
+		{[]string{"backup", "--nats", "nats://127.0.0.1:1"}, []string{"--dest"}},
+		{append(base, "--checkpoint", "now"), []string{"checkpoint", "fast or spread"}},
+		{append(base, "--max-rate", "10"), []string{"--max-rate", "32 kB/s"}},
+		{append(base, "--max-rate", "lots"), []string{"--max-rate"}},
+		{append(base, "--chunk-size", "1"), []string{"chunk size", "64 KiB"}},
+		{append(base, "--window", "0"), []string{"--window"}},
+		{append(base, "--server", "a b"), []string{"--server"}},
+		{append(base, "--timeout", "0s"), []string{"--timeout"}},
+		{append(base, "--manifest-checksums", "md5"), []string{"manifest checksums"}},
+		{append(base, "extra"), []string{"unexpected argument"}},
+	} {
+		failsWith(t, nil, tc.args, tc.phrases...)
 	}
 }

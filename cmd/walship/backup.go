@@ -94,6 +94,9 @@ func backupTake(ctx context.Context, args []string, stdout io.Writer) error {
 			return err
 		}
 	}
+	if bf.window < 1 || bf.window > 256 {
+		return fmt.Errorf("%w: --window %d: use 1 to 256 chunks", errUsage, bf.window)
+	}
 	if bf.timeout <= 0 {
 		return fmt.Errorf("%w: --timeout %s: use a positive duration", errUsage, bf.timeout)
 	}
