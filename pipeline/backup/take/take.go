@@ -139,6 +139,8 @@ type state struct {
 	cks      map[*backup.Archive]*chunker
 	manBytes bytes.Buffer
 	inMan    bool
+	sent     int64 // raw bytes published
+	logged   int64 // sent at the last progress line
 }
 
 // Run takes the backup and returns its catalogue, written to the sink.
@@ -368,7 +370,14 @@ func (s *state) emit(c chunk) error {
 		return err
 	}
 	s.w.add(ev, c.data, s.t.cfg.Now())
-	return s.t.publish(s.ctx, &ev, c.data)
+	if err := s.t.publish(s.ctx, &ev, c.data); err != nil {
+		return err
+	}
+	if s.sent += ev.Size; s.sent-s.logged >= 1<<30 {
+		s.logged = s.sent
+		s.t.log.Info("backup progress", "backup", s.id, "sent_bytes", s.sent, "chunk", name, "in_flight", s.w.inFlight())
+	}
+	return nil
 }
 
 // publish stages a chunk and publishes its event, retrying transient
