@@ -138,13 +138,3 @@ func humanBytes(n int64) string {
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
-
-// backupListOnly is the `backup` command as far as this branch has it:
-// only `backup list`. TEMPORARY: the backup command of the take branch
-// replaces it (it dispatches "list" to backupList).
-func backupListOnly(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 || args[0] != "list" {
-		return fmt.Errorf("%w: usage: walship backup list [flags]", errUsage)
-	}
-	return backupList(ctx, args[1:], stdout)
-}

@@ -34,6 +34,7 @@ Commands:
   ls             list archived WAL per timeline
   prune          delete backups outside --keep/--keep-within and the WAL no kept backup needs
   status         positions, lags, slot, backlog, last archived segment, per server
+  backup         take a base backup through the pipeline (backup list: the backups)
   check          preflight: PostgreSQL, slot, NATS, bucket, spool; one line per check
   health         probe a walship /readyz URL (container healthcheck)
   version        print the version, and those of Go, pglogrepl and NATS
@@ -134,8 +135,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdCheck(ctx, rest, stdout)
 	case "prune":
 		return cmdPrune(ctx, rest, stdout)
-	case "backup": // TEMPORARY until the take branch's backup command merges: it dispatches "list" to backupList
-		return backupListOnly(ctx, rest, stdout)
+	case "backup":
+		return cmdBackup(ctx, rest, stdout)
 	case "health":
 		return cmdHealth(ctx, rest, stdout)
 	case "version", "--version", "-v":

@@ -20,6 +20,10 @@ type Metrics struct {
 	PartialUploads *prometheus.CounterVec
 	PartialBytes   *prometheus.CounterVec
 	PartialDeleted *prometheus.CounterVec
+	// Base backup chunks (pipeline.KindBackup) archived and confirmed,
+	// and their raw bytes.
+	BackupChunks *prometheus.CounterVec
+	BackupBytes  *prometheus.CounterVec
 }
 
 // NewMetrics builds the archiver's metrics and registers them on reg.
@@ -67,6 +71,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.PartialDeleted = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "walship_partial_deleted_total", Help: "Range objects deleted after their whole segment was archived.",
 	}, []string{"server"})
+	m.BackupChunks = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "walship_backup_chunks_total", Help: "Base backup chunks archived and confirmed by this archiver (found in the sink already included).",
+	}, []string{"server"})
+	m.BackupBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "walship_backup_bytes_total", Help: "Raw (uncompressed) bytes of base backup chunks archived, in bytes.",
+	}, []string{"server"})
+	reg.MustRegister(m.BackupChunks, m.BackupBytes)
 	reg.MustRegister(m.Backlog, m.PartialUploads, m.PartialBytes, m.PartialDeleted)
 	reg.MustRegister(m.Segments, m.RawBytes, m.CompressedBytes, m.Upload, m.Errors, m.Conflicts, m.Corrupt, m.Malformed, m.Unavailable)
 	return m

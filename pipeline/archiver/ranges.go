@@ -17,9 +17,12 @@ import (
 
 // objectKey is where ev's WAL goes in the sink.
 func objectKey(layout sinks.Layout, ev *pipeline.SegmentEvent, ext string) string {
-	if ev.Kind == pipeline.KindRange {
+	switch ev.Kind {
+	case pipeline.KindRange:
 		from, to := ev.RangeOffsets()
 		return layout.RangeKey(ev.File, from, to, ext)
+	case pipeline.KindBackup:
+		return backupKey(layout, ev, ext)
 	}
 	return layout.Key(archiveName(ev), ext)
 }
@@ -38,6 +41,10 @@ func eventName(ev *pipeline.SegmentEvent) string {
 // when its whole file is archived.
 func (a *Archiver) count(ev *pipeline.SegmentEvent, res *pipeline.ArchivedEvent) {
 	m := a.cfg.Metrics
+	if ev.Kind == pipeline.KindBackup {
+		a.countBackup(ev, res)
+		return
+	}
 	if ev.Kind == pipeline.KindRange {
 		if !res.Existed {
 			m.PartialUploads.WithLabelValues(ev.Server).Inc()

@@ -884,11 +884,9 @@ func ReadSnapshot(ctx context.Context, url string, names Names, extra ...nats.Op
 		}
 		snap.States = append(snap.States, st)
 		if serr == nil {
-			if m, err := stream.GetLastMsgForSubject(ctx, ArchivedSubject(st.Server)); err == nil {
-				if ev, err := pipeline.DecodeArchivedEvent(m.Data); err == nil {
-					snap.LastArchived[st.Server] = &ev
-					snap.ArchivedAt[st.Server] = m.Time
-				}
+			if ev, at, ok := lastWALArchived(ctx, stream, ArchivedSubject(st.Server)); ok {
+				snap.LastArchived[st.Server] = ev
+				snap.ArchivedAt[st.Server] = at
 			}
 		}
 	}

@@ -512,7 +512,9 @@ func (c *Core) CloseSession() { c.spool.closeCurrent() }
 // bytes' SHA-256 and the configured destination) removes the spool copy and
 // may move flush; others are counted and logged.
 func (c *Core) Archived(ev pipeline.ArchivedEvent) {
-	if ev.SystemID != c.cfg.SystemID || ev.Server != c.cfg.Server {
+	if ev.SystemID != c.cfg.SystemID || ev.Server != c.cfg.Server || ev.Kind == pipeline.KindBackup {
+		// A base backup's chunk (walship backup) is not WAL: it neither
+		// moves flush nor counts as ignored.
 		return
 	}
 	c.fileMu.Lock()

@@ -359,6 +359,9 @@ const (
 // timeline's last segment), its pending ranges, which it covers. What left
 // is returned, for removal from the spool.
 func (t *tracker) confirm(ev pipeline.ArchivedEvent) (res confirmation, reason string, gone []pipeline.SegmentEvent, moved bool) {
+	if ev.Kind == pipeline.KindBackup {
+		return confirmStale, "", nil, false // not WAL; never remembered either
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.pending[ev.MsgID()]
