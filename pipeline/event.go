@@ -138,8 +138,10 @@ var (
 	sha256RE     = regexp.MustCompile(`^[0-9a-f]{64}$`)
 	// backupChunkRE is a backup chunk's File: <id>/<archive>/<seq>, the id
 	// a UTC time (20061102T150405Z), the archive "base", "manifest" or a
-	// tablespace OID, the sequence six decimal digits from 000000.
-	backupChunkRE = regexp.MustCompile(`^[0-9]{8}T[0-9]{6}Z/(base|manifest|[1-9][0-9]{0,9})/[0-9]{6}$`)
+	// tablespace OID, the sequence at least six decimal digits from
+	// 000000 (up to nine: an archive of more than a million chunks, 16 TiB
+	// at the default chunk size, still has names).
+	backupChunkRE = regexp.MustCompile(`^[0-9]{8}T[0-9]{6}Z/(base|manifest|[1-9][0-9]{0,9})/(0[0-9]{5}|[1-9][0-9]{5,8})$`)
 )
 
 // ValidBackupChunk reports whether name is a backup chunk's name,

@@ -14,7 +14,7 @@
 //	                              with a catalogue is complete
 //
 // <archive> is "base" (the data directory) or a tablespace's OID; <seq> is
-// six decimal digits from 000000.
+// six decimal digits from 000000 (more past 999999).
 package backup
 
 import (
@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/walship/walship/pipeline"
@@ -74,10 +75,9 @@ func ParseChunkName(name string) (id, archive string, seq int, err error) {
 	if !pipeline.ValidBackupChunk(name) {
 		return "", "", 0, fmt.Errorf("backup chunk %q: want <id>/<archive>/<seq>", name)
 	}
-	id, rest := name[:len(IDLayout)], name[len(IDLayout)+1:]
-	archive, s := rest[:len(rest)-7], rest[len(rest)-6:]
-	seq, _ = strconv.Atoi(s)
-	return id, archive, seq, nil
+	parts := strings.Split(name, "/")
+	seq, _ = strconv.Atoi(parts[2])
+	return parts[0], parts[1], seq, nil
 }
 
 // ChunkKey is a chunk's object key: prefix is the layout's BackupPrefix,
