@@ -315,14 +315,58 @@ func TestBackupRetention(t *testing.T) {
 		}
 	}
 
-	// prune --keep 2: the floor is the start of the 4th backup's segment.
+	restoreAll := func(id string) {
+		t.Helper()
+		r, _ := restoreAndStart(t, st, standby, "r"+id, "restore", "--backup", id, "--walship-bin", wrapper, "--dest", dest[1],
+			"--s3-endpoint", dest[3], "--s3-path-style", "--layout", "wal-g")
+		got := rowIDs(t, r, "")
+		if missing, extra := diffIDs(got, all); len(missing) > 0 || len(extra) > 0 {
+			t.Errorf("restore of kept backup %s: %d rows, want %d; missing %v, extra %v", id, len(got), len(all), missing, extra)
+		}
+		if tli := r.QueryString(`SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)`); tli != "00000003" {
+			t.Errorf("restore of kept backup %s: on timeline %s, want 3 (recovery followed timeline 2 to its end)", id, tli)
+		}
+		r.Stop("fast")
+	}
+	// deletedPerTimeline counts the WAL objects in before and not in after.
+	deletedPerTimeline := func(before, after map[string]bool) map[uint32]int {
+		n := map[uint32]int{}
+		for key := range before {
+			if seg, ok := walSegmentOf(key); ok && !after[key] {
+				n[seg.Timeline]++
+			}
+		}
+		return n
+	}
+
+	// prune --keep 3 keeps backup 3, on timeline 1: the floor is its start
+	// segment; timeline 1's WAL from there, the .partial at the switch and
+	// the history file stay, and backup 3 restores through the switch to
+	// the end of timeline 2.
+	out = walship("prune", "--keep", "3")
+	t.Logf("prune --keep 3 (floor %s):\n%s", segSize.Start(cats[2].StartLSN), out)
+	st.checkPruned(t, before, segSize.Start(cats[2].StartLSN), ids[:2])
+	after := st.bucketKeys(t)
+	for key := range before {
+		if seg, ok := walSegmentOf(key); ok && seg.Timeline == 1 && strings.Contains(key, ".partial") && !after[key] {
+			t.Errorf("prune --keep 3 deleted %s, the end of timeline 1 that backup 3 recovers through", key)
+		}
+	}
+	restoreAll(ids[2])
+
+	// prune --keep 2: the floor is the start of the 4th backup's segment,
+	// on timeline 2; WAL below it goes on both timelines.
+	before = after
 	floor := segSize.Start(cats[3].StartLSN)
 	out = walship("prune", "--keep", "2")
 	t.Logf("prune --keep 2 (floor %s):\n%s", floor, out)
-	st.checkPruned(t, before, floor, ids[:3])
-	after := st.bucketKeys(t)
+	st.checkPruned(t, before, floor, ids[2:3])
+	after = st.bucketKeys(t)
 	if !after[history] {
 		t.Errorf("prune deleted %s", history)
+	}
+	if n := deletedPerTimeline(before, after); n[1] == 0 || n[2] == 0 {
+		t.Errorf("prune --keep 2 deleted %d WAL objects of timeline 1 and %d of timeline 2; the test wants both", n[1], n[2])
 	}
 	for key := range after {
 		for _, id := range ids[:3] {
@@ -340,15 +384,8 @@ func TestBackupRetention(t *testing.T) {
 	}
 
 	// Both kept backups restore, to the end, with every row.
-	for i, id := range ids[3:] {
-		r, _ := restoreAndStart(t, st, standby, "kept"+string(rune('4'+i)), "restore", "--backup", id, "--walship-bin", wrapper, "--dest", dest[1],
-			"--s3-endpoint", dest[3], "--s3-path-style", "--layout", "wal-g")
-		got := rowIDs(t, r, "")
-		if missing, extra := diffIDs(got, all); len(missing) > 0 || len(extra) > 0 {
-			t.Errorf("restore of kept backup %s: %d rows, want %d; missing %v, extra %v", id, len(got), len(all), missing, extra)
-		}
-		r.Stop("fast")
-	}
+	restoreAll(ids[3])
+	restoreAll(ids[4])
 }
 
 func keysOfSet(m map[string]bool) []string {
