@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/walship/walship/internal/testenv"
+	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/backup"
 )
 
@@ -76,6 +77,10 @@ func restoreAndStart(t *testing.T, st *stack, owner *testenv.Postgres, name stri
 	if err != nil {
 		t.Fatalf("walship restore %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
+	conf, err := os.ReadFile(filepath.Join(dir, "postgresql.auto.conf"))
+	if err != nil || strings.Contains(string(conf), testenv.S3SecretKey) || strings.Contains(string(conf), testenv.S3AccessKey) || !strings.Contains(string(conf), "fetch %f %p") {
+		t.Errorf("restored postgresql.auto.conf (%v) holds a credential, or no restore_command:\n%s", err, conf)
+	}
 	r := owner.FromRestore(dir)
 	if err := r.TryStart(90 * time.Second); err != nil {
 		t.Fatalf("%v\n%s", err, r.Log())
@@ -138,6 +143,9 @@ func TestBackupCycle(t *testing.T) {
 	// Everything committed is archived: the switch's segment is in the bucket.
 	end := st.switchWAL()
 	waitFor(t, 60*time.Second, "everything archived", func() bool { return st.replFlush() >= end })
+	if last := pipeline.SegmentOf(1, end-1, segSize); st.archivedSegments()[last.No] == "" {
+		t.Fatalf("flush reached %s but segment %s is not in the bucket", end, last.Name(segSize))
+	}
 	if err := w.stop(t); err != nil {
 		t.Fatalf("walship exit: %v", err)
 	}
