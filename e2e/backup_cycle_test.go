@@ -14,6 +14,7 @@ import (
 	"github.com/walship/walship/internal/testenv"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/sinks"
 )
 
 // The whole cycle with the real commands: walship run, walship backup,
@@ -187,10 +188,10 @@ func TestBackupCycle(t *testing.T) {
 	t.Logf("backup %s: restored %d rows to the end, %d to the restore point (%d committed before the backup's end)", id, len(all), len(beforeRP), beforeEnd)
 }
 
-// walGCatalog reads a backup's catalogue in the wal-g layout.
-func (st *stack) walGCatalog(t *testing.T, id string) backup.Catalog {
+// catalogIn reads a backup's catalogue in a layout.
+func (st *stack) catalogIn(t *testing.T, layout sinks.Layout, id string) backup.Catalog {
 	t.Helper()
-	body, _, ok := st.getObject(st.prefix + "/walship_backups/" + id + "/backup.json")
+	body, _, ok := st.getObject(backup.CatalogKey(layout.BackupPrefix(), id))
 	if !ok {
 		t.Fatalf("backup %s has no catalogue", id)
 	}
@@ -202,7 +203,8 @@ func (st *stack) walGCatalog(t *testing.T, id string) backup.Catalog {
 }
 
 // Issue 11, test 3, with the real commands: walship streams from a
-// standby (wal-g layout, whole segments); five walship backups with rows
+// standby (the default barman-cloud layout, whole segments; TestRetention
+// covers wal-g's); five walship backups with rows
 // and WAL switches between them, the first three of the primary on
 // timeline 1, then the standby promoted and the last two of it on timeline
 // 2. prune --keep 2 --dry-run deletes nothing; prune --keep 2 deletes
@@ -212,15 +214,23 @@ func (st *stack) walGCatalog(t *testing.T, id string) backup.Catalog {
 // backups restore to the end with every row.
 func TestBackupRetention(t *testing.T) {
 	t.Parallel()
+	testBackupRetention(t, "barman-cloud")
+}
+
+func testBackupRetention(t *testing.T, layoutName string) {
 	st := newStack(t)
+	layout, err := sinks.NewLayout(layoutName, st.prefix, st.server)
+	if err != nil {
+		t.Fatal(err)
+	}
 	wrapper := fetchWrapper(t, st)
 	primary := st.pg
 	primary.Exec(`CREATE TABLE rpo (id serial primary key, phase text, at timestamptz default clock_timestamp())`)
 	standby := primary.StartStandby()
 	st.pg = standby
-	w := startWalship(t, st.env(), st.args("run", "--create-slot", "--layout", "wal-g", "--partial-interval", "0")...)
+	w := startWalship(t, st.env(), st.args("run", "--create-slot", "--layout", layoutName, "--partial-interval", "0")...)
 	waitFor(t, 30*time.Second, "streaming from the standby", func() bool { return st.walsenderPID() != "" })
-	dest := []string{"--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(), "--s3-path-style", "--layout", "wal-g"}
+	dest := []string{"--dest", "s3://" + st.s3.Bucket + "/" + st.prefix, "--s3-endpoint", st.s3.Endpoint(), "--s3-path-style", "--layout", layoutName, "--server", st.server}
 	walship := func(args ...string) string {
 		t.Helper()
 		out, err := runWalship(t, st.env(), append(args, dest...)...)
@@ -236,14 +246,14 @@ func TestBackupRetention(t *testing.T) {
 	}
 	takeBackup := func(p *testenv.Postgres) backup.Catalog {
 		t.Helper()
-		args := st.backupArgs(st.s3.Endpoint(), "--layout", "wal-g", "--chunk-size", "1MiB")
+		args := st.backupArgs(st.s3.Endpoint(), "--layout", layoutName, "--chunk-size", "1MiB")
 		args[slices.Index(args, "--pg")+1] = p.URL("postgres")
 		_, wait := backupCmd(t, st, args)
 		id, log, err := wait()
 		if err != nil {
 			t.Fatalf("walship backup: %v\n%s", err, log)
 		}
-		return st.walGCatalog(t, id)
+		return st.catalogIn(t, layout, id)
 	}
 
 	cur := primary
@@ -296,7 +306,7 @@ func TestBackupRetention(t *testing.T) {
 	// The bucket holds both timelines: timeline 1's segments, the .partial
 	// at the switch, timeline 2's, and the history file.
 	before := st.bucketKeys(t)
-	history := st.prefix + "/wal_005/00000002.history"
+	history := layout.Key("00000002.history", "")
 	var tl1, tl1Partial bool
 	for key := range before {
 		if seg, ok := walSegmentOf(key); ok && seg.Timeline == 1 {
@@ -325,8 +335,7 @@ func TestBackupRetention(t *testing.T) {
 
 	restoreAll := func(id string) {
 		t.Helper()
-		r, _ := restoreAndStart(t, st, standby, "r"+id, "restore", "--backup", id, "--walship-bin", wrapper, "--dest", dest[1],
-			"--s3-endpoint", dest[3], "--s3-path-style", "--layout", "wal-g")
+		r, _ := restoreAndStart(t, st, standby, "r"+id, append([]string{"restore", "--backup", id, "--walship-bin", wrapper}, dest...)...)
 		got := rowIDs(t, r, "")
 		if missing, extra := diffIDs(got, all); len(missing) > 0 || len(extra) > 0 {
 			t.Errorf("restore of kept backup %s: %d rows, want %d; missing %v, extra %v", id, len(got), len(all), missing, extra)
