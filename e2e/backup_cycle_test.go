@@ -399,6 +399,11 @@ func testBackupRetention(t *testing.T, layoutName string) {
 	if len(kept.Backups) != 2 || kept.Backups[0].ID != ids[3] || kept.Backups[1].ID != ids[4] {
 		t.Errorf("backup list after prune: %+v, want %v", kept.Backups, ids[3:])
 	}
+	for _, b := range kept.Backups {
+		if !b.Complete || b.Window.Gap || b.Window.EndLSN < end {
+			t.Errorf("backup list after prune: %+v, want complete, recoverable to at least %s without a gap", b, end)
+		}
+	}
 
 	// Both kept backups restore, to the end, with every row.
 	restoreAll(ids[3])
