@@ -67,12 +67,13 @@ func (st *stack) deleteKey(t *testing.T, key string) {
 	}
 }
 
-// walSegmentOf is the segment a WAL key (whole or .partial) holds; ok is
-// false for history files, the identity and anything else.
+// walSegmentOf is the segment a WAL key (whole or .partial, wal-g or
+// barman-cloud layout) holds; ok is false for history files, the identity
+// and anything else.
 func walSegmentOf(key string) (pipeline.Segment, bool) {
 	name := strings.TrimSuffix(strings.TrimSuffix(path.Base(key), path.Ext(key)), ".partial")
 	seg, err := pipeline.ParseSegmentName(name, segSize)
-	return seg, err == nil && strings.Contains(key, "/wal_005/")
+	return seg, err == nil && (strings.Contains(key, "/wal_005/") || strings.Contains(key, "/wals/"))
 }
 
 // checkPruned checks a prune against the bucket before it: every WAL
@@ -90,7 +91,7 @@ func (st *stack) checkPruned(t *testing.T, before map[string]bool, floor pipelin
 			want = false
 		}
 		for _, id := range gone {
-			if strings.Contains(key, "/walship_backups/"+id+"/") {
+			if strings.Contains(key, "/walship_backups/"+id+"/") || strings.Contains(key, "/walship-backups/"+id+"/") {
 				want = false
 			}
 		}
