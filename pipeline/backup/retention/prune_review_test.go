@@ -188,3 +188,38 @@ func TestReviewPruneIncompleteBackupCompletingDuringPrune(t *testing.T) {
 		}
 	}
 }
+
+// REVIEW FINDING 9
+// "Newest" is decided by the end time the backup host's clock wrote into
+// the catalogue (and `restore latest` by the ID, the same clock). One
+// backup taken on a host whose clock ran two days ahead is the "newest"
+// for two days: --keep 1 keeps it and deletes the backup taken after it
+// (the one with the highest LSN), the age-of-newest-backup gauge goes
+// negative so the stale-backup alert cannot fire while backups fail, and
+// restore latest restores the older backup (recovery then replays
+// everything since). Order backups by their position in the WAL (end
+// timeline and end LSN), which no clock moves, and flag end times in the
+// future.
+func TestReviewPruneNewestByClockNotLSN(t *testing.T) {
+	ctx := context.Background()
+	fs, layout := reviewBucket(t, 1, 20)
+	base := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	reviewBackup(t, fs, layout, 3, base, false)
+	reviewBackup(t, fs, layout, 8, base.Add(48*time.Hour+time.Hour), false) // clock two days ahead
+	newest := reviewBackup(t, fs, layout, 14, base.Add(2*time.Hour), false)
+	st, err := Scan(ctx, fs, layout, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := NewPlan(st, Policy{Keep: 1, IncompleteAfter: 24 * time.Hour, Now: base.Add(3 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(plan.Keep) != 1 || plan.Keep[0].ID != newest {
+		var kept []string
+		for _, b := range plan.Keep {
+			kept = append(kept, b.ID)
+		}
+		t.Fatalf("--keep 1 keeps %v, deletes %s, the backup with the highest LSN", kept, newest)
+	}
+}
