@@ -39,7 +39,7 @@ func pgExpand(cmd, f, p string) string {
 	return b.String()
 }
 
-// REVIEW FINDING 7
+// REVIEW FINDING 9
 // restore_command is built with shellQuote, whose "safe" set includes '%',
 // and nothing doubles a '%' in the destination, the server name or a file
 // path. PostgreSQL expands %f, %p, %r and %% anywhere in restore_command,

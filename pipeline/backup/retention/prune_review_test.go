@@ -122,7 +122,7 @@ func TestReviewPruneKeepsOnlyBrokenBackups(t *testing.T) {
 	}
 }
 
-// REVIEW FINDING 4
+// REVIEW FINDING 5
 // prune deletes an incomplete backup older than --incomplete-after (24 h
 // by default) by the objects it listed. `walship backup --timeout` is
 // independent of it (any duration), and StartedAt comes from the backup
@@ -189,7 +189,7 @@ func TestReviewPruneIncompleteBackupCompletingDuringPrune(t *testing.T) {
 	}
 }
 
-// REVIEW FINDING 9
+// REVIEW FINDING 8
 // "Newest" is decided by the end time the backup host's clock wrote into
 // the catalogue (and `restore latest` by the ID, the same clock). One
 // backup taken on a host whose clock ran two days ahead is the "newest"

@@ -7,7 +7,7 @@ import (
 	"github.com/walship/walship/pipeline/backup"
 )
 
-// REVIEW FINDING 6
+// REVIEW FINDING 7
 // A chunk's <seq> is six digits in pipeline.ValidBackupChunk (and in
 // backup.ParseChunkName), but nothing bounds the number of chunks of an
 // archive: New accepts --chunk-size down to 64 KiB, and the chunker counts

@@ -79,7 +79,7 @@ func TestReviewWALCheckSwitchSegmentMustComeFromNewTimeline(t *testing.T) {
 	}
 }
 
-// REVIEW FINDING 5
+// REVIEW FINDING 6
 // A long standby backup that sees two upstream promotions ends on timeline
 // 3; the WAL between the two switches exists only on timeline 2. walCheck
 // looks at the end and start timelines only, so it never finds segment 5

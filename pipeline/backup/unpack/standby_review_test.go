@@ -11,7 +11,7 @@ import (
 	filesink "github.com/walship/walship/sinks/file"
 )
 
-// REVIEW FINDING 8
+// REVIEW FINDING 4
 // BASE_BACKUP run against a standby (checked with PostgreSQL 15's
 // pg_basebackup -Ft from a standby: base.tar and backup_manifest hold
 // standby.signal) carries standby.signal and the standby's
