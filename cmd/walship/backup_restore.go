@@ -256,7 +256,7 @@ func (bf *backupRestoreFlags) checkTargets(cat backup.Catalog) error {
 func (bf *backupRestoreFlags) settings(cmd, bin string) []string {
 	out := []string{
 		"restore_command = " + confQuote(cmd),
-		"recovery_end_command = " + confQuote(shellQuote(bin)+" fetch --cleanup"),
+		"recovery_end_command = " + confQuote(pgPercent(shellQuote(bin))+" fetch --cleanup"),
 	}
 	add := func(k, v string) {
 		if v != "" {
@@ -309,7 +309,7 @@ func fetchCommand(bin string, c *config, cat backup.Catalog, allowPartial bool) 
 	}
 	for i, a := range args {
 		if a != "%f" && a != "%p" {
-			args[i] = shellQuote(a)
+			args[i] = pgPercent(shellQuote(a))
 		}
 	}
 	return strings.Join(args, " ")
@@ -325,7 +325,13 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// confQuote quotes a postgresql.conf string value.
+// pgPercent writes every '%' of a literal word as '%%': PostgreSQL expands
+// %f, %p, %r and %% anywhere in restore_command and recovery_end_command.
+func pgPercent(s string) string { return strings.ReplaceAll(s, "%", "%%") }
+
+// confQuote quotes a postgresql.conf string value: PostgreSQL's parser
+// unescapes backslashes inside quotes, so they are doubled too.
 func confQuote(s string) string {
+	s = strings.ReplaceAll(s, `\`, `\\`)
 	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
 }
