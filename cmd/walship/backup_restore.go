@@ -136,6 +136,9 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	}
 	el := time.Since(start).Seconds()
 	fmt.Fprintf(stdout, "restored %d files, %d bytes in %.1f s (%.0f MB/s, of which %.1f s syncing to disk); every file matches backup_manifest\n", res.Files, res.Bytes, el, float64(res.Bytes)/1e6/max(el, 1e-3), res.Sync.Seconds())
+	for _, f := range res.Dropped {
+		fmt.Fprintf(stdout, "left out the backup's %s (it matches backup_manifest; a backup taken on a standby carries standby.signal): the restore recovers from the archive and ends recovery, it does not become a standby\n", f)
+	}
 	for oid, d := range res.Tablespaces {
 		fmt.Fprintf(stdout, "tablespace %s restored into %s\n", oid, d)
 	}
