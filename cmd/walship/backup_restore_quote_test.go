@@ -6,7 +6,7 @@ import (
 )
 
 // pgConfUnquote reads a postgresql.conf quoted string as PostgreSQL's
-// GUC_scanstr does: '' is a quote, a backslash escapes the next byte (\n,
+// GUC_scanstr does: ” is a quote, a backslash escapes the next byte (\n,
 // \t, ... as C escapes; any other byte stands for itself).
 func pgConfUnquote(t *testing.T, s string) string {
 	t.Helper()

@@ -79,7 +79,7 @@ func Find(ctx context.Context, st Store, prefix, id string) (cat backup.Catalog,
 			skipped = append(skipped, fmt.Sprintf("%s: %v", id, err))
 			continue
 		}
-		if !found || Newer(c, cat) {
+		if !found || c.EndsAfter(&cat) {
 			cat, found = c, true
 		}
 	}
@@ -87,18 +87,6 @@ func Find(ctx context.Context, st Store, prefix, id string) (cat backup.Catalog,
 		return cat, skipped, fmt.Errorf("%w under %s", ErrNoBackup, prefix)
 	}
 	return cat, skipped, nil
-}
-
-// Newer reports whether backup a ends after backup b in the WAL: on a
-// later timeline, or at a later LSN on the same one; the ID breaks a tie.
-func Newer(a, b backup.Catalog) bool {
-	if a.EndTimeline != b.EndTimeline {
-		return a.EndTimeline > b.EndTimeline
-	}
-	if a.EndLSN != b.EndLSN {
-		return a.EndLSN > b.EndLSN
-	}
-	return a.ID > b.ID
 }
 
 // completeIDs lists the IDs that have a catalogue, in ID order, and the
