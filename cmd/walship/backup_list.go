@@ -105,6 +105,10 @@ func backupList(ctx context.Context, args []string, stdout io.Writer) error {
 	for _, h := range st.HistoryErrors {
 		fmt.Fprintf(stdout, "history file not followed: %s\n", h)
 	}
+	now := time.Now()
+	for _, b := range st.Future(now) {
+		fmt.Fprintf(stdout, "warning: %s\n", retention.FutureWarning(b, now))
+	}
 	return nil
 }
 

@@ -136,6 +136,9 @@ func cmdRestoreBackup(ctx context.Context, args []string, stdout io.Writer) erro
 	}
 	el := time.Since(start).Seconds()
 	fmt.Fprintf(stdout, "restored %d files, %d bytes in %.1f s (%.0f MB/s, of which %.1f s syncing to disk); every file matches backup_manifest\n", res.Files, res.Bytes, el, float64(res.Bytes)/1e6/max(el, 1e-3), res.Sync.Seconds())
+	for _, f := range res.Dropped {
+		fmt.Fprintf(stdout, "left out the backup's %s (it matches backup_manifest; a backup taken on a standby carries standby.signal): the restore recovers from the archive and ends recovery, it does not become a standby\n", f)
+	}
 	for oid, d := range res.Tablespaces {
 		fmt.Fprintf(stdout, "tablespace %s restored into %s\n", oid, d)
 	}
@@ -256,7 +259,7 @@ func (bf *backupRestoreFlags) checkTargets(cat backup.Catalog) error {
 func (bf *backupRestoreFlags) settings(cmd, bin string) []string {
 	out := []string{
 		"restore_command = " + confQuote(cmd),
-		"recovery_end_command = " + confQuote(shellQuote(bin)+" fetch --cleanup"),
+		"recovery_end_command = " + confQuote(pgPercent(shellQuote(bin))+" fetch --cleanup"),
 	}
 	add := func(k, v string) {
 		if v != "" {
@@ -309,7 +312,7 @@ func fetchCommand(bin string, c *config, cat backup.Catalog, allowPartial bool) 
 	}
 	for i, a := range args {
 		if a != "%f" && a != "%p" {
-			args[i] = shellQuote(a)
+			args[i] = pgPercent(shellQuote(a))
 		}
 	}
 	return strings.Join(args, " ")
@@ -325,7 +328,13 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// confQuote quotes a postgresql.conf string value.
+// pgPercent writes every '%' of a literal word as '%%': PostgreSQL expands
+// %f, %p, %r and %% anywhere in restore_command and recovery_end_command.
+func pgPercent(s string) string { return strings.ReplaceAll(s, "%", "%%") }
+
+// confQuote quotes a postgresql.conf string value: PostgreSQL's parser
+// unescapes backslashes inside quotes, so they are doubled too.
 func confQuote(s string) string {
+	s = strings.ReplaceAll(s, `\`, `\\`)
 	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path"
 	"strconv"
 	"strings"
@@ -243,6 +244,9 @@ func cmdPrune(ctx context.Context, args []string, stdout io.Writer) error {
 			return errors.New("this destination cannot delete objects: prune needs s3:// or file://")
 		}
 	}
+	for _, w := range plan.Warnings {
+		fmt.Fprintf(os.Stderr, "walship: warning: %s\n", w)
+	}
 	var res retention.Result
 	if !dryRun {
 		res, err = retention.Execute(ctx, sink, st, plan)
@@ -304,6 +308,9 @@ func printPrune(w io.Writer, st *retention.State, plan *retention.Plan, res rete
 			len(plan.Delete), len(plan.DeleteIncomplete), len(plan.WAL), bytes)
 		return
 	}
+	for _, id := range res.Completed {
+		fmt.Fprintf(w, "incomplete backup %s completed during the prune: left alone (only its start marker deleted)\n", id)
+	}
 	fmt.Fprintf(w, "deleted %d backups, %d incomplete backups, %d WAL objects: %d objects, %d bytes\n", res.Backups, res.Incomplete, res.WAL, res.Objects, res.Bytes)
 }
 
@@ -323,6 +330,7 @@ func printPruneJSON(w io.Writer, st *retention.State, plan *retention.Plan, res 
 		"dry_run": dryRun, "keep": ids(plan.Keep), "delete": ids(plan.Delete),
 		"delete_incomplete": ids(plan.DeleteIncomplete), "leave_incomplete": ids(plan.LeaveIncomplete),
 		"floor": plan.Floor, "floor_reason": plan.FloorReason, "wal": wal, "note": plan.Note, "foreign": st.Foreign,
+		"warnings": append([]string{}, plan.Warnings...),
 	}
 	if !dryRun {
 		out["result"] = res

@@ -30,7 +30,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, []string{"server"})
 	}
 	m := &Metrics{
-		LatestAge:     g("walship_backup_latest_age_seconds", "Seconds since the newest complete base backup ended (absent when there is none)."),
+		LatestAge:     g("walship_backup_latest_age_seconds", "Seconds since the newest complete base backup (by end LSN) ended; when its end time is in the future (the backup host's clock runs ahead), since the bucket stored its catalogue. Absent when there is none."),
 		Backups:       g("walship_backups", "Complete base backups (with a catalogue) in the bucket."),
 		Incomplete:    g("walship_backup_incomplete", "Base backups started but without a catalogue: in progress, or failed."),
 		WindowSeconds: g("walship_recovery_window_seconds", "Seconds of continuously recoverable time: from the end of the oldest complete backup whose WAL reaches the newest backup, to the newest WAL stored contiguously after the newest backup."),
@@ -51,8 +51,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 // Summary is what the metrics report about one server's state.
 type Summary struct {
 	Backups, Incomplete int
-	// Latest is the newest complete backup's end (zero: none).
+	// Latest is the newest complete backup's end (zero: none): newest by
+	// WAL position (State.Complete), the time by the backup host's clock.
 	Latest time.Time
+	// LatestStored is when the sink stored that backup's catalogue (its
+	// clock; zero when it cannot tell).
+	LatestStored time.Time
 	// WindowSeconds: see walship_recovery_window_seconds.
 	WindowSeconds float64
 	Gap           bool
@@ -72,7 +76,7 @@ func (st *State) Summarize() Summary {
 		return s
 	}
 	newest := complete[len(complete)-1]
-	s.Latest = newest.EndTime()
+	s.Latest, s.LatestStored = newest.EndTime(), newest.CatalogStored
 	w := newest.Window
 	if w.Broken || w.EndTime.IsZero() {
 		s.Gap = w.Gap || w.Broken
@@ -93,6 +97,22 @@ func (st *State) Summarize() Summary {
 	return s
 }
 
+// Age is how long ago the newest backup ended, never negative: an end
+// time in the future (the backup host's clock runs ahead) would hold a
+// negative age, and the alert on a stale backup silent, for as long as
+// the clock is ahead; then the bucket's store time of its catalogue
+// stands in, else now.
+func (s Summary) Age(now time.Time) time.Duration {
+	at := s.Latest
+	if at.After(now) {
+		at = now
+		if !s.LatestStored.IsZero() && s.LatestStored.Before(now) {
+			at = s.LatestStored
+		}
+	}
+	return now.Sub(at)
+}
+
 // Observe sets server's gauges from a scan taken at now.
 func (m *Metrics) Observe(server string, st *State, now time.Time) {
 	s := st.Summarize()
@@ -106,7 +126,7 @@ func (m *Metrics) Observe(server string, st *State, now time.Time) {
 	if s.Latest.IsZero() {
 		m.LatestAge.DeleteLabelValues(server)
 	} else {
-		m.LatestAge.WithLabelValues(server).Set(now.Sub(s.Latest).Seconds())
+		m.LatestAge.WithLabelValues(server).Set(s.Age(now).Seconds())
 	}
 	m.WindowSeconds.WithLabelValues(server).Set(s.WindowSeconds)
 	gap := 0.0

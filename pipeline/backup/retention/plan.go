@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -16,11 +17,16 @@ import (
 // Policy is which backups to keep. A complete backup is kept when either
 // rule keeps it.
 type Policy struct {
-	// Keep keeps the Keep newest complete backups (by end time).
+	// Keep keeps the Keep newest complete backups that can be restored
+	// (newest by end timeline and end LSN, State.Complete). A broken
+	// backup (Window.Broken: the WAL from its start to its end is not all
+	// in the bucket) does not count: the newer broken ones are kept
+	// besides, so prune never leaves only backups that cannot restore.
 	Keep int
 	// KeepWithin keeps every complete backup that ended within it of Now,
-	// plus the newest that ended before Now-KeepWithin, without which
-	// recovery could not reach back to Now-KeepWithin.
+	// plus the newest restorable one that ended before Now-KeepWithin
+	// (and any broken ones newer than it), without which recovery could
+	// not reach back to Now-KeepWithin.
 	KeepWithin time.Duration
 	// IncompleteAfter: a backup without a catalogue that started longer
 	// ago than this is deleted; newer ones may be in progress.
@@ -58,6 +64,9 @@ type Plan struct {
 	WAL []sinks.Object
 	// Note says why no WAL goes, when none does.
 	Note string
+	// Warnings are what an operator should look at: kept backups that
+	// cannot be restored, end times in the future.
+	Warnings []string
 }
 
 // NewPlan decides what a prune deletes. It refuses (an error) when the
@@ -68,16 +77,21 @@ func NewPlan(st *State, p Policy) (*Plan, error) {
 		return nil, err
 	}
 	if len(st.Unreadable) > 0 {
-		return nil, fmt.Errorf("refusing to prune: backup catalogue %s does not decode (a newer walship's, or damaged); move it away or delete that backup by hand", st.Unreadable[0])
+		return nil, fmt.Errorf("refusing to prune: %s is a backup this build cannot read (a newer walship's, a copy under a name that is not a backup ID, or damaged), so the WAL it needs is unknown; move it out of %s or delete that backup by hand", st.Unreadable[0], st.Layout.BackupPrefix())
 	}
 	if len(st.ForeignErrors) > 0 {
 		return nil, fmt.Errorf("refusing to prune: cannot tell what WAL another tool's backup needs: %s", st.ForeignErrors[0])
 	}
 	plan := &Plan{}
-	complete := st.Complete() // oldest end first
+	complete := st.Complete() // oldest first, by WAL position
 	keep := map[*Backup]bool{}
-	for i := len(complete) - 1; i >= 0 && len(complete)-i <= p.Keep; i-- {
+	broken := func(b *Backup) bool { return b.Window == nil || b.Window.Broken }
+	// Newest first: broken backups are kept but not counted.
+	for i, n := len(complete)-1, 0; i >= 0 && n < p.Keep; i-- {
 		keep[complete[i]] = true
+		if !broken(complete[i]) {
+			n++
+		}
 	}
 	if p.KeepWithin > 0 {
 		cut := p.Now.Add(-p.KeepWithin)
@@ -87,16 +101,22 @@ func NewPlan(st *State, p Policy) (*Plan, error) {
 			if !b.EndTime().Before(cut) {
 				keep[b] = true
 			} else if !before {
-				keep[b], before = true, true
+				keep[b], before = true, !broken(b)
 			}
 		}
 	}
 	for _, b := range complete {
 		if keep[b] {
 			plan.Keep = append(plan.Keep, b)
+			if broken(b) {
+				plan.Warnings = append(plan.Warnings, st.brokenWarning(b))
+			}
 		} else {
 			plan.Delete = append(plan.Delete, b)
 		}
+	}
+	for _, b := range st.Future(p.Now) {
+		plan.Warnings = append(plan.Warnings, FutureWarning(b, p.Now))
 	}
 	for _, b := range st.Backups {
 		if b.Complete {
@@ -153,6 +173,16 @@ func NewPlan(st *State, p Policy) (*Plan, error) {
 	return plan, nil
 }
 
+// brokenWarning says that a kept backup cannot be restored, and where its
+// WAL stops.
+func (st *State) brokenWarning(b *Backup) string {
+	at := ""
+	if w := b.Window; w != nil && st.SegSize != 0 {
+		at = fmt.Sprintf(" from segment %s (%s)", pipeline.SegmentOf(w.Timeline, w.EndLSN, st.SegSize).Name(st.SegSize), w.EndLSN)
+	}
+	return fmt.Sprintf("backup %s cannot be restored: the WAL from its start to its end (%s) is missing%s; kept, not counted toward --keep/--keep-within", b.ID, b.Catalog.EndLSN, at)
+}
+
 // Result counts what a prune deleted.
 type Result struct {
 	Backups    int   `json:"backups"`
@@ -160,12 +190,18 @@ type Result struct {
 	WAL        int   `json:"wal"`
 	Objects    int   `json:"objects"`
 	Bytes      int64 `json:"bytes"`
+	// Completed are incomplete backups the plan deleted whose catalogue
+	// appeared meanwhile: left alone (but their start marker).
+	Completed []string `json:"completed,omitempty"`
 }
 
 // Execute carries out a plan: each backup's catalogue first (a backup
 // half deleted is never seen complete), then its chunks, its start marker
-// last; then incomplete backups the same way; then the WAL, oldest first
-// (an interrupted prune never leaves a hole inside what remains).
+// last; then incomplete backups, start marker first (a backup still
+// running re-checks it after writing its catalogue, and fails), then a
+// Head of the catalogue just before the chunks: a backup that completed
+// since the scan is left alone; then the WAL, oldest first (an
+// interrupted prune never leaves a hole inside what remains).
 func Execute(ctx context.Context, sink sinks.Sink, st *State, plan *Plan) (Result, error) {
 	var res Result
 	del, ok := sink.(sinks.Deleter)
@@ -209,8 +245,26 @@ func Execute(ctx context.Context, sink sinks.Sink, st *State, plan *Plan) (Resul
 		res.Backups++
 	}
 	for _, b := range plan.DeleteIncomplete {
-		if err := dropBackup(b); err != nil {
-			return res, err
+		started := backup.StartedKey(prefix, b.ID)
+		var rest []sinks.Object
+		for _, o := range b.Objects {
+			if o.Key != started {
+				rest = append(rest, o)
+			} else if err := rm(o); err != nil {
+				return res, fmt.Errorf("delete incomplete backup %s: %w", b.ID, err)
+			}
+		}
+		cat := backup.CatalogKey(prefix, b.ID)
+		if _, err := sink.Head(ctx, cat); err == nil {
+			res.Completed = append(res.Completed, b.ID)
+			continue
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return res, fmt.Errorf("delete incomplete backup %s: cannot tell whether it completed meanwhile: %w", b.ID, err)
+		}
+		for _, o := range rest {
+			if err := rm(o); err != nil {
+				return res, fmt.Errorf("delete incomplete backup %s: %w", b.ID, err)
+			}
 		}
 		res.Incomplete++
 	}

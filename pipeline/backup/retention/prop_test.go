@@ -213,13 +213,21 @@ func TestPruneProperties(t *testing.T) {
 		if err != nil {
 			t.Fatalf("seed %d: plan: %v", seed, err)
 		}
-		// The policy, computed independently.
+		// The policy, computed independently: newest by end LSN (one
+		// timeline chain here, so the end timeline orders the same), broken
+		// backups kept but not counted.
 		complete := st.Complete()
+		for i := 1; i < len(complete); i++ {
+			if a, b := complete[i-1].Catalog, complete[i].Catalog; a.EndLSN > b.EndLSN {
+				t.Fatalf("seed %d: Complete puts %s (ends %s) before %s (ends %s)", seed, a.ID, a.EndLSN, b.ID, b.EndLSN)
+			}
+		}
 		wantKeep := map[string]bool{}
-		for i := range complete {
-			b := complete[len(complete)-1-i]
-			if i < pol.Keep {
-				wantKeep[b.ID] = true
+		counted := 0
+		for i := len(complete) - 1; i >= 0 && counted < pol.Keep; i-- {
+			wantKeep[complete[i].ID] = true
+			if !complete[i].Window.Broken {
+				counted++
 			}
 		}
 		cut := w.now.Add(-pol.KeepWithin)
@@ -228,7 +236,7 @@ func TestPruneProperties(t *testing.T) {
 			if !complete[i].Catalog.EndTime.Before(cut) {
 				wantKeep[complete[i].ID] = true
 			} else if !olderKept {
-				wantKeep[complete[i].ID], olderKept = true, true
+				wantKeep[complete[i].ID], olderKept = true, !complete[i].Window.Broken
 			}
 		}
 		gotKeep := map[string]bool{}
@@ -298,11 +306,17 @@ func TestPruneProperties(t *testing.T) {
 					mine = append(mine, k)
 				}
 			}
+			// A complete backup: its catalogue first, its marker last. An
+			// incomplete one: its marker first (a backup still running
+			// fails when it finds it gone).
 			if b.Complete && mine[0] != backup.CatalogKey(prefix, b.ID) {
 				t.Fatalf("seed %d: backup %s: first deleted %s, want its catalogue", seed, b.ID, mine[0])
 			}
-			if mine[len(mine)-1] != backup.StartedKey(prefix, b.ID) {
+			if b.Complete && mine[len(mine)-1] != backup.StartedKey(prefix, b.ID) {
 				t.Fatalf("seed %d: backup %s: last deleted %s, want its start marker", seed, b.ID, mine[len(mine)-1])
+			}
+			if !b.Complete && b.Started != nil && mine[0] != backup.StartedKey(prefix, b.ID) {
+				t.Fatalf("seed %d: incomplete backup %s: first deleted %s, want its start marker", seed, b.ID, mine[0])
 			}
 		}
 		// Every kept backup recovers exactly as far as before.

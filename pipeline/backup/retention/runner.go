@@ -27,6 +27,10 @@ type Runner struct {
 	Now     func() time.Time
 	Log     *slog.Logger
 	Metrics *Metrics
+
+	// warned are the backups whose end time in the future was logged
+	// (once each): server -> IDs.
+	warned map[string]map[string]bool
 }
 
 // Run scans at once and every ScanEvery, prunes at once and every
@@ -100,7 +104,25 @@ func (r *Runner) scan(ctx context.Context, server string) {
 		}
 		return
 	}
-	r.Metrics.Observe(server, st, r.Now())
+	now := r.Now()
+	r.warnFuture(server, st, now)
+	r.Metrics.Observe(server, st, now)
+}
+
+// warnFuture logs, once per backup, an end time in the future.
+func (r *Runner) warnFuture(server string, st *State, now time.Time) {
+	if r.warned == nil {
+		r.warned = map[string]map[string]bool{}
+	}
+	if r.warned[server] == nil {
+		r.warned[server] = map[string]bool{}
+	}
+	for _, b := range st.Future(now) {
+		if !r.warned[server][b.ID] {
+			r.warned[server][b.ID] = true
+			r.Log.Warn(FutureWarning(b, now), "server", server)
+		}
+	}
 }
 
 func (r *Runner) prune(ctx context.Context, server string) {
@@ -130,6 +152,9 @@ func (r *Runner) prune(ctx context.Context, server string) {
 		return
 	}
 	r.Metrics.PruneRuns.WithLabelValues(server).Inc()
+	for _, w := range plan.Warnings {
+		r.Log.Warn("prune: "+w, "server", server)
+	}
 	r.Log.Info("pruned", "server", server, "kept", len(plan.Keep), "backups_deleted", res.Backups, "incomplete_deleted", res.Incomplete,
-		"wal_deleted", res.WAL, "objects", res.Objects, "bytes", res.Bytes, "floor", plan.Floor.String(), "note", plan.Note)
+		"wal_deleted", res.WAL, "completed_meanwhile", res.Completed, "objects", res.Objects, "bytes", res.Bytes, "floor", plan.Floor.String(), "note", plan.Note)
 }

@@ -41,6 +41,9 @@ type Backup struct {
 	Bytes   int64
 	// Window is a complete backup's recovery window.
 	Window *Window
+	// CatalogStored is when the sink stored the catalogue (its clock, not
+	// the backup host's); zero when the sink cannot tell.
+	CatalogStored time.Time
 }
 
 // EndTime is when a complete backup ended; for others, StartedAt.
@@ -75,8 +78,9 @@ type State struct {
 	SegSize pipeline.SegmentSize
 	// Backups in ID order (oldest first).
 	Backups []*Backup
-	// Unreadable are catalogues that exist but do not decode: a newer
-	// walship's, or damaged. Prune refuses while there are any.
+	// Unreadable are catalogues that exist but do not decode (a newer
+	// walship's, or damaged), and catalogues and start markers under a
+	// directory that is not a backup ID. Prune refuses while there are any.
 	Unreadable []string
 	Foreign    []Foreign
 	// ForeignErrors are other tools' catalogues that could not be read.
@@ -196,10 +200,19 @@ func (st *State) scanBackups(ctx context.Context, sink sinks.Sink, lister sinks.
 	prefix := st.Layout.BackupPrefix()
 	byID := map[string]*Backup{}
 	err := lister.List(ctx, prefix, func(ob sinks.Object) error {
-		id, _, ok := strings.Cut(strings.TrimPrefix(ob.Key, prefix), "/")
+		rest := strings.TrimPrefix(ob.Key, prefix)
+		id, _, ok := strings.Cut(rest, "/")
 		t, err := backup.ParseID(id)
 		if !ok || err != nil {
-			return nil // not a backup's object: left alone
+			// A catalogue or marker under a directory that is not an ID
+			// this build reads (a newer walship's ID format, a copy under
+			// another name) is a backup whose WAL needs are unknown: it
+			// makes prune refuse, never counts as absent. Other objects
+			// here are not a backup's: left alone.
+			if leaf := path.Base(rest); leaf == backup.CatalogFile || leaf == backup.StartedFile {
+				st.Unreadable = append(st.Unreadable, ob.Key)
+			}
+			return nil
 		}
 		b := byID[id]
 		if b == nil {
@@ -226,7 +239,7 @@ func (st *State) scanBackups(ctx context.Context, sink sinks.Sink, lister sinks.
 					st.Unreadable = append(st.Unreadable, ob.Key)
 					continue
 				}
-				b.Catalog, b.Complete = &c, true
+				b.Catalog, b.Complete, b.CatalogStored = &c, true, ob.Modified
 			case backup.StartedKey(prefix, id):
 				data, err := readAll(ctx, sink, ob.Key)
 				if err != nil {
@@ -245,7 +258,9 @@ func (st *State) scanBackups(ctx context.Context, sink sinks.Sink, lister sinks.
 	return nil
 }
 
-// Complete is the complete backups, oldest end first.
+// Complete is the complete backups, oldest first by where they end in the
+// WAL (end timeline, then end LSN: backup.Catalog.EndsAfter), never by
+// the backup host's clock.
 func (st *State) Complete() []*Backup {
 	var out []*Backup
 	for _, b := range st.Backups {
@@ -253,8 +268,31 @@ func (st *State) Complete() []*Backup {
 			out = append(out, b)
 		}
 	}
-	sort.SliceStable(out, func(i, j int) bool { return out[i].EndTime().Before(out[j].EndTime()) })
+	sort.SliceStable(out, func(i, j int) bool { return out[j].Catalog.EndsAfter(out[i].Catalog) })
 	return out
+}
+
+// futureSlack is how far ahead of now an end time may be before it is
+// reported as the backup host's clock running ahead.
+const futureSlack = time.Minute
+
+// Future is the complete backups whose end time is later than now: taken
+// on a host whose clock runs ahead. They are ordered by their WAL
+// position all the same; this is for warnings.
+func (st *State) Future(now time.Time) []*Backup {
+	var out []*Backup
+	for _, b := range st.Complete() {
+		if b.EndTime().After(now.Add(futureSlack)) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// FutureWarning says what a backup with an end time in the future means.
+func FutureWarning(b *Backup, now time.Time) string {
+	return fmt.Sprintf("backup %s ended at %s, %s after now by this host's clock: the clock of the host that took it runs ahead (it is ordered by its end LSN %s, not its time)",
+		b.ID, b.EndTime().UTC().Format(time.RFC3339), b.EndTime().Sub(now).Round(time.Second), b.Catalog.EndLSN)
 }
 
 func readAll(ctx context.Context, sink sinks.Sink, key string) ([]byte, error) {

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"sort"
 	"strings"
 
@@ -41,8 +42,12 @@ type Store interface {
 
 // Find returns the catalogue of backup id under prefix (the layout's
 // BackupPrefix), or with id "latest" the newest complete backup whose
-// catalogue validates. Catalogues that do not decode are skipped by
-// "latest" and reported in skipped.
+// catalogue validates. Newest is by position in the WAL — the timeline the
+// backup ended on, then its end LSN — which no host's clock moves (an ID
+// and an end time are the backup host's clock). Catalogues that do not
+// decode, and catalogues under a directory that is not a backup ID (a
+// newer walship's, a copy under another name), are skipped by "latest"
+// and reported in skipped.
 func Find(ctx context.Context, st Store, prefix, id string) (cat backup.Catalog, skipped []string, err error) {
 	if id != "latest" {
 		if _, err := backup.ParseID(id); err != nil {
@@ -57,41 +62,55 @@ func Find(ctx context.Context, st Store, prefix, id string) (cat backup.Catalog,
 		}
 		return cat, nil, err
 	}
-	ids, err := completeIDs(ctx, st, prefix)
+	ids, odd, err := completeIDs(ctx, st, prefix)
 	if err != nil {
 		return cat, nil, err
 	}
-	for i := len(ids) - 1; i >= 0; i-- {
-		c, err := readCatalog(ctx, st, prefix, ids[i])
-		if err == nil {
-			return c, skipped, nil
-		}
+	for _, k := range odd {
+		skipped = append(skipped, fmt.Sprintf("%s: not under a backup ID this build reads (like 20261129T210000Z): a newer walship's, or a copy under another name", k))
+	}
+	found := false
+	for _, id := range ids {
+		c, err := readCatalog(ctx, st, prefix, id)
 		if ctx.Err() != nil {
 			return cat, skipped, ctx.Err()
 		}
-		skipped = append(skipped, fmt.Sprintf("%s: %v", ids[i], err))
+		if err != nil {
+			skipped = append(skipped, fmt.Sprintf("%s: %v", id, err))
+			continue
+		}
+		if !found || c.EndsAfter(&cat) {
+			cat, found = c, true
+		}
 	}
-	return cat, skipped, fmt.Errorf("%w under %s", ErrNoBackup, prefix)
+	if !found {
+		return cat, skipped, fmt.Errorf("%w under %s", ErrNoBackup, prefix)
+	}
+	return cat, skipped, nil
 }
 
-// completeIDs lists the IDs that have a catalogue, oldest first.
-func completeIDs(ctx context.Context, st Store, prefix string) ([]string, error) {
-	var ids []string
-	err := st.List(ctx, prefix, func(o sinks.Object) error {
+// completeIDs lists the IDs that have a catalogue, in ID order, and the
+// keys of catalogues under a directory that is not a backup ID.
+func completeIDs(ctx context.Context, st Store, prefix string) (ids, odd []string, err error) {
+	err = st.List(ctx, prefix, func(o sinks.Object) error {
 		rest := strings.TrimPrefix(o.Key, prefix)
+		if path.Base(rest) != backup.CatalogFile {
+			return nil
+		}
 		id, file, ok := strings.Cut(rest, "/")
-		if ok && file == backup.CatalogFile {
-			if _, err := backup.ParseID(id); err == nil {
-				ids = append(ids, id)
-			}
+		if _, err := backup.ParseID(id); err != nil {
+			odd = append(odd, o.Key)
+		} else if ok && file == backup.CatalogFile {
+			ids = append(ids, id)
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", prefix, err)
+		return nil, nil, fmt.Errorf("list %s: %w", prefix, err)
 	}
 	sort.Strings(ids)
-	return ids, nil
+	sort.Strings(odd)
+	return ids, odd, nil
 }
 
 // readCatalog reads, decodes and validates one catalogue.

@@ -36,6 +36,7 @@ type extractor struct {
 	// linkTarget maps a pg_tblspc/<oid> symlink's target (base only).
 	linkTarget func(oid, target string) string
 	links      map[string]bool
+	dropped    []string // entries verified but not written (signal files)
 	files      int
 	bytes      int64
 }
@@ -151,12 +152,39 @@ func (x *extractor) file(r io.Reader, name, dst string, size int64, perm os.File
 		}
 		return x.write(dst, bytes.NewReader(mapped), int64(len(mapped)), perm, nil)
 	}
+	if x.base && signalFile(name) {
+		// Verified against the manifest, never written: a backup taken on
+		// a standby carries standby.signal, which would keep the restored
+		// server a standby; WriteRecovery writes recovery.signal.
+		n, err := io.Copy(io.Discard, io.TeeReader(io.LimitReader(r, size), sumWriter(sum)))
+		if err != nil {
+			return fmt.Errorf("read %s: %w", name, err)
+		}
+		if n != size {
+			return fmt.Errorf("restore %s: the tar stream ends after %d of its %d bytes", name, n, size)
+		}
+		x.v.end(mpath, n, sum)
+		x.dropped = append(x.dropped, name)
+		return nil
+	}
 	n, err := x.writeN(dst, r, size, perm, sum)
 	if err != nil {
 		return err
 	}
 	x.v.end(mpath, n, sum)
 	return nil
+}
+
+// signalFile reports whether a data directory entry is one of the files
+// that tell PostgreSQL how to start: restore writes its own.
+func signalFile(name string) bool { return name == "standby.signal" || name == "recovery.signal" }
+
+// sumWriter is sum as a writer; io.Discard when there is no checksum.
+func sumWriter(sum *checksum) io.Writer {
+	if sum == nil {
+		return io.Discard
+	}
+	return sum
 }
 
 func (x *extractor) write(dst string, r io.Reader, size int64, perm os.FileMode, sum *checksum) error {

@@ -57,6 +57,10 @@ type Result struct {
 	Bytes       int64             // raw bytes written
 	Tablespaces map[string]string // OID -> directory restored into
 	Sync        time.Duration     // spent in the final syncfs
+	// Dropped are the backup's files checked against the manifest but not
+	// restored: standby.signal (a backup taken on a standby) or
+	// recovery.signal. WriteRecovery writes recovery.signal.
+	Dropped []string
 }
 
 // CheckTarget refuses a target that exists and is not an empty directory.
@@ -211,6 +215,7 @@ func (r *restorer) run(ctx context.Context, dir string, ts map[string]string) (*
 		}
 		res.Files += x.files
 		res.Bytes += x.bytes
+		res.Dropped = append(res.Dropped, x.dropped...)
 	}
 	if err := v.finish(); err != nil {
 		return nil, fmt.Errorf("backup %s: %w", r.cat.ID, err)
