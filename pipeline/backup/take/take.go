@@ -141,6 +141,9 @@ type state struct {
 	inMan    bool
 	sent     int64 // raw bytes published
 	logged   int64 // sent at the last progress line
+	// queue, when set, takes each new chunk instead of publishing it at
+	// once (Steps: the caller publishes).
+	queue func(ev *pipeline.SegmentEvent, data []byte)
 }
 
 // Run takes the backup and returns its catalogue, written to the sink.
@@ -370,7 +373,9 @@ func (s *state) emit(c chunk) error {
 		return err
 	}
 	s.w.add(ev, c.data, s.t.cfg.Now())
-	if err := s.t.publish(s.ctx, &ev, c.data); err != nil {
+	if s.queue != nil {
+		s.queue(&ev, c.data)
+	} else if err := s.t.publish(s.ctx, &ev, c.data); err != nil {
 		return err
 	}
 	if s.sent += ev.Size; s.sent-s.logged >= 1<<30 {
