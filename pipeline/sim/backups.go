@@ -63,7 +63,7 @@ type simBackup struct {
 	begun    bool // streams[cur] announced
 	ended    bool
 	watched  uint64
-	gapFloor pipeline.LSN // the slot's recreation point when it began
+	gapFloor pipeline.LSN      // the slot's recreation point when it began
 	produced map[string][]byte // chunk name (relative to BackupPrefix) -> raw bytes
 }
 

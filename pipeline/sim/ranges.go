@@ -165,7 +165,7 @@ func (w *World) checkRemoveRange(base string, data []byte, seg pipeline.Segment,
 	if o := w.walshipObject(key); o != nil && bytes.Equal(o.raw, data) {
 		return
 	}
-	if w.bk.pruned[key] && seg.EndLSN(w.size) <= w.bk.walFloor {
+	if (w.bk.pruned[key] || w.bk.pruned[w.layout.Key(name, w.codec.Ext())] || w.bk.pruned[w.layout.Key(name+".partial", w.codec.Ext())]) && seg.EndLSN(w.size) <= w.bk.walFloor {
 		return // the bucket held it; prune deleted it since, below the floor
 	}
 	if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil {

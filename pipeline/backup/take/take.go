@@ -431,7 +431,7 @@ func (s *state) republish(ctx context.Context) {
 // waitWAL waits until the bucket holds the WAL from the backup's start to
 // its end.
 func (s *state) waitWAL(ctx context.Context, end position) error {
-	check := newWALCheck(s.t.sink, s.layout, s.segSize, s.start.Timeline, end.Timeline, s.start.LSN, end.LSN)
+	check := newWALCheck(s.t.sink, s.layout, s.sysID, s.segSize, s.start.Timeline, end.Timeline, s.start.LSN, end.LSN)
 	began := s.t.cfg.Now()
 	logged := false
 	for {
