@@ -21,6 +21,7 @@ type bucket struct {
 	downTill time.Time
 	objs     map[string]*stored
 	ranges   map[string][]span // walship's range objects by segment name, sorted by from
+	deletes  int               // objects deleted so far
 }
 
 type stored struct {
@@ -78,6 +79,9 @@ func (s *bucketFor) Put(ctx context.Context, key string, body []byte, meta sinks
 			s.b.w.fail("(c) bucket: %v", err)
 		}
 		s.b.w.count("uploaded")
+	}
+	if s.b.w.bk.pruned[key] {
+		s.b.w.count("pruned WAL archived again") // (e) a receiver's pending segment, its confirmation lost
 	}
 	s.b.objs[key] = o
 	return s.b.w.maybeLostReply()
@@ -140,6 +144,7 @@ func (s *bucketFor) Delete(ctx context.Context, key string) error {
 	}
 	if o, ok := s.b.objs[key]; ok {
 		delete(s.b.objs, key)
+		s.b.deletes++
 		if !o.foreign {
 			s.b.dropRange(key)
 		}
