@@ -36,8 +36,8 @@ import (
 //	(e2) prune deletes no object of a backup the policy keeps, a chunk only
 //	     once its backup's catalogue is gone, no history file, no WAL of a
 //	     segment that ends past the floor (the start of the segment holding
-//	     the oldest kept backup's start), on any timeline, and nothing that
-//	     is not walship's;
+//	     the oldest kept backup's start), on any timeline, and nothing but
+//	     backups' objects and WAL;
 //	(e3) flush never passes the WAL the bucket holds from the prune floor up
 //	     (checkFlush; contiguousEnd starts at w.walFloor);
 //	(e4) a backup chunk's confirmation never moves a receiver's flush.
@@ -439,10 +439,9 @@ func (w *World) policy(p retention.Policy) *pruneCheck {
 // checkPruneDelete is (e2), at every delete a prune makes.
 func (w *World) checkPruneDelete(key string) {
 	pc := w.bk.prune
-	o, exists := w.bkt.objs[key]
-	if exists && o.foreign {
-		w.fail("(e2) prune deletes %s, which is not walship's", key)
-	}
+	// Prune goes by key: an object at a WAL key below the floor goes
+	// whoever put it there (the conflict fault's, too).
+	_, exists := w.bkt.objs[key]
 	if rel, ok := strings.CutPrefix(key, w.layout.BackupPrefix()); ok {
 		id, _, _ := strings.Cut(rel, "/")
 		if pc.keep[id] {

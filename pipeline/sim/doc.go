@@ -36,8 +36,8 @@
 // and the bucket holds the WAL from its start to its end LSN; (e2) prune
 // deletes nothing of a backup the policy keeps (by the simulation's own
 // reading of it), a chunk only after its catalogue, no history file, no
-// WAL of a segment ending past the floor on any timeline, nothing not
-// walship's; (e3) invariant (a) counts from the floor of the WAL prune
+// WAL of a segment ending past the floor on any timeline, nothing but
+// backups' objects and WAL; (e3) invariant (a) counts from the floor of the WAL prune
 // deleted, and a spool file whose bucket copy prune deleted below it may
 // go; (e4) a backup chunk's confirmation never moves flush. Once faults
 // stop, a backup in progress completes (liveness), unless the slot was
