@@ -651,6 +651,14 @@ func (w *World) recvConnect(h *host) {
 		}
 		return
 	}
+	if h.core.ResumeBehind(w.slot) {
+		// Flush passed the segment being written: plan again
+		// (Receiver.reconnect).
+		if w.idle2(h, "repl") {
+			w.release(h, fmt.Sprintf("the slot %s is past the segment this receiver would stream again", w.slot))
+		}
+		return
+	}
 	tli, start := h.core.Resume()
 	if w.hist.Owner(tli, 0) == 0 || tli > w.tli() {
 		w.fail("%s asked for timeline %d, which the server does not have", h.name, tli)
