@@ -190,7 +190,7 @@ func (e *SegmentEvent) Validate() error {
 	switch e.Kind {
 	case KindSegment, KindPartial:
 		size := SegmentSize(e.SegSize)
-		if err := size.validateEvent(); err != nil {
+		if err := size.ValidateEvent(); err != nil {
 			return bad("%v", err)
 		}
 		seg, err := ParseSegmentName(e.File, size)
@@ -208,7 +208,7 @@ func (e *SegmentEvent) Validate() error {
 		}
 	case KindRange:
 		size := SegmentSize(e.SegSize)
-		if err := size.validateEvent(); err != nil {
+		if err := size.ValidateEvent(); err != nil {
 			return bad("%v", err)
 		}
 		seg, err := ParseSegmentName(e.File, size)

@@ -50,8 +50,8 @@ func (s SegmentSize) Validate() error {
 // not depend on the size, can run thousands of seeds a minute.
 const MinEventSegmentSize = 64 << 10
 
-// validateEvent is Validate with the event format's lower bound.
-func (s SegmentSize) validateEvent() error {
+// ValidateEvent is Validate with the event format's lower bound.
+func (s SegmentSize) ValidateEvent() error {
 	if s < MinEventSegmentSize || s > 1<<30 || s&(s-1) != 0 {
 		return fmt.Errorf("wal segment size %d is not a power of two between 64kB and 1GB", uint64(s))
 	}

@@ -314,6 +314,16 @@ func (c *Core) Resume() (uint32, pipeline.LSN) {
 	return c.tli, c.tr.frontier
 }
 
+// ResumeBehind reports whether Resume's position lies in a segment before
+// the one holding the slot's restart_lsn: the server may have removed that
+// WAL, so the receiver must plan again from the spool and the slot. It
+// happens when the bucket held the segment being written whole and flush
+// moved past it.
+func (c *Core) ResumeBehind(restart pipeline.LSN) bool {
+	_, start := c.Resume()
+	return restart != 0 && start < c.cfg.Size.Start(restart)
+}
+
 // Open begins a session that streams from start (a segment boundary, as
 // Resume gave): the spool's segment there is written again from its first
 // byte.

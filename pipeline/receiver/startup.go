@@ -239,6 +239,14 @@ func (r *Receiver) reconnect(ctx context.Context) (*pgconn.PgConn, error) {
 		closeConn(conn)
 		return nil, fmt.Errorf("%w: restart_lsn %s is past this receiver's flush %s", errReplan, slot.RestartLSN, r.core.Flush())
 	}
+	if r.core.ResumeBehind(slot.RestartLSN) {
+		// Flush passed the segment being written (the bucket held it whole,
+		// archived by an earlier life or another receiver): the server may
+		// have removed it. Plan again from the spool and the slot.
+		closeConn(conn)
+		_, start := r.core.Resume()
+		return nil, fmt.Errorf("%w: restart_lsn %s is past the segment this receiver would stream again from %s", errReplan, slot.RestartLSN, start)
+	}
 	return conn, nil
 }
 

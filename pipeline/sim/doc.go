@@ -25,4 +25,21 @@
 // bounded simulated time; and the positions reported to the server are
 // ones it can live with (write durable in the spool, flush never below the
 // slot).
+//
+// Base backups and retention (backups.go): a backup actor drives the real
+// take code step by step (take.Steps) — started.json, chunks through the
+// JetStream and the real archivers, the window, republication, the WAL
+// check, the catalogue — and is sometimes killed midway; a prune actor
+// runs the real retention Scan, NewPlan and Execute with random --keep,
+// --keep-within and --incomplete-after. Their invariants: (e1) every
+// catalogue in the bucket names chunks holding exactly the backup's bytes
+// and the bucket holds the WAL from its start to its end LSN; (e2) prune
+// deletes nothing of a backup the policy keeps (by the simulation's own
+// reading of it), a chunk only after its catalogue, no history file, no
+// WAL of a segment ending past the floor on any timeline, nothing but
+// backups' objects and WAL; (e3) invariant (a) counts from the floor of the WAL prune
+// deleted, and a spool file whose bucket copy prune deleted below it may
+// go; (e4) a backup chunk's confirmation never moves flush. Once faults
+// stop, a backup in progress completes (liveness), unless the slot was
+// recreated or the timeline changed under it.
 package sim

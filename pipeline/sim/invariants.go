@@ -58,6 +58,11 @@ func (w *World) checkObject(key string, o *stored) error {
 // decode decrypts and decompresses a stored object: archivers that
 // encrypt never store plaintext.
 func (w *World) decode(key string, o *stored) ([]byte, error) {
+	return w.decodeN(key, o, int(w.size))
+}
+
+// decodeN is decode with the raw size expected.
+func (w *World) decodeN(key string, o *stored, size int) ([]byte, error) {
 	body, err := crypt.Decrypt(o.meta.Encryption, o.body, w.ids)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", key, err)
@@ -65,7 +70,7 @@ func (w *World) decode(key string, o *stored) ([]byte, error) {
 	if len(w.ids) > 0 && o.meta.Encryption == "" {
 		return nil, fmt.Errorf("%s: stored in plaintext by archivers that encrypt", key)
 	}
-	raw, err := compress.Decode(w.codec, body, int(w.size))
+	raw, err := compress.Decode(w.codec, body, size)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", key, err)
 	}
@@ -180,6 +185,9 @@ func (w *World) coverage(n uint64) pipeline.LSN {
 // after a gap, from the recreated slot's segment.
 func (w *World) contiguousEnd() pipeline.LSN {
 	var end pipeline.LSN
+	// Prune deletes WAL below the oldest kept backup: coverage counts from
+	// the floor of what it deleted (e3).
+	w.contig = max(w.contig, uint64(w.bk.walFloor)/uint64(w.size))
 	for n := w.contig; ; n++ {
 		c := w.coverage(n)
 		if c < pipeline.LSN((n+1)*uint64(w.size)) {
@@ -191,7 +199,7 @@ func (w *World) contiguousEnd() pipeline.LSN {
 	if end >= w.gapFloor {
 		return end
 	}
-	for n := uint64(w.gapFloor) / uint64(w.size); ; n++ {
+	for n := max(uint64(w.gapFloor), uint64(w.bk.walFloor)) / uint64(w.size); ; n++ {
 		c := w.coverage(n)
 		if c < pipeline.LSN((n+1)*uint64(w.size)) {
 			return max(end, c)
@@ -271,6 +279,9 @@ func (w *World) checkRemove(name string, data, replacement []byte) {
 	}
 	key := w.layout.Key(file, w.codec.Ext())
 	o := w.walshipObject(key)
+	if o == nil && w.bk.pruned[key] && end != 0 && end <= w.bk.walFloor {
+		return // the bucket held it; prune deleted it since, below the floor
+	}
 	if o == nil || !bytes.Equal(o.raw, data) {
 		w.fail("(b) spool file %s removed, but the bucket does not hold its bytes at %s (object: %v)", base, key, o != nil)
 	}

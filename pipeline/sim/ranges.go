@@ -131,7 +131,11 @@ func (w *World) checkDelete(key string) {
 		w.fail("(c) delete %s: not a range key: walship deletes only its own range objects", key)
 	}
 	name := seg.Name(w.size)
-	if w.walshipObject(w.layout.Key(name, w.codec.Ext())) == nil && w.walshipObject(w.layout.Key(name+".partial", w.codec.Ext())) == nil {
+	whole, partial := w.layout.Key(name, w.codec.Ext()), w.layout.Key(name+".partial", w.codec.Ext())
+	if (w.bk.pruned[whole] || w.bk.pruned[partial]) && seg.EndLSN(w.size) <= w.bk.walFloor {
+		return // the bucket held it whole; prune deleted it since
+	}
+	if w.walshipObject(whole) == nil && w.walshipObject(partial) == nil {
 		w.fail("(c) delete %s: the bucket does not hold segment %s whole (nor its .partial)", key, name)
 	}
 }
@@ -164,6 +168,9 @@ func (w *World) checkRemoveRange(base string, data []byte, seg pipeline.Segment,
 	key := w.layout.RangeKey(name, from, to, w.codec.Ext())
 	if o := w.walshipObject(key); o != nil && bytes.Equal(o.raw, data) {
 		return
+	}
+	if (w.bk.pruned[key] || w.bk.pruned[w.layout.Key(name, w.codec.Ext())] || w.bk.pruned[w.layout.Key(name+".partial", w.codec.Ext())]) && seg.EndLSN(w.size) <= w.bk.walFloor {
+		return // the bucket held it; prune deleted it since, below the floor
 	}
 	if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil {
 		return // checkObject: it holds the server's segment

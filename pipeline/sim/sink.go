@@ -21,6 +21,7 @@ type bucket struct {
 	downTill time.Time
 	objs     map[string]*stored
 	ranges   map[string][]span // walship's range objects by segment name, sorted by from
+	deletes  int               // objects deleted so far
 }
 
 type stored struct {
@@ -38,8 +39,9 @@ var (
 
 // bucketFor is the bucket as one archiver sees it.
 type bucketFor struct {
-	b *bucket
-	a *arch
+	b  *bucket
+	a  *arch
+	as string // "prune": deletes are checked as a prune's (e2)
 }
 
 func (s *bucketFor) call(ctx context.Context) error {
@@ -67,11 +69,19 @@ func (s *bucketFor) Put(ctx context.Context, key string, body []byte, meta sinks
 		}
 		s.b.addRange(seg, from, to, key)
 		s.b.w.count("ranges uploaded")
+	} else if strings.HasPrefix(key, s.b.w.layout.BackupPrefix()) {
+		if err := s.b.w.checkBackupPut(key, o); err != nil {
+			s.b.w.fail("(c) bucket: %v", err)
+		}
+		s.b.w.count("backup objects uploaded")
 	} else {
 		if err := s.b.w.checkObject(key, o); err != nil {
 			s.b.w.fail("(c) bucket: %v", err)
 		}
 		s.b.w.count("uploaded")
+	}
+	if s.b.w.bk.pruned[key] {
+		s.b.w.count("pruned WAL archived again") // (e) a receiver's pending segment, its confirmation lost
 	}
 	s.b.objs[key] = o
 	return s.b.w.maybeLostReply()
@@ -127,13 +137,20 @@ func (s *bucketFor) Delete(ctx context.Context, key string) error {
 	if err := s.call(ctx); err != nil {
 		return err
 	}
-	s.b.w.checkDelete(key)
+	if s.as == "prune" {
+		s.b.w.checkPruneDelete(key)
+	} else {
+		s.b.w.checkDelete(key)
+	}
 	if o, ok := s.b.objs[key]; ok {
 		delete(s.b.objs, key)
+		s.b.deletes++
 		if !o.foreign {
 			s.b.dropRange(key)
 		}
-		s.b.w.count("ranges deleted")
+		if s.as != "prune" {
+			s.b.w.count("ranges deleted")
+		}
 	}
 	return s.b.w.maybeLostReply()
 }

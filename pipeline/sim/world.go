@@ -23,6 +23,7 @@ import (
 	"github.com/walship/walship/internal/walgen"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/archiver"
+	"github.com/walship/walship/pipeline/backup"
 	"github.com/walship/walship/pipeline/receiver"
 	"github.com/walship/walship/sinks"
 )
@@ -104,6 +105,7 @@ type World struct {
 	recreated int
 	contig    uint64 // first segment number the bucket does not wholly hold (cache)
 
+	bk     backups           // base backups and prunes (backups.go)
 	want   map[string]wanted // expected archive contents, by file name
 	acts   []action
 	buf    []byte
@@ -321,6 +323,7 @@ func (w *World) setup() {
 	}
 	w.js = newJetStream(w)
 	w.bkt = &bucket{w: w, objs: map[string]*stored{}, ranges: map[string][]span{}}
+	w.bk = backups{produced: map[string][]byte{}, catalogs: map[string]*backup.Catalog{}, pruned: map[string]bool{}}
 	n := 1 + w.rng.IntN(3)
 	for i := 0; i < n; i++ {
 		a := &arch{name: "arch" + strconv.Itoa(i)}
@@ -478,6 +481,7 @@ func (w *World) makeActions() []action {
 		{"slot-recreate", "fault", 1, true, func() bool { return w.holder() == nil && w.downHost() != nil }, w.recreateSlot},
 		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
 	}...)
+	acts = append(acts, w.backupActions()...)
 	for _, a := range w.archs {
 		a := a
 		acts = append(acts,
@@ -499,6 +503,7 @@ func (w *World) step(faults bool) {
 			w.recvCrash(h)
 		}
 	}
+	w.checkBackups()
 }
 
 func (w *World) pick(faults bool, exclude map[string]bool) {
@@ -643,6 +648,14 @@ func (w *World) recvConnect(h *host) {
 		// at the end of Receiver.prepare).
 		if w.idle2(h, "repl") {
 			w.release(h, fmt.Sprintf("the slot moved to %s, past this receiver's flush %s", w.slot, h.core.Flush()))
+		}
+		return
+	}
+	if h.core.ResumeBehind(w.slot) {
+		// Flush passed the segment being written: plan again
+		// (Receiver.reconnect).
+		if w.idle2(h, "repl") {
+			w.release(h, fmt.Sprintf("the slot %s is past the segment this receiver would stream again", w.slot))
 		}
 		return
 	}
@@ -809,7 +822,29 @@ func (w *World) recvConfirm(h *host) {
 		h.core.Undecodable(err)
 		return
 	}
+	// A backup chunk's confirmation costs the watcher nothing: it is
+	// handed over (e4) and the next one is read in the same step, so
+	// backups do not slow the receiver's replay of confirmations.
+	for ev.Kind == pipeline.KindBackup && h.watched == m.seq {
+		before := h.core.Flush()
+		h.core.Archived(ev)
+		if h.core.Flush() != before {
+			w.fail("(e4) the confirmation of backup chunk %s moved %s's flush from %s to %s", ev.File, h.name, before, h.core.Flush())
+		}
+		if m = w.js.archivedAfter(h.watched); m == nil {
+			return
+		}
+		h.watched = m.seq
+		if ev, err = pipeline.DecodeArchivedEvent(m.data); err != nil {
+			h.core.Undecodable(err)
+			return
+		}
+	}
+	before := h.core.Flush()
 	h.core.Archived(ev)
+	if ev.Kind == pipeline.KindBackup && h.core.Flush() != before {
+		w.fail("(e4) the confirmation of backup chunk %s moved %s's flush from %s to %s", ev.File, h.name, before, h.core.Flush())
+	}
 	w.logf("%s: confirm %s (%s) flush %s", h.name, ev.File, ev.Kind, h.core.Flush())
 }
 
@@ -845,7 +880,9 @@ func (w *World) archiveStep(a *arch) {
 	json.Unmarshal(d.Data(), &ev)
 	w.logf("%s: %s %s (delivery %d)", a.name, out, ev.File, d.n)
 	if out == archiver.Acked {
-		if ev.Kind == pipeline.KindRange {
+		if ev.Kind == pipeline.KindBackup {
+			w.count("backup chunks archived")
+		} else if ev.Kind == pipeline.KindRange {
 			w.count("ranges archived")
 		} else {
 			w.count("archived")
@@ -1040,6 +1077,7 @@ func (w *World) settle() {
 		w.step(false)
 	}
 	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
+	w.settleBackup()
 	for name, spans := range w.bkt.ranges {
 		if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil || w.walshipObject(w.layout.Key(name+".partial", w.codec.Ext())) != nil {
 			w.res.Counts["ranges left behind"] += len(spans) // best effort: harmless, counted

@@ -141,6 +141,9 @@ type state struct {
 	inMan    bool
 	sent     int64 // raw bytes published
 	logged   int64 // sent at the last progress line
+	// queue, when set, takes each new chunk instead of publishing it at
+	// once (Steps: the caller publishes).
+	queue func(ev *pipeline.SegmentEvent, data []byte)
 }
 
 // Run takes the backup and returns its catalogue, written to the sink.
@@ -370,7 +373,9 @@ func (s *state) emit(c chunk) error {
 		return err
 	}
 	s.w.add(ev, c.data, s.t.cfg.Now())
-	if err := s.t.publish(s.ctx, &ev, c.data); err != nil {
+	if s.queue != nil {
+		s.queue(&ev, c.data)
+	} else if err := s.t.publish(s.ctx, &ev, c.data); err != nil {
 		return err
 	}
 	if s.sent += ev.Size; s.sent-s.logged >= 1<<30 {
@@ -426,7 +431,7 @@ func (s *state) republish(ctx context.Context) {
 // waitWAL waits until the bucket holds the WAL from the backup's start to
 // its end.
 func (s *state) waitWAL(ctx context.Context, end position) error {
-	check := newWALCheck(s.t.sink, s.layout, s.segSize, s.start.Timeline, end.Timeline, s.start.LSN, end.LSN)
+	check := newWALCheck(s.t.sink, s.layout, s.sysID, s.segSize, s.start.Timeline, end.Timeline, s.start.LSN, end.LSN)
 	began := s.t.cfg.Now()
 	logged := false
 	for {

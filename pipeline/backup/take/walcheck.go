@@ -16,10 +16,14 @@ import (
 // walCheck finds whether the bucket holds the WAL a backup needs, from
 // its start to its end LSN, as restore would read it: whole segments, an
 // ended timeline's .partial, or, for the segment the backup ended in,
-// ranges (sub-segment uploads) reaching the end LSN. It only reads.
+// ranges (sub-segment uploads) reaching the end LSN. A whole segment
+// counts only when its object carries this system's identifier: someone
+// else's object at the key (the archivers' conflict) does not hold this
+// server's WAL. It only reads.
 type walCheck struct {
 	sink      sinks.Sink
 	layout    sinks.Layout
+	sysID     string
 	size      pipeline.SegmentSize
 	timelines []uint32 // the end timeline first, then the start timeline
 	start     pipeline.LSN
@@ -27,12 +31,12 @@ type walCheck struct {
 	next      uint64 // first segment number not yet found
 }
 
-func newWALCheck(sink sinks.Sink, layout sinks.Layout, size pipeline.SegmentSize, startTLI, endTLI uint32, start, end pipeline.LSN) *walCheck {
+func newWALCheck(sink sinks.Sink, layout sinks.Layout, sysID string, size pipeline.SegmentSize, startTLI, endTLI uint32, start, end pipeline.LSN) *walCheck {
 	tls := []uint32{endTLI}
 	if startTLI != endTLI {
 		tls = append(tls, startTLI)
 	}
-	return &walCheck{sink: sink, layout: layout, size: size, timelines: tls, start: start, end: end,
+	return &walCheck{sink: sink, layout: layout, sysID: sysID, size: size, timelines: tls, start: start, end: end,
 		next: pipeline.SegmentOf(endTLI, start, size).No}
 }
 
@@ -73,9 +77,12 @@ func (c *walCheck) missing(ctx context.Context) (string, error) {
 func (c *walCheck) whole(ctx context.Context, name string) (bool, error) {
 	for _, n := range []string{name, name + ".partial"} {
 		for _, codec := range compress.Codecs() {
-			_, err := c.sink.Head(ctx, c.layout.Key(n, codec.Ext()))
-			if err == nil {
+			meta, err := c.sink.Head(ctx, c.layout.Key(n, codec.Ext()))
+			if err == nil && meta.SystemID == c.sysID {
 				return true, nil
+			}
+			if err == nil {
+				continue // not this server's WAL: the archivers report the conflict
 			}
 			if !errors.Is(err, os.ErrNotExist) {
 				return false, err

@@ -20,15 +20,17 @@ func TestWALCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	layout := sinks.BarmanCloud{Prefix: "p", Server: "s"}
-	put := func(key string) {
+	const sys = "7300000000000000042"
+	putAs := func(key, sysID string) {
 		t.Helper()
-		if err := fs.Put(ctx, key, []byte("x"), sinks.Metadata{SHA256: hashHex([]byte("x"))}); err != nil {
+		if err := fs.Put(ctx, key, []byte("x"), sinks.Metadata{SHA256: hashHex([]byte("x")), SystemID: sysID}); err != nil {
 			t.Fatal(err)
 		}
 	}
+	put := func(key string) { t.Helper(); putAs(key, sys) }
 	seg := func(tli uint32, no uint64) string { return pipeline.Segment{Timeline: tli, No: no}.Name(mb) }
 	start, end := pipeline.LSN(3<<20+100), pipeline.LSN(6<<20+5000) // segments 3..6
-	c := newWALCheck(fs, layout, mb, 1, 1, start, end)
+	c := newWALCheck(fs, layout, sys, mb, 1, 1, start, end)
 	missing := func() string {
 		t.Helper()
 		m, err := c.missing(ctx)
@@ -40,7 +42,14 @@ func TestWALCheck(t *testing.T) {
 	if m := missing(); m != seg(1, 3) {
 		t.Fatalf("empty bucket: missing %q", m)
 	}
-	put(layout.Key(seg(1, 3), ".zst"))
+	// Someone else's object at the segment's key (a conflict the archivers
+	// refuse to overwrite) is not this server's WAL.
+	putAs(layout.Key(seg(1, 3), ".zst"), "")
+	putAs(layout.Key(seg(1, 3), ".gz"), "6900000000000000001")
+	if m := missing(); m != seg(1, 3) {
+		t.Fatalf("a foreign object at the key: missing %q", m)
+	}
+	put(layout.Key(seg(1, 3), ""))
 	put(layout.Key(seg(1, 4), ".gz"))
 	put(layout.Key(seg(1, 5)+".partial", ".zst"))
 	if m := missing(); m != seg(1, 6) {
@@ -58,7 +67,7 @@ func TestWALCheck(t *testing.T) {
 
 	// A backup that ended on timeline 2: its segments there, or the start
 	// timeline's before the switch.
-	c = newWALCheck(fs, layout, mb, 1, 2, start, 8<<20)
+	c = newWALCheck(fs, layout, sys, mb, 1, 2, start, 8<<20)
 	if m := missing(); m != seg(2, 6) {
 		t.Fatalf("timeline 2: missing %q (ranges count for the last segment only)", m)
 	}

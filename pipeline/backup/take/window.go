@@ -158,3 +158,13 @@ func (w *window) wait(ctx context.Context) error {
 	}
 	return nil
 }
+
+// hold keeps a chunk's bytes from being reused while a caller publishes
+// them (Steps); release ends it.
+func (w *window) hold(file string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if p, ok := w.pending[file]; ok {
+		p.busy++
+	}
+}
