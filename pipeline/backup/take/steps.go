@@ -95,7 +95,11 @@ func (b *Steps) End(tli uint32, lsn pipeline.LSN) error {
 		return err
 	}
 	b.end, b.endAt, b.done = position{LSN: lsn, Timeline: tli}, b.s.t.cfg.Now(), true
-	b.check = newWALCheck(b.s.t.sink, b.s.layout, b.s.sysID, b.s.segSize, b.s.start.Timeline, tli, b.s.start.LSN, lsn)
+	path, err := timelinePath(b.s.start.Timeline, tli, nil)
+	if err != nil {
+		return err
+	}
+	b.check = newWALCheck(b.s.t.sink, b.s.layout, b.s.sysID, b.s.segSize, path, b.s.start.LSN, lsn)
 	return nil
 }
 

@@ -219,7 +219,11 @@ func (t *Taker) Run(ctx context.Context) (*backup.Catalog, error) {
 	if err := s.w.wait(ctx); err != nil {
 		return nil, s.explain("wait for the chunks' confirmations", err)
 	}
-	if err := s.waitWAL(ctx, end); err != nil {
+	path, err := s.path(ctx, conn, end)
+	if err != nil {
+		return nil, s.explain("read the timeline history", err)
+	}
+	if err := s.waitWAL(ctx, end, path); err != nil {
 		return nil, err
 	}
 	cat, err := s.catalog(ctx, end, endAt)
@@ -428,10 +432,28 @@ func (s *state) republish(ctx context.Context) {
 	}
 }
 
+// path is the backup's timeline path: when the server changed timeline
+// during the backup (a standby whose upstream was promoted), the end
+// timeline's history, from the server, says where each timeline began.
+func (s *state) path(ctx context.Context, conn *pgconn.PgConn, end position) ([]leg, error) {
+	if end.Timeline == s.start.Timeline {
+		return timelinePath(s.start.Timeline, end.Timeline, nil)
+	}
+	h, err := pglogrepl.TimelineHistory(ctx, conn, int32(end.Timeline))
+	if err != nil {
+		return nil, fmt.Errorf("TIMELINE_HISTORY %d: %w", end.Timeline, err)
+	}
+	hist, err := pipeline.ParseHistory(h.Content)
+	if err != nil {
+		return nil, fmt.Errorf("timeline %d's history: %w", end.Timeline, err)
+	}
+	return timelinePath(s.start.Timeline, end.Timeline, hist)
+}
+
 // waitWAL waits until the bucket holds the WAL from the backup's start to
 // its end.
-func (s *state) waitWAL(ctx context.Context, end position) error {
-	check := newWALCheck(s.t.sink, s.layout, s.sysID, s.segSize, s.start.Timeline, end.Timeline, s.start.LSN, end.LSN)
+func (s *state) waitWAL(ctx context.Context, end position, path []leg) error {
+	check := newWALCheck(s.t.sink, s.layout, s.sysID, s.segSize, path, s.start.LSN, end.LSN)
 	began := s.t.cfg.Now()
 	logged := false
 	for {
@@ -546,7 +568,37 @@ func (s *state) catalog(ctx context.Context, end position, endAt time.Time) (*ba
 		}
 		return nil, fmt.Errorf("write %s: %w", key, err)
 	}
+	if err := s.stillThere(ctx, cat); err != nil {
+		// A prune took this backup for an abandoned one (older than its
+		// --incomplete-after) while it completed: it deletes the start
+		// marker first, then looks for a catalogue before it deletes
+		// chunks. Take the catalogue back rather than leave a complete
+		// backup with chunks missing.
+		if d, ok := s.t.sink.(sinks.Deleter); ok {
+			if derr := d.Delete(ctx, key); derr != nil {
+				return nil, fmt.Errorf("%v; and cannot delete the catalogue %s: %v (delete it by hand)", err, key, derr)
+			}
+		}
+		return nil, err
+	}
 	return cat, nil
+}
+
+// stillThere checks, after the catalogue is written, that the start
+// marker and every chunk are still in the sink.
+func (s *state) stillThere(ctx context.Context, cat *backup.Catalog) error {
+	keys := []string{backup.StartedKey(s.layout.BackupPrefix(), s.id)}
+	for _, a := range append(append([]backup.Archive(nil), cat.Archives...), cat.Manifest) {
+		for _, ch := range a.Chunks {
+			keys = append(keys, ch.Key)
+		}
+	}
+	for _, k := range keys {
+		if _, err := s.t.sink.Head(ctx, k); err != nil {
+			return fmt.Errorf("backup %s: %s is gone after the catalogue was written (a prune with an --incomplete-after shorter than this backup took?): %w", s.id, k, err)
+		}
+	}
+	return nil
 }
 
 // showSetting reads a server setting over the replication connection.
