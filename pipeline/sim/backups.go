@@ -293,6 +293,31 @@ func (w *World) backupFinish() {
 	w.logf("backup %s complete: %d/%s..%s", cat.ID, cat.Timeline, cat.StartLSN, cat.EndLSN)
 }
 
+// checkTakeBack: walship backup deletes only its own catalogue, and only
+// when, after writing it, it finds its start marker or one of its chunks
+// gone (a prune took it for abandoned meanwhile). The catalogue is then
+// no longer one (e1) checks.
+func (w *World) checkTakeBack(key string) {
+	c, ok := w.bk.catalogs[key]
+	if !ok || path.Base(key) != backup.CatalogFile {
+		w.fail("(e1) walship backup deletes %s, which is not a catalogue it wrote", key)
+		return
+	}
+	pre := w.layout.BackupPrefix()
+	gone := w.bkt.objs[backup.StartedKey(pre, c.ID)] == nil
+	for _, a := range append(append([]backup.Archive(nil), c.Archives...), c.Manifest) {
+		for _, ch := range a.Chunks {
+			gone = gone || w.bkt.objs[ch.Key] == nil
+		}
+	}
+	if !gone {
+		w.fail("(e1) walship backup deletes its catalogue %s while its marker and chunks are all there", key)
+		return
+	}
+	delete(w.bk.catalogs, key)
+	w.count("catalogues taken back")
+}
+
 // checkBackupPut is invariant (c) for the backup's objects: a chunk holds
 // exactly the bytes the backup produced; a catalogue decodes and is
 // recorded for (e1).

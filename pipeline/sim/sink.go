@@ -137,9 +137,12 @@ func (s *bucketFor) Delete(ctx context.Context, key string) error {
 	if err := s.call(ctx); err != nil {
 		return err
 	}
-	if s.as == "prune" {
+	switch s.as {
+	case "prune":
 		s.b.w.checkPruneDelete(key)
-	} else {
+	case "backup":
+		s.b.w.checkTakeBack(key)
+	default:
 		s.b.w.checkDelete(key)
 	}
 	if o, ok := s.b.objs[key]; ok {
@@ -148,7 +151,7 @@ func (s *bucketFor) Delete(ctx context.Context, key string) error {
 		if !o.foreign {
 			s.b.dropRange(key)
 		}
-		if s.as != "prune" {
+		if s.as == "" {
 			s.b.w.count("ranges deleted")
 		}
 	}
