@@ -96,12 +96,21 @@ func restoreAndStart(t *testing.T, st *stack, owner *testenv.Postgres, name stri
 // into an empty directory recovers every row (the same ids as the server,
 // which include every row committed before the backup's end) and the same
 // pgbench balance; a second restore with --target-name gives exactly the
-// rows committed before the restore point.
+// rows committed before the restore point. A table in a second tablespace
+// restores (test 5) with --tablespace-mapping, its rows from the backup
+// and from the WAL.
 func TestBackupCycle(t *testing.T) {
 	t.Parallel()
 	st := newStack(t)
 	wrapper := fetchWrapper(t, st)
 	st.pg.Exec(`CREATE TABLE rpo (id serial primary key, phase text, at timestamptz default clock_timestamp())`)
+	// Issue 11, test 5, with the real backup: a table in a second
+	// tablespace, rows in it before the backup (in the tablespace's
+	// archive) and after it (in the WAL).
+	ts := tablespaceDir(t)
+	st.pg.Exec(`CREATE TABLESPACE ts2 LOCATION '` + ts + `'`)
+	st.pg.Exec(`CREATE TABLE in_ts2 (id int primary key, v text) TABLESPACE ts2;
+		INSERT INTO in_ts2 SELECT g, md5(g::text) FROM generate_series(1, 3000) g`)
 	if err := st.pg.Pgbench(context.Background(), "-i", "-s", "1", "-q"); err != nil {
 		t.Fatal(err)
 	}
@@ -126,6 +135,11 @@ func TestBackupCycle(t *testing.T) {
 	if cat.ID != id || cat.EndLSN <= cat.StartLSN || cat.EndTime.After(backupDone) {
 		t.Fatalf("catalogue %+v (backup exited at %s)", cat, backupDone)
 	}
+	if len(cat.Archives) != 2 || cat.Archives[1].Location != ts {
+		t.Fatalf("catalogue archives %+v: want base and the tablespace at %s", cat.Archives, ts)
+	}
+	st.pg.Exec(`INSERT INTO in_ts2 SELECT g, md5(g::text) FROM generate_series(3001, 4000) g`)
+	tsWant := st.pg.QueryString(`SELECT count(*)::text || '/' || md5(string_agg(v, ',' ORDER BY id)) FROM in_ts2`)
 	// Rows keep coming after the backup, then a restore point, then more.
 	n := count(st.pg, `SELECT count(*)::text FROM rpo`)
 	waitFor(t, 30*time.Second, "rows after the backup", func() bool { return count(st.pg, `SELECT count(*)::text FROM rpo`) >= n+20 })
@@ -158,7 +172,9 @@ func TestBackupCycle(t *testing.T) {
 	}
 
 	// latest, recovered to the newest WAL in the bucket.
-	r, out := restoreAndStart(t, st, st.pg, "latest", st.restoreArgs("--backup", "latest", "--walship-bin", wrapper)...)
+	tsLatest := tablespaceDir(t)
+	r, out := restoreAndStart(t, st, st.pg, "latest", st.restoreArgs("--backup", "latest", "--walship-bin", wrapper,
+		"--tablespace-mapping", ts+"="+tsLatest)...)
 	if !strings.Contains(out, "restoring backup "+id) {
 		t.Errorf("restore latest did not restore %s:\n%s", id, out)
 	}
@@ -175,11 +191,17 @@ func TestBackupCycle(t *testing.T) {
 	if b := r.QueryString(`SELECT sum(abalance)::text FROM pgbench_accounts`); b != balance {
 		t.Errorf("restore latest: pgbench balance %s, want %s", b, balance)
 	}
+	if got := r.QueryString(`SELECT count(*)::text || '/' || md5(string_agg(v, ',' ORDER BY id)) FROM in_ts2`); got != tsWant {
+		t.Errorf("restore latest: the table in the second tablespace holds %s, want %s", got, tsWant)
+	}
+	if loc := r.QueryString(`SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts2'`); loc != tsLatest {
+		t.Errorf("restore latest: tablespace ts2 at %q, want the mapped %s", loc, tsLatest)
+	}
 	r.Stop("fast")
 
 	// PITR to the restore point made after the backup: exactly the rows before it.
 	p, _ := restoreAndStart(t, st, st.pg, "rp", st.restoreArgs("--backup", id, "--walship-bin", wrapper,
-		"--target-name", "after", "--target-action", "promote")...)
+		"--tablespace-mapping", ts+"="+tablespaceDir(t), "--target-name", "after", "--target-action", "promote")...)
 	got = rowIDs(t, p, "")
 	if missing, extra := diffIDs(got, beforeRP); len(missing) > 0 || len(extra) > 0 {
 		t.Errorf("restore to 'after': %d rows, want the %d before it; missing %v, extra %v", len(got), len(beforeRP), missing, extra)
