@@ -15,10 +15,12 @@ import (
 // promotes and the lines stay there, ignored, in every later base backup
 // (postgresql.conf lives in the data directory outside Debian's layout).
 // `walship restore` without a target sets none in postgresql.auto.conf, so
-// the old ones are in effect: recovery_target_time (in the past) stops
-// replay at the first commit after the backup's consistency point and
-// recovery_target_action = 'promote' promotes there: the restored server
-// starts, read-write, silently without everything after the backup's end.
+// the old ones are in effect: recovery_target = 'immediate' stops at
+// consistency; an old recovery_target_time stops at the first commit
+// replayed (FATAL if it falls inside the backup, else just after its end),
+// and recovery_target_action = 'promote' promotes there: the restored
+// server starts, read-write, silently without everything after the
+// backup's end.
 // (With walship's own --target-lsn, PostgreSQL instead refuses: multiple
 // recovery targets.)
 func TestReview2RestoreLeavesPostgresqlConfRecoveryTargets(t *testing.T) {
