@@ -561,12 +561,12 @@ func (s *state) catalog(ctx context.Context, end position, endAt time.Time) (*ba
 	meta := jsonMeta(body, s.sysID, s.start)
 	meta.EndLSN = end.LSN.String()
 	if err := s.t.sink.Put(ctx, key, body, meta); err != nil {
-		if errors.Is(err, sinks.ErrExists) {
-			if have, herr := s.t.sink.Head(ctx, key); herr == nil && have.SHA256 == meta.SHA256 {
-				return cat, nil
-			}
+		// ErrExists with our own bytes: a retried PUT whose first attempt
+		// landed. It is written; check as for a PUT that succeeded.
+		have, herr := s.t.sink.Head(ctx, key)
+		if !errors.Is(err, sinks.ErrExists) || herr != nil || have.SHA256 != meta.SHA256 {
+			return nil, fmt.Errorf("write %s: %w", key, err)
 		}
-		return nil, fmt.Errorf("write %s: %w", key, err)
 	}
 	if err := s.stillThere(ctx, cat); err != nil {
 		// A prune took this backup for an abandoned one (older than its

@@ -20,7 +20,9 @@ import (
 // newest timeline that began at or before it): whole, or — for the
 // segment the backup ended in, on its end timeline — as that timeline's
 // .partial (it ended later inside the segment) or ranges (sub-segment
-// uploads) reaching the end LSN. An old timeline's .partial never stands
+// uploads) reaching the end LSN; and the history file of every timeline
+// after the first (recovery follows the switch by it). An old timeline's
+// .partial never stands
 // for a segment its child owns: it stops at the switch. A whole segment
 // counts only when its object carries this system's identifier: someone
 // else's object at the key (the archivers' conflict) does not hold this
@@ -102,6 +104,19 @@ func (c *walCheck) missing(ctx context.Context) (string, error) {
 				}
 				ok = reach >= uint64(c.size.Offset(c.end-1))+1
 			}
+		}
+		if !ok {
+			return name, nil
+		}
+	}
+	// Recovery learns where each timeline after the first began from its
+	// history file: without it, it stays on the old timeline, which ends
+	// before the backup does.
+	for _, l := range c.legs[1:] {
+		name := pipeline.HistoryFileName(l.tli)
+		ok, err := c.whole(ctx, name, false)
+		if err != nil {
+			return "", err
 		}
 		if !ok {
 			return name, nil

@@ -128,6 +128,10 @@ func TestWALCheckAcrossASwitch(t *testing.T) {
 		t.Fatalf("missing %q, want %s: only timeline 2's copy holds the WAL past the switch", m, seg(2, 6))
 	}
 	b.put(b.layout.RangeKey(seg(2, 6), 0, 0x2000, ".zst"))
+	if m := b.missing(c); m != "00000002.history" {
+		t.Fatalf("timeline 2's ranges reach the end, its history is not there: missing %q", m)
+	}
+	b.put(b.layout.Key("00000002.history", ".zst"))
 	if m := b.missing(c); m != "" {
 		t.Fatalf("timeline 2's ranges reach the end: missing %q", m)
 	}
@@ -147,6 +151,7 @@ func TestWALCheckAcrossASwitch(t *testing.T) {
 		t.Fatalf("missing %q, want %s", m, seg(2, 5))
 	}
 	b.put(b.layout.Key(seg(2, 5), ".zst"))
+	b.put(b.layout.Key("00000002.history", ""))
 	if m := b.missing(c); m != "" {
 		t.Fatalf("missing %q", m)
 	}
@@ -162,7 +167,12 @@ func TestWALCheckMiddleTimeline(t *testing.T) {
 	b.put(b.layout.Key(seg(1, 4), ".zst"))
 	b.put(b.layout.Key(seg(2, 5), ".zst"))
 	b.put(b.layout.Key(seg(3, 6), ".zst"))
+	b.put(b.layout.Key("00000002.history", ".zst"))
 	c := newWALCheck(b.fs, b.layout, testSys, mb, mustPath(t, 1, 3, hist), start, end)
+	if m := b.missing(c); m != "00000003.history" {
+		t.Fatalf("missing %q, want the end timeline's history", m)
+	}
+	b.put(b.layout.Key("00000003.history", ".zst"))
 	if m := b.missing(c); m != "" {
 		t.Fatalf("missing %q", m)
 	}
