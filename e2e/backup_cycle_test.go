@@ -82,7 +82,15 @@ func restoreAndStart(t *testing.T, st *stack, owner *testenv.Postgres, name stri
 	if err != nil || strings.Contains(string(conf), testenv.S3SecretKey) || strings.Contains(string(conf), testenv.S3AccessKey) || !strings.Contains(string(conf), "fetch %f %p") {
 		t.Errorf("restored postgresql.auto.conf (%v) holds a credential, or no restore_command:\n%s", err, conf)
 	}
-	r := owner.FromRestore(dir)
+	var tsDirs []string // mapped tablespaces, for the cluster's OS user too
+	for i, a := range args {
+		if a == "--tablespace-mapping" && i+1 < len(args) {
+			if _, to, ok := strings.Cut(args[i+1], "="); ok {
+				tsDirs = append(tsDirs, to)
+			}
+		}
+	}
+	r := owner.FromRestore(dir, tsDirs...)
 	if err := r.TryStart(90 * time.Second); err != nil {
 		t.Fatalf("%v\n%s", err, r.Log())
 	}
