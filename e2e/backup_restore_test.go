@@ -54,6 +54,10 @@ func TestRestoreBaseBackup(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	bench := make(chan error, 1)
 	go func() { bench <- st.pg.Pgbench(ctx, "-c", "2", "-T", "600", "-n") }()
+	// The backup's postgresql.conf holds the targets of an earlier PITR of
+	// this server (ignored once it promoted): restore latest must not stop
+	// at them (a), nor refuse them beside its own target (b).
+	st.pg.SetConf("recovery_target = 'immediate'", "recovery_target_action = 'promote'")
 	cat := putFixtureBackup(t, st, fixtureOpts{})
 	if len(cat.Archives) != 2 || cat.Archives[1].Location != tsDir {
 		t.Fatalf("the fixture's archives: %+v, want base and the tablespace at %s", cat.Archives, tsDir)

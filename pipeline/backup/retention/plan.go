@@ -18,15 +18,18 @@ import (
 // rule keeps it.
 type Policy struct {
 	// Keep keeps the Keep newest complete backups that can be restored
-	// (newest by end timeline and end LSN, State.Complete). A broken
-	// backup (Window.Broken: the WAL from its start to its end is not all
-	// in the bucket) does not count: the newer broken ones are kept
-	// besides, so prune never leaves only backups that cannot restore.
+	// onto the newest timeline (newest by end timeline and end LSN,
+	// State.Complete). A broken backup (Window.Broken: the WAL from its
+	// start to its end is not all in the bucket), or one whose window ends
+	// on an older timeline than the newest any backup's window reaches (a
+	// PITR branched off before its end), does not count: the newer such
+	// ones are kept besides, so prune never leaves only backups that
+	// cannot restore the timeline production runs on.
 	Keep int
 	// KeepWithin keeps every complete backup that ended within it of Now,
-	// plus the newest restorable one that ended before Now-KeepWithin
-	// (and any broken ones newer than it), without which recovery could
-	// not reach back to Now-KeepWithin.
+	// plus the newest one that ended before Now-KeepWithin and counts as
+	// for Keep (and any newer ones that do not count), without which
+	// recovery could not reach back to Now-KeepWithin.
 	KeepWithin time.Duration
 	// IncompleteAfter: a backup without a catalogue that started longer
 	// ago than this is deleted; newer ones may be in progress.
@@ -86,10 +89,21 @@ func NewPlan(st *State, p Policy) (*Plan, error) {
 	complete := st.Complete() // oldest first, by WAL position
 	keep := map[*Backup]bool{}
 	broken := func(b *Backup) bool { return b.Window == nil || b.Window.Broken }
-	// Newest first: broken backups are kept but not counted.
+	// A backup counts when it restores onto the newest timeline any
+	// backup's window reaches: one whose window stays on an older timeline
+	// (a PITR branched off before its end) cannot restore what production
+	// runs on now.
+	var newest uint32
+	for _, b := range complete {
+		if !broken(b) && b.Window.Timeline > newest {
+			newest = b.Window.Timeline
+		}
+	}
+	counts := func(b *Backup) bool { return !broken(b) && b.Window.Timeline == newest }
+	// Newest first: backups that do not count are kept but not counted.
 	for i, n := len(complete)-1, 0; i >= 0 && n < p.Keep; i-- {
 		keep[complete[i]] = true
-		if !broken(complete[i]) {
+		if counts(complete[i]) {
 			n++
 		}
 	}
@@ -101,7 +115,7 @@ func NewPlan(st *State, p Policy) (*Plan, error) {
 			if !b.EndTime().Before(cut) {
 				keep[b] = true
 			} else if !before {
-				keep[b], before = true, !broken(b)
+				keep[b], before = true, counts(b)
 			}
 		}
 	}
@@ -183,6 +197,50 @@ func (st *State) brokenWarning(b *Backup) string {
 	return fmt.Sprintf("backup %s cannot be restored: the WAL from its start to its end (%s) is missing%s; kept, not counted toward --keep/--keep-within", b.ID, b.Catalog.EndLSN, at)
 }
 
+// lowerFloor keeps the WAL of the incomplete backups that completed
+// during the prune: the plan's floor was computed without them (they were
+// to be deleted), so it is lowered to the start of the oldest one's start
+// segment, and plan.WAL trimmed to what lies below it. It reads each such
+// catalogue for its start LSN; when one cannot be read, no WAL is deleted
+// (an error: a backup reported complete must restore).
+func lowerFloor(ctx context.Context, sink sinks.Sink, st *State, plan *Plan, completed []string) error {
+	if len(completed) == 0 || len(plan.WAL) == 0 {
+		return nil
+	}
+	prefix := st.Layout.BackupPrefix()
+	for _, id := range completed {
+		data, err := readAll(ctx, sink, backup.CatalogKey(prefix, id))
+		if err == nil {
+			var c backup.Catalog
+			if c, err = backup.DecodeCatalog(data); err == nil && c.ID != id {
+				err = fmt.Errorf("its catalogue names backup %s", c.ID)
+			}
+			if err == nil {
+				if f := st.SegSize.Start(c.StartLSN); f < plan.Floor {
+					plan.Floor = f
+					plan.FloorReason = fmt.Sprintf("backup %s, completed during this prune, starts at %s", id, c.StartLSN)
+				}
+				continue
+			}
+		}
+		plan.WAL = nil
+		plan.Note = fmt.Sprintf("backup %s completed during this prune and its start cannot be read: no WAL deleted", id)
+		return fmt.Errorf("backup %s completed during the prune, so the WAL it needs is unknown; no WAL deleted (prune again): %w", id, err)
+	}
+	end := map[string]pipeline.LSN{}
+	for _, o := range append(append([]walObject(nil), st.wal...), st.ranges...) {
+		end[o.Key] = o.seg.EndLSN(st.SegSize)
+	}
+	var wal []sinks.Object
+	for _, o := range plan.WAL {
+		if e, ok := end[o.Key]; ok && e <= plan.Floor {
+			wal = append(wal, o)
+		}
+	}
+	plan.WAL = wal
+	return nil
+}
+
 // Result counts what a prune deleted.
 type Result struct {
 	Backups    int   `json:"backups"`
@@ -201,7 +259,10 @@ type Result struct {
 // running re-checks it after writing its catalogue, and fails), then a
 // Head of the catalogue just before the chunks: a backup that completed
 // since the scan is left alone; then the WAL, oldest first (an
-// interrupted prune never leaves a hole inside what remains).
+// interrupted prune never leaves a hole inside what remains). When an
+// incomplete backup completed meanwhile, the floor is first lowered to its
+// start: Execute then updates plan.Floor, FloorReason and WAL to what it
+// deletes.
 func Execute(ctx context.Context, sink sinks.Sink, st *State, plan *Plan) (Result, error) {
 	var res Result
 	del, ok := sink.(sinks.Deleter)
@@ -267,6 +328,9 @@ func Execute(ctx context.Context, sink sinks.Sink, st *State, plan *Plan) (Resul
 			}
 		}
 		res.Incomplete++
+	}
+	if err := lowerFloor(ctx, sink, st, plan, res.Completed); err != nil {
+		return res, err
 	}
 	for _, o := range plan.WAL {
 		if strings.HasSuffix(o.Key, st.Layout.IdentityKey()) {

@@ -45,6 +45,9 @@ type world struct {
 	keep    []string                    // history files and identity: never deleted
 	foreign []pipeline.LSN
 	now     time.Time
+	// branchAt is where the abandoned branch (timeline 9) leaves
+	// timeline 1; 0: none.
+	branchAt pipeline.LSN
 }
 
 func put(t *testing.T, s sinks.Sink, key string, body []byte) {
@@ -134,6 +137,7 @@ func newWorld(t *testing.T, r *rand.Rand) *world {
 		// An abandoned branch off timeline 1, numbered above the chain.
 		at := switches[0] + S*pipeline.LSN(1+r.Intn(8)) + 0x28
 		tli := uint32(9)
+		w.branchAt = at
 		addWAL(tli, at, at+S*2, false)
 		key := w.layout.Key(pipeline.HistoryFileName(tli), "")
 		put(t, w.sink, key, []byte(fmt.Sprintf("1\t%s\tbranch\n", at)))
@@ -222,11 +226,30 @@ func TestPruneProperties(t *testing.T) {
 				t.Fatalf("seed %d: Complete puts %s (ends %s) before %s (ends %s)", seed, a.ID, a.EndLSN, b.ID, b.EndLSN)
 			}
 		}
+		// A backup counts when it restores and its window ends on the
+		// newest timeline any restorable backup's window reaches.
+		var newestTLI uint32
+		for _, b := range complete {
+			if !b.Window.Broken && b.Window.Timeline > newestTLI {
+				newestTLI = b.Window.Timeline
+			}
+		}
+		countsTowardKeep := func(b *Backup) bool { return !b.Window.Broken && b.Window.Timeline == newestTLI }
+		// Recovery can follow the abandoned branch only from a backup that
+		// ends on timeline 1 at or before the branch point: one that ends
+		// past it never reaches the branch (replay would switch before the
+		// backup's end).
+		for _, b := range complete {
+			if b.Window.Timeline == 9 && (b.Catalog.EndTimeline != 1 || b.Catalog.EndLSN > w.branchAt) {
+				t.Fatalf("seed %d: backup %s (timeline %d-%d, %s-%s) has its window on the branch that leaves timeline 1 at %s",
+					seed, b.ID, b.Catalog.Timeline, b.Catalog.EndTimeline, b.Catalog.StartLSN, b.Catalog.EndLSN, w.branchAt)
+			}
+		}
 		wantKeep := map[string]bool{}
 		counted := 0
 		for i := len(complete) - 1; i >= 0 && counted < pol.Keep; i-- {
 			wantKeep[complete[i].ID] = true
-			if !complete[i].Window.Broken {
+			if countsTowardKeep(complete[i]) {
 				counted++
 			}
 		}
@@ -236,7 +259,7 @@ func TestPruneProperties(t *testing.T) {
 			if !complete[i].Catalog.EndTime.Before(cut) {
 				wantKeep[complete[i].ID] = true
 			} else if !olderKept {
-				wantKeep[complete[i].ID], olderKept = true, !complete[i].Window.Broken
+				wantKeep[complete[i].ID], olderKept = true, countsTowardKeep(complete[i])
 			}
 		}
 		gotKeep := map[string]bool{}

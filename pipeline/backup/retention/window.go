@@ -35,7 +35,8 @@ type leg struct {
 
 // legs is the path recovery takes from a backup's start: its timeline up
 // to the switch point, the next, ... to the newest timeline whose history
-// passes through the backup's start (and its end timeline after its end).
+// passes through the backup's start and leaves its end timeline at or
+// after its end.
 func (st *State) legs(c *backup.Catalog) []leg {
 	best, bestK := c.Timeline, -1
 	var bestH []pipeline.HistoryEntry
@@ -53,7 +54,11 @@ func (st *State) legs(c *backup.Catalog) []leg {
 		if k < 0 {
 			continue
 		}
-		if c.EndTimeline != c.Timeline && t != c.EndTimeline {
+		// A branch that leaves the end timeline before the backup's end
+		// is not followed: replay would switch to it before reaching the
+		// backup's end ("WAL ends before end of online backup"). A PITR
+		// to a point inside a later backup makes such a branch.
+		if t != c.EndTimeline {
 			ok := false
 			for _, e := range h[k:] {
 				if e.Parent == c.EndTimeline && e.Switch >= c.EndLSN {

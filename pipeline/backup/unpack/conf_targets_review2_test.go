@@ -58,8 +58,16 @@ func TestReview2RestoreLeavesPostgresqlConfRecoveryTargets(t *testing.T) {
 			eff[strings.ToLower(k)] = strings.Trim(strings.TrimSpace(v), "'")
 		}
 	}
+	// recovery_target_inclusive is not a target (and '' is not a valid
+	// Boolean): restore sets it to PostgreSQL's default, as it does the
+	// action and the timeline.
+	for k, want := range map[string]string{"recovery_target_action": "pause", "recovery_target_timeline": "latest", "recovery_target_inclusive": "on"} {
+		if eff[k] != want {
+			t.Fatalf("restored data directory recovers with %s = %q, want %q (PostgreSQL's default)", k, eff[k], want)
+		}
+	}
 	for k, v := range eff {
-		if (k == "recovery_target" || strings.HasPrefix(k, "recovery_target_")) && k != "recovery_target_timeline" && k != "recovery_target_action" && v != "" {
+		if (k == "recovery_target" || strings.HasPrefix(k, "recovery_target_")) && k != "recovery_target_timeline" && k != "recovery_target_action" && k != "recovery_target_inclusive" && v != "" {
 			t.Fatalf("restored data directory recovers with %s = %q (recovery_target_action %q) left from the backup's postgresql.conf: recovery stops there, not at the end of the archive", k, v, eff["recovery_target_action"])
 		}
 	}

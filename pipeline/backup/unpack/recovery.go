@@ -39,10 +39,50 @@ func confKey(line string) string {
 	return line[:end]
 }
 
+// targetDefaults are the recovery target settings a restore always sets in
+// postgresql.auto.conf, with the value each gets when settings do not
+// name it: no target, PostgreSQL's default action, timeline and
+// inclusiveness.
+var targetDefaults = []struct{ key, value string }{
+	{"recovery_target", "''"},
+	{"recovery_target_time", "''"},
+	{"recovery_target_xid", "''"},
+	{"recovery_target_name", "''"},
+	{"recovery_target_lsn", "''"},
+	{"recovery_target_action", "'pause'"},
+	{"recovery_target_timeline", "'latest'"},
+	{"recovery_target_inclusive", "'on'"},
+}
+
+// neutralTargets are the lines that override every recovery target
+// setting that settings do not set. The backup's postgresql.conf (or a
+// file it includes) may hold the targets of an earlier PITR of the
+// server it was taken from, where PostgreSQL ignores them once promoted
+// but a restore would stop at them (and promote there). PostgreSQL reads
+// postgresql.auto.conf after postgresql.conf and applies only the last
+// setting of a key, so these win. They come before settings: PostgreSQL
+// applies the settings in file order and refuses ("multiple recovery
+// targets specified") to clear one kind of target after another is set.
+func neutralTargets(settings []string) []string {
+	set := map[string]bool{}
+	for _, s := range settings {
+		set[strings.ToLower(confKey(s))] = true
+	}
+	out := []string{"# recovery targets of postgresql.conf or its includes do not apply to this restore:"}
+	for _, d := range targetDefaults {
+		if !set[d.key] {
+			out = append(out, d.key+" = "+d.value)
+		}
+	}
+	return out
+}
+
 // WriteRecovery makes a restored data directory recover from the archive:
 // in postgresql.auto.conf it comments out the recovery and standby
-// settings the backup's copy holds (recoveryKey) and appends settings
-// (postgresql.conf lines), then creates recovery.signal (and never
+// settings the backup's copy holds (recoveryKey), sets every recovery
+// target setting that settings do not set to no target or PostgreSQL's
+// default (neutralTargets: this overrides the backup's postgresql.conf)
+// and appends settings (postgresql.conf lines), then creates recovery.signal (and never
 // standby.signal: Restore does not write the backup's). Both are written through a temporary file,
 // fsynced.
 func WriteRecovery(dir, id string, settings []string) error {
@@ -64,7 +104,11 @@ func WriteRecovery(dir, id string, settings []string) error {
 	if !strings.HasSuffix(b.String(), "\n") && b.Len() > 0 {
 		b.WriteByte('\n')
 	}
-	fmt.Fprintf(&b, "# walship restore of backup %s, %s\n%s\n", id, time.Now().UTC().Format(time.RFC3339), strings.Join(settings, "\n"))
+	fmt.Fprintf(&b, "# walship restore of backup %s, %s\n", id, time.Now().UTC().Format(time.RFC3339))
+	for _, line := range neutralTargets(settings) {
+		b.WriteString(line + "\n")
+	}
+	b.WriteString(strings.Join(settings, "\n") + "\n")
 	if err := fsutil.WriteFile(path, []byte(b.String()), 0o600); err != nil {
 		return fmt.Errorf("recovery settings %s: %w", path, err)
 	}
