@@ -447,6 +447,7 @@ func (w *World) actions() []action {
 func (w *World) makeActions() []action {
 	acts := []action{
 		{"pg-write", "pg", 12, false, func() bool { return w.end < w.budget }, w.pgWrite},
+		{"pg-switch-wal", "pg", 1, false, w.canSwitchWAL, w.pgSwitchWAL},
 	}
 	for _, h := range w.hosts {
 		h := h
@@ -612,7 +613,27 @@ func (w *World) switchPoint(x pipeline.LSN) bool {
 	return false
 }
 
+// canSwitchWAL: the server is inside a segment it may still finish.
+func (w *World) canSwitchWAL() bool {
+	return w.size.Offset(w.end) != 0 && w.size.Start(w.end)+pipeline.LSN(w.size) <= w.budget
+}
+
+// pgSwitchWAL is an XLOG_SWITCH (pg_switch_wal, archive_timeout on an idle
+// server): the rest of the segment is padding, and the WAL ends on the
+// segment boundary - where a promotion right after it puts the switch.
+func (w *World) pgSwitchWAL() {
+	w.end = w.size.Start(w.end) + pipeline.LSN(w.size)
+	w.logf("pg switches WAL: its WAL ends at %s", w.end)
+}
+
 func (w *World) pgPromote() {
+	if w.canSwitchWAL() && w.rng.IntN(3) == 0 {
+		// A planned failover: pg_switch_wal, then the promotion.
+		w.pgSwitchWAL()
+	}
+	if w.size.Offset(w.end) == 0 {
+		w.count("promotions on a segment boundary")
+	}
 	next := w.tli() + 1
 	w.hist = append(w.hist, walgen.Timeline{TLI: next, Begin: w.end})
 	w.logf("pg promotes: timeline %d at %s", next, w.end)
