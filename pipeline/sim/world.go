@@ -423,6 +423,13 @@ func (w *World) startReceiver(h *host) {
 	h.core, h.sessions, h.flushed = core, 0, 0
 	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
+	for _, t := range w.hist[1:] {
+		if t.TLI == tli && t.Begin == start {
+			// The server will not end the parent timeline for it: the
+			// history must come from the start-up (review 2, finding 1).
+			w.count("starts on a switch point")
+		}
+	}
 	w.logf("%s: receiver started: resume %d/%s flush %s", h.name, tli, start, core.Flush())
 	w.count("receiver starts")
 }
