@@ -226,6 +226,9 @@ func (c *Core) queueHistories(need []timelineSwitch, found []spoolFile, serverTL
 		}
 		data := serverData
 		if n.tli != serverTLI {
+			if fetch == nil {
+				return fmt.Errorf("timeline %d history: no server to ask", n.tli)
+			}
 			var err error
 			if data, err = fetch(n.tli); err != nil {
 				return fmt.Errorf("timeline %d history: %w", n.tli, err)
