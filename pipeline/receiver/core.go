@@ -144,11 +144,13 @@ func (c *Core) Start(in StartInput) error {
 		return err
 	}
 	var serverHist []pipeline.HistoryEntry
+	var serverData []byte
 	if in.ServerTLI > 1 && in.History != nil {
 		data, err := in.History(in.ServerTLI)
 		if err != nil {
 			return fmt.Errorf("timeline %d history: %w", in.ServerTLI, err)
 		}
+		serverData = data
 		if serverHist, err = pipeline.ParseHistory(data); err != nil {
 			return fmt.Errorf("timeline %d history from the server: %w", in.ServerTLI, err)
 		}
@@ -192,12 +194,66 @@ func (c *Core) Start(in StartInput) error {
 	if err := c.startRanges(l.ranges); err != nil {
 		return err
 	}
+	if err := c.queueHistories(p.histories, l.histories, in.ServerTLI, serverData, in.History); err != nil {
+		return err
+	}
 	// Confirmations are published after the file they confirm was written;
 	// an hour covers clock differences between hosts. Older ones are not
 	// needed: a file whose confirmation is not replayed is published again,
 	// and the archivers find it in the bucket.
 	c.since = c.since.Add(-time.Hour)
 	c.m.timeline.Set(float64(c.tli))
+	return nil
+}
+
+// queueHistories stores and queues the history files of the timelines the
+// plan streams without seeing them begin (see needHistories), unless the
+// spool holds them whole already (then they are queued as found), exactly
+// as EndTimeline does: hold at the start of the segment holding the switch
+// point. Each may be archived already (Attempt 1: the archivers look in the
+// bucket first). serverData is the server's own timeline's history, fetched
+// already; the others are fetched with fetch.
+func (c *Core) queueHistories(need []timelineSwitch, found []spoolFile, serverTLI uint32, serverData []byte, fetch func(uint32) ([]byte, error)) error {
+	have := map[uint32]bool{}
+	for _, f := range found {
+		if f.valid {
+			have[f.tli] = true
+		}
+	}
+	for _, n := range need {
+		if have[n.tli] {
+			continue
+		}
+		data := serverData
+		if n.tli != serverTLI {
+			if fetch == nil {
+				return fmt.Errorf("timeline %d history: no server to ask", n.tli)
+			}
+			var err error
+			if data, err = fetch(n.tli); err != nil {
+				return fmt.Errorf("timeline %d history: %w", n.tli, err)
+			}
+		}
+		hist, err := pipeline.ParseHistory(data)
+		if err != nil {
+			return fmt.Errorf("timeline %d history from the server: %w", n.tli, err)
+		}
+		if _, at, ok := pipeline.SwitchPoint(hist); !ok || at != n.at {
+			return fmt.Errorf("timeline %d history says it began at %s; the server's line says %s", n.tli, at, n.at)
+		}
+		c.fileMu.Lock()
+		path, err := c.spool.writeFile(pipeline.HistoryFileName(n.tli), data)
+		if err == nil {
+			ev := c.historyEvent(n.tli, path, data)
+			ev.Attempt = 1
+			c.add(ev, c.cfg.Size.Start(n.at))
+		}
+		c.fileMu.Unlock()
+		if err != nil {
+			return err
+		}
+		c.cfg.Log.Info("archiving the history of a timeline this run streams from its start", "timeline", n.tli, "lsn", n.at.String())
+	}
 	return nil
 }
 

@@ -1,6 +1,8 @@
 package receiver
 
 import (
+	"cmp"
+
 	"github.com/walship/walship/pipeline"
 )
 
@@ -37,6 +39,17 @@ type plan struct {
 	damaged []spoolFile
 	// done are markers of archived segments still ahead of the slot.
 	done []spoolFile
+	// histories are the timelines whose history file this run must hold
+	// flush for and archive itself, by their switch points: timelines up
+	// to tli that began at or after the slot, whose end-of-timeline this
+	// run never sees (see needHistories).
+	histories []timelineSwitch
+}
+
+// timelineSwitch is where timeline tli began.
+type timelineSwitch struct {
+	tli uint32
+	at  pipeline.LSN
 }
 
 // ownerOf is the timeline that wrote position x on the server's line.
@@ -148,9 +161,52 @@ func makePlan(in planInput) plan {
 		p.tli = min(in.slot.Timeline, in.serverTLI) // no history to tell: trust the slot
 	}
 
+	p.histories = needHistories(in.serverHistory, in.serverTLI, p.tli, cmp.Or(restart, base))
+
 	for _, f := range in.spool.partials {
 		p.remove = append(p.remove, f.name)
 	}
 	p.remove = append(p.remove, in.spool.other...)
 	return p
+}
+
+// needHistories lists the timelines on the server's line, up to tli (the
+// one streaming starts on), that began at or after from (the slot's
+// restart_lsn, or where the plan's WAL begins when the slot has none).
+//
+// The server ends a timeline - and EndTimeline stores and queues the next
+// one's history - only for a timeline walship streams. A plan that starts
+// on tli streams none of tli's ancestors: when the slot stands exactly on
+// a switch point that is a segment boundary (a promotion right after an
+// XLOG_SWITCH), or the spool's whole segments carry the start over one,
+// nothing else would archive those histories, yet flush would move over
+// the new timeline's WAL, and recovery_target_timeline = latest could not
+// find that timeline in the bucket. Such a history is queued at start-up
+// instead, holding flush at its switch's segment start as EndTimeline's
+// does. A timeline that began before the slot needs nothing: flush passed
+// its switch, which its history held (and a receiver that streams from
+// below a switch point sees the server end the timeline there).
+//
+// Queuing the history is preferred to starting on the parent timeline at
+// the switch point so that the server ends it: that start point is an edge
+// of START_REPLICATION (the server answers with the next timeline and no
+// COPY at all), and it does not cover the whole segments the spool carries
+// the start over. A history queued again that the bucket holds already is
+// confirmed by the archivers' put-if-absent check of the same bytes, so
+// flush waits for one small upload, never for ever.
+func needHistories(hist []pipeline.HistoryEntry, serverTLI, tli uint32, from pipeline.LSN) []timelineSwitch {
+	var need []timelineSwitch
+	for i, e := range hist {
+		child := serverTLI
+		if i+1 < len(hist) {
+			child = hist[i+1].Parent
+		}
+		if child > tli {
+			break // ended by the server while this run streams: EndTimeline
+		}
+		if child > 1 && e.Switch >= from {
+			need = append(need, timelineSwitch{tli: child, at: e.Switch})
+		}
+	}
+	return need
 }

@@ -2,8 +2,10 @@
 // FoundationDB's simulator and TigerBeetle's VOPR. It runs the receiver's
 // state machine (receiver.Core: plan, tracker, spool, publish and confirm,
 // housekeeping) and the archiver's real decision code (archiver.Handle)
-// against simulated neighbours: a PostgreSQL that writes WAL, promotes and
-// restarts and moves its slot the way the server does; a JetStream with
+// against simulated neighbours: a PostgreSQL that writes WAL, switches
+// WAL (the segment ends early: a promotion right after lands its switch
+// point on a segment boundary), promotes and restarts and moves its slot
+// the way the server does; a JetStream with
 // delays, duplicates, redeliveries, lost acknowledgements, outages and
 // crashes that lose its newest messages; an S3 with outages, latency and
 // conflicting objects; a file system that forgets, when the receiver
@@ -16,7 +18,9 @@
 //
 // After every step the world checks the invariants: (a) flush never passes
 // the contiguous WAL the bucket holds, whole or in ranges, on the server's
-// timeline line, and never moves back within a receiver's life; (b) no
+// timeline line, never past a timeline's switch point while the bucket
+// lacks that timeline's history file (recovery follows a timeline only
+// through it), and never moves back within a receiver's life; (b) no
 // spool file (a range's too) is removed before the bucket holds its bytes;
 // (c) no key is ever written twice, every object holds exactly the WAL its
 // name says, and walship deletes only its range objects of segments the

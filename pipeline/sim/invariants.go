@@ -213,6 +213,20 @@ func (w *World) checkFlush(flush pipeline.LSN) {
 	if c := w.contiguousEnd(); flush > max(c, w.initial, w.gapFloor) {
 		w.fail("(a) flush %s reported, but the bucket holds the WAL contiguously only to %s", flush, c)
 	}
+	// Recovery follows a timeline only through its history file: WAL of a
+	// timeline past its switch point is of no use to a restore (it stays
+	// on the parent timeline and ends at the switch) until the bucket holds
+	// that timeline's history. The WAL check of (a) reads the timeline line
+	// from the simulation, not from the bucket, so this is checked apart.
+	for _, t := range w.hist[1:] {
+		if flush > t.Begin && t.Begin >= w.gapFloor {
+			key := w.layout.Key(pipeline.HistoryFileName(t.TLI), w.codec.Ext())
+			if w.walshipObject(key) == nil {
+				w.fail("(a) flush %s reported past timeline %d's switch point %s, but the bucket has no %s: a restore cannot follow the timeline",
+					flush, t.TLI, t.Begin, pipeline.HistoryFileName(t.TLI))
+			}
+		}
+	}
 	if flush < w.slot {
 		w.fail("flush %s reported below the slot's restart_lsn %s: the server would move the slot back onto WAL it may have removed", flush, w.slot)
 	}

@@ -423,6 +423,13 @@ func (w *World) startReceiver(h *host) {
 	h.core, h.sessions, h.flushed = core, 0, 0
 	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
+	for _, t := range w.hist[1:] {
+		if t.TLI == tli && t.Begin == start {
+			// The server will not end the parent timeline for it: the
+			// history must come from the start-up (review 2, finding 1).
+			w.count("starts on a switch point")
+		}
+	}
 	w.logf("%s: receiver started: resume %d/%s flush %s", h.name, tli, start, core.Flush())
 	w.count("receiver starts")
 }
@@ -447,6 +454,7 @@ func (w *World) actions() []action {
 func (w *World) makeActions() []action {
 	acts := []action{
 		{"pg-write", "pg", 12, false, func() bool { return w.end < w.budget }, w.pgWrite},
+		{"pg-switch-wal", "pg", 1, false, w.canSwitchWAL, w.pgSwitchWAL},
 	}
 	for _, h := range w.hosts {
 		h := h
@@ -612,7 +620,27 @@ func (w *World) switchPoint(x pipeline.LSN) bool {
 	return false
 }
 
+// canSwitchWAL: the server is inside a segment it may still finish.
+func (w *World) canSwitchWAL() bool {
+	return w.size.Offset(w.end) != 0 && w.size.Start(w.end)+pipeline.LSN(w.size) <= w.budget
+}
+
+// pgSwitchWAL is an XLOG_SWITCH (pg_switch_wal, archive_timeout on an idle
+// server): the rest of the segment is padding, and the WAL ends on the
+// segment boundary - where a promotion right after it puts the switch.
+func (w *World) pgSwitchWAL() {
+	w.end = w.size.Start(w.end) + pipeline.LSN(w.size)
+	w.logf("pg switches WAL: its WAL ends at %s", w.end)
+}
+
 func (w *World) pgPromote() {
+	if w.canSwitchWAL() && w.rng.IntN(3) == 0 {
+		// A planned failover: pg_switch_wal, then the promotion.
+		w.pgSwitchWAL()
+	}
+	if w.size.Offset(w.end) == 0 {
+		w.count("promotions on a segment boundary")
+	}
 	next := w.tli() + 1
 	w.hist = append(w.hist, walgen.Timeline{TLI: next, Begin: w.end})
 	w.logf("pg promotes: timeline %d at %s", next, w.end)
