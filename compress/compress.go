@@ -9,6 +9,7 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/klauspost/compress/snappy"
 	"github.com/klauspost/compress/zstd"
@@ -59,6 +60,20 @@ func CodecForExt(ext string) (Codec, bool) {
 		}
 	}
 	return "", false
+}
+
+// SplitExt splits a stored file name into the name and the codec its
+// extension names; a name without a codec's extension is stored as is.
+func SplitExt(name string) (string, Codec) {
+	for _, c := range Codecs() {
+		if c.Ext() == "" {
+			continue
+		}
+		if f, ok := strings.CutSuffix(name, c.Ext()); ok {
+			return f, c
+		}
+	}
+	return name, None
 }
 
 // Encoder compresses whole buffers with one codec. It is not safe for

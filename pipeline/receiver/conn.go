@@ -162,8 +162,8 @@ func scrub(err error) error {
 	return errors.New(s)
 }
 
-// showSetting runs SHOW over a replication or normal connection.
-func showSetting(ctx context.Context, conn *pgconn.PgConn, name string) (string, error) {
+// ShowSetting runs SHOW over a replication or normal connection.
+func ShowSetting(ctx context.Context, conn *pgconn.PgConn, name string) (string, error) {
 	res, err := conn.Exec(ctx, "SHOW "+name).ReadAll()
 	if err != nil {
 		return "", fmt.Errorf("show %s: %w", name, err)
@@ -176,7 +176,7 @@ func showSetting(ctx context.Context, conn *pgconn.PgConn, name string) (string,
 
 // SegmentSizeOf reads the server's WAL segment size.
 func SegmentSizeOf(ctx context.Context, conn *pgconn.PgConn) (pipeline.SegmentSize, error) {
-	s, err := showSetting(ctx, conn, "wal_segment_size")
+	s, err := ShowSetting(ctx, conn, "wal_segment_size")
 	if err != nil {
 		return 0, err
 	}

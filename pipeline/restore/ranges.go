@@ -46,7 +46,7 @@ func listRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, segme
 		if !ok || strings.Contains(leaf, "/") {
 			return nil
 		}
-		leaf, codec := splitExt(leaf)
+		leaf, codec := compress.SplitExt(leaf)
 		from, to, ok := pipeline.ParseRangeSuffix(leaf)
 		if !ok || to > uint64(size) {
 			return nil
@@ -64,6 +64,18 @@ func listRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, segme
 		return out[i].To > out[j].To
 	})
 	return out, nil
+}
+
+// RangesReach is the end offset of the contiguous WAL that segment's
+// ranges in the sink hold from its start (0: none). A listing error is
+// returned, never "none".
+func RangesReach(ctx context.Context, sink sinks.Sink, layout sinks.Layout, segment string, size pipeline.SegmentSize) (uint64, error) {
+	ranges, err := listRanges(ctx, sink, layout, segment, size)
+	if err != nil {
+		return 0, err
+	}
+	_, end := cover(ranges, 0)
+	return end, nil
 }
 
 // cover picks, from ranges sorted by offset, the fewest that cover the

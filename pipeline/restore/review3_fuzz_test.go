@@ -32,7 +32,7 @@ func FuzzReview3RangeSuffixAndHistory(f *testing.F) {
 				t.Errorf("%q parsed as %d-%d", leaf, from, to)
 			}
 		}
-		splitExt(leaf)
+		compress.SplitExt(leaf)
 		h, err := pipeline.ParseHistory(hist)
 		if err == nil {
 			pipeline.SwitchPoint(h)

@@ -118,7 +118,7 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 		if name == path.Base(layout.IdentityKey()) {
 			return nil
 		}
-		file, codec := splitExt(name)
+		file, codec := compress.SplitExt(name)
 		obj := object{key: ob.Key, file: file, codec: codec, size: ob.Size}
 		switch {
 		case strings.HasSuffix(file, ".history") && len(file) == 16:
@@ -191,18 +191,6 @@ func Verify(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o VerifyO
 	}
 	sort.Slice(rep.Problems, func(i, j int) bool { return rep.Problems[i].Key < rep.Problems[j].Key })
 	return rep, nil
-}
-
-func splitExt(name string) (string, compress.Codec) {
-	for _, c := range compress.Codecs() {
-		if c.Ext() == "" {
-			continue
-		}
-		if f, ok := strings.CutSuffix(name, c.Ext()); ok {
-			return f, c
-		}
-	}
-	return name, compress.None
 }
 
 // segmentSizeOf reads the segment size from a segment's raw-size metadata.

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/walship/walship/compress"
 	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/sinks"
@@ -39,7 +40,7 @@ func verifyRanges(ctx context.Context, sink sinks.Sink, layout sinks.Layout, obj
 		rest := strings.TrimPrefix(ob.Key, root)
 		name, leaf, _ := strings.Cut(rest, "/")
 		seg, err := pipeline.ParseSegmentName(name, size)
-		leaf, codec := splitExt(leaf)
+		leaf, codec := compress.SplitExt(leaf)
 		from, to, ok := pipeline.ParseRangeSuffix(leaf)
 		if err != nil || !ok || to > uint64(size) {
 			rep.Problems = append(rep.Problems, Problem{ob.Key, "not a range key (<segment>/<from>-<to><ext>, inside the segment)"})

@@ -20,9 +20,9 @@ import (
 	"filippo.io/age"
 
 	"github.com/walship/walship/compress"
-	"github.com/walship/walship/crypt"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/pipeline/restore"
 	"github.com/walship/walship/sinks"
 )
 
@@ -132,7 +132,7 @@ func Scan(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o Options) 
 		if ob.Key == layout.IdentityKey() {
 			return nil
 		}
-		file, _ := splitExt(name)
+		file, _ := compress.SplitExt(name)
 		switch {
 		case strings.HasSuffix(file, ".history"):
 			if t, ok := pipeline.ParseHistoryFileName(file); ok {
@@ -160,7 +160,7 @@ func Scan(ctx context.Context, sink sinks.Sink, layout sinks.Layout, o Options) 
 	root := layout.RangePrefix("")
 	err = lister.List(ctx, root, func(ob sinks.Object) error {
 		name, leaf, _ := strings.Cut(strings.TrimPrefix(ob.Key, root), "/")
-		leaf, _ = splitExt(leaf)
+		leaf, _ = compress.SplitExt(leaf)
 		from, to, ok := pipeline.ParseRangeSuffix(leaf)
 		if st.SegSize == 0 || !ok {
 			return nil
@@ -320,26 +320,13 @@ func readHistory(ctx context.Context, sink sinks.Sink, key string, ids []age.Ide
 	if err != nil {
 		return nil, err
 	}
-	plain, err := crypt.Decrypt(meta.Encryption, body, ids)
-	if err != nil {
-		return nil, fmt.Errorf("decrypt (give --decrypt-identity): %w", err)
+	_, codec := compress.SplitExt(path.Base(key))
+	raw, err := restore.Open(key, codec, body, meta, ids)
+	if errors.Is(err, restore.ErrCannotDecrypt) {
+		return nil, fmt.Errorf("%w (give --decrypt-identity)", err)
 	}
-	_, codec := splitExt(path.Base(key))
-	raw, err := compress.Decode(codec, plain, int(meta.RawSize))
 	if err != nil {
 		return nil, err
 	}
 	return pipeline.ParseHistory(raw)
-}
-
-func splitExt(name string) (string, compress.Codec) {
-	for _, c := range compress.Codecs() {
-		if c.Ext() == "" {
-			continue
-		}
-		if f, ok := strings.CutSuffix(name, c.Ext()); ok {
-			return f, c
-		}
-	}
-	return name, compress.None
 }

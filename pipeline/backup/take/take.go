@@ -33,6 +33,7 @@ import (
 	"github.com/walship/walship/internal/ratelog"
 	"github.com/walship/walship/pipeline"
 	"github.com/walship/walship/pipeline/backup"
+	"github.com/walship/walship/pipeline/receiver"
 	"github.com/walship/walship/sinks"
 )
 
@@ -173,11 +174,7 @@ func (t *Taker) Run(ctx context.Context) (*backup.Catalog, error) {
 	if s.pgVer < 150000 {
 		return nil, fmt.Errorf("PostgreSQL %d.%d: walship backup needs PostgreSQL 15 or later (its BASE_BACKUP protocol)", s.pgVer/10000, s.pgVer%10000)
 	}
-	size, err := showSetting(ctx, conn, "wal_segment_size")
-	if err != nil {
-		return nil, err
-	}
-	if s.segSize, err = parseSegSize(size); err != nil {
+	if s.segSize, err = receiver.SegmentSizeOf(ctx, conn); err != nil {
 		return nil, err
 	}
 	s.layout = t.cfg.LayoutFor(s.server)
@@ -306,7 +303,7 @@ func (s *state) started(p position, _ []tablespace) error {
 }
 
 func jsonMeta(body []byte, sysID string, p position) sinks.Metadata {
-	return sinks.Metadata{SHA256: sha256Hex(body), SystemID: sysID, Codec: string(compress.None), RawSize: int64(len(body)),
+	return sinks.Metadata{SHA256: hashHex(body), SystemID: sysID, Codec: string(compress.None), RawSize: int64(len(body)),
 		StartLSN: p.LSN.String(), EndLSN: p.LSN.String(), Timeline: p.Timeline}
 }
 
@@ -601,20 +598,9 @@ func (s *state) stillThere(ctx context.Context, cat *backup.Catalog) error {
 	return nil
 }
 
-// showSetting reads a server setting over the replication connection.
-func showSetting(ctx context.Context, conn *pgconn.PgConn, name string) (string, error) {
-	res, err := conn.Exec(ctx, "SHOW "+name).ReadAll()
-	if err != nil {
-		return "", fmt.Errorf("SHOW %s: %w", name, err)
-	}
-	if len(res) != 1 || len(res[0].Rows) != 1 || len(res[0].Rows[0]) != 1 {
-		return "", fmt.Errorf("SHOW %s: unexpected answer", name)
-	}
-	return string(res[0].Rows[0][0]), nil
-}
-
+// showInt reads a numeric server setting.
 func showInt(ctx context.Context, conn *pgconn.PgConn, name string) (int, error) {
-	s, err := showSetting(ctx, conn, name)
+	s, err := receiver.ShowSetting(ctx, conn, name)
 	if err != nil {
 		return 0, err
 	}
@@ -623,27 +609,4 @@ func showInt(ctx context.Context, conn *pgconn.PgConn, name string) (int, error)
 		return 0, fmt.Errorf("SHOW %s: %q is not a number", name, s)
 	}
 	return n, nil
-}
-
-// parseSegSize reads wal_segment_size as SHOW prints it ("16MB", "1GB").
-func parseSegSize(s string) (pipeline.SegmentSize, error) {
-	units := []struct {
-		suffix string
-		mult   uint64
-	}{{"GB", 1 << 30}, {"MB", 1 << 20}, {"kB", 1 << 10}}
-	for _, u := range units {
-		if v, ok := strings.CutSuffix(s, u.suffix); ok {
-			n, err := strconv.ParseUint(v, 10, 64)
-			if err != nil {
-				break
-			}
-			size := pipeline.SegmentSize(n * u.mult)
-			return size, size.Validate()
-		}
-	}
-	return 0, fmt.Errorf("wal_segment_size %q: cannot parse", s)
-}
-
-func sha256Hex(b []byte) string {
-	return hashHex(b)
 }

@@ -167,14 +167,3 @@ func TestOptionsCommand(t *testing.T) {
 		}
 	}
 }
-
-func TestParseSegSize(t *testing.T) {
-	for s, want := range map[string]pipeline.SegmentSize{"1MB": 1 << 20, "16MB": 16 << 20, "1GB": 1 << 30} {
-		if got, err := parseSegSize(s); err != nil || got != want {
-			t.Errorf("%s: %d %v", s, got, err)
-		}
-	}
-	if _, err := parseSegSize("3MB"); err == nil {
-		t.Error("3MB accepted")
-	}
-}

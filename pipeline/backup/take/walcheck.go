@@ -5,11 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sort"
-	"strings"
 
 	"github.com/walship/walship/compress"
 	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/restore"
 	"github.com/walship/walship/sinks"
 )
 
@@ -98,7 +97,7 @@ func (c *walCheck) missing(ctx context.Context) (string, error) {
 				return "", err
 			}
 			if !ok {
-				reach, err := c.rangesReach(ctx, name)
+				reach, err := restore.RangesReach(ctx, c.sink, c.layout, name, c.size)
 				if err != nil {
 					return "", err
 				}
@@ -144,38 +143,4 @@ func (c *walCheck) whole(ctx context.Context, name string, partial bool) (bool, 
 		}
 	}
 	return false, nil
-}
-
-// rangesReach is the end offset of the contiguous WAL that segment's
-// ranges hold from its start (0: none, or the sink cannot list).
-func (c *walCheck) rangesReach(ctx context.Context, segment string) (uint64, error) {
-	lister, ok := c.sink.(sinks.Lister)
-	if !ok {
-		return 0, nil
-	}
-	prefix := c.layout.RangePrefix(segment)
-	type span struct{ from, to uint64 }
-	var spans []span
-	err := lister.List(ctx, prefix, func(o sinks.Object) error {
-		leaf, ok := strings.CutPrefix(o.Key, prefix)
-		if !ok || len(leaf) < 17 || strings.Contains(leaf, "/") {
-			return nil
-		}
-		if from, to, ok := pipeline.ParseRangeSuffix(leaf[:17]); ok {
-			spans = append(spans, span{from, to})
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("list ranges of %s: %w", segment, err)
-	}
-	sort.Slice(spans, func(i, j int) bool { return spans[i].from < spans[j].from })
-	reach := uint64(0)
-	for _, s := range spans {
-		if s.from > reach {
-			break
-		}
-		reach = max(reach, s.to)
-	}
-	return reach, nil
 }
