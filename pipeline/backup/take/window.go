@@ -2,6 +2,7 @@ package take
 
 import (
 	"context"
+	"sort"
 	"sync"
 	"time"
 
@@ -118,6 +119,9 @@ func (w *window) due(now time.Time, after time.Duration) []*inflight {
 			out = append(out, &inflight{ev: p.ev, data: p.data})
 		}
 	}
+	// In the order they were cut (names sort so within an archive), not in
+	// the map's: the simulation replays a seed exactly.
+	sort.Slice(out, func(i, j int) bool { return out[i].ev.File < out[j].ev.File })
 	return out
 }
 
