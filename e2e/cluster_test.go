@@ -21,7 +21,7 @@ import (
 // object store and key-value bucket are streams too.
 var clusterStreams = []string{"WALSHIP_SEGMENTS", "WALSHIP_ARCHIVED", "OBJ_WALSHIP_SPOOL", "KV_WALSHIP_STATE"}
 
-const archiverConsumer = "walship-archivers"
+const archiverConsumer = "walship-archivers_main" // the archivers' consumer of server "main"
 
 // positionTrack records when a position reported by PostgreSQL moved.
 type positionTrack struct {

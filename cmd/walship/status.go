@@ -22,6 +22,9 @@ type serverStatus struct {
 	LastArchived    string    `json:"last_archived,omitempty"`
 	LastArchivedAt  time.Time `json:"last_archived_at,omitempty"`
 	ArchiverBacklog *uint64   `json:"archiver_backlog,omitempty"`
+	// Queued is how many of the server's events wait for (or are held by)
+	// the archiver pool.
+	Queued *uint64 `json:"queued_events,omitempty"`
 	Slot            *slotInfo `json:"slot_state,omitempty"`
 }
 
@@ -88,6 +91,8 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 		if snap.BacklogKnown {
 			b := snap.Backlog
 			s.ArchiverBacklog = &b
+			q := snap.ServerBacklog[st.Server]
+			s.Queued = &q
 		}
 		if c.PG != "" {
 			s.Slot = pgSlotInfo(ctx, c, st.Slot)
@@ -182,14 +187,18 @@ func printProcesses(w io.Writer, ps []pipeline.ProcessState, now time.Time, asJS
 // printServerTable prints one row per server, then what is not per row.
 func printServerTable(w io.Writer, out []serverStatus) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVER\tSYSTEM\tTLI\tRECEIVER\tSERVER_LSN\tRECEIVED\tWRITTEN\tPUBLISHED\tARCHIVED\tFLUSH\tLAG_BYTES\tLAG_S\tLAST_ARCHIVED\tSTATE_AGE")
+	fmt.Fprintln(tw, "SERVER\tSYSTEM\tTLI\tRECEIVER\tSERVER_LSN\tRECEIVED\tWRITTEN\tPUBLISHED\tARCHIVED\tFLUSH\tLAG_BYTES\tLAG_S\tQUEUED\tLAST_ARCHIVED\tSTATE_AGE")
 	for _, s := range out {
 		last := "-"
 		if s.LastArchived != "" {
 			last = s.LastArchived + " at " + s.LastArchivedAt.Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%.1f\t%s\t%.0fs\n", s.Server, s.SystemID, s.Timeline, s.Receiver,
-			s.ServerLSN, s.ReceivedLSN, s.WrittenLSN, s.PublishedLSN, s.ArchivedLSN, s.FlushLSN, s.LagBytes, s.LagSeconds, last, s.StateAge)
+		queued := "-"
+		if s.Queued != nil {
+			queued = fmt.Sprint(*s.Queued)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%.1f\t%s\t%s\t%.0fs\n", s.Server, s.SystemID, s.Timeline, s.Receiver,
+			s.ServerLSN, s.ReceivedLSN, s.WrittenLSN, s.PublishedLSN, s.ArchivedLSN, s.FlushLSN, s.LagBytes, s.LagSeconds, queued, last, s.StateAge)
 	}
 	tw.Flush()
 	if s := out[0]; s.ArchiverBacklog != nil {

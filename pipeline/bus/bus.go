@@ -88,9 +88,8 @@ type Bus struct {
 	wake    chan struct{}             // the connection was made or lost: check now
 	connErr atomic.Pointer[error]     // the last failed connection attempt
 
-	consMu sync.Mutex
-	cons   jetstream.Consumer // the archivers' consumer, looked up on first use
-	fetch  consumeState       // how the archivers' last fetch went (Consuming)
+	pool  pool         // the archivers' consumers, one per server (fair.go)
+	fetch consumeState // how the archivers' last fetch went (Consuming)
 }
 
 // resources are what Setup creates.
@@ -142,6 +141,7 @@ func Open(url string, opts Options, log *slog.Logger, extra ...nats.Option) (*Bu
 func dial(url string, opts Options, log *slog.Logger, retry bool, extra ...nats.Option) (*Bus, error) {
 	b := &Bus{url: url, opts: opts, log: log, rl: ratelog.New(log, 30*time.Second),
 		ready: make(chan struct{}), wake: make(chan struct{}, 1)}
+	b.pool.init()
 	nudge := func() {
 		select {
 		case b.wake <- struct{}{}:
@@ -373,18 +373,6 @@ func (b *Bus) setup(ctx context.Context) (*resources, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create stream %s: %w", n.Archived, err)
-	}
-	_, err = b.js.CreateOrUpdateConsumer(ctx, n.Segments, jetstream.ConsumerConfig{
-		Durable:       n.Consumer,
-		Description:   "walship archiver pool",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       b.opts.AckWait,
-		MaxDeliver:    -1,
-		MaxAckPending: 1024,
-		FilterSubject: "walship.*.segment",
-	})
-	if err != nil {
-		return nil, fmt.Errorf("create consumer %s: %w", n.Consumer, err)
 	}
 	r := &resources{}
 	r.obj, err = b.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
@@ -636,18 +624,6 @@ func (b *Bus) PublishArchived(ctx context.Context, ev *pipeline.ArchivedEvent) e
 	return nil
 }
 
-// Consumer is the archiver pool's durable consumer.
-func (b *Bus) consumer(ctx context.Context) (jetstream.Consumer, error) {
-	if _, err := b.resources(); err != nil {
-		return nil, err
-	}
-	c, err := b.js.Consumer(ctx, b.opts.Names.Segments, b.opts.Names.Consumer)
-	if err != nil {
-		return nil, fmt.Errorf("consumer %s: %w", b.opts.Names.Consumer, err)
-	}
-	return c, nil
-}
-
 // WatchArchived calls fn for every archived confirmation of server stored
 // since the given time, then for each new one, one at a time, until ctx is
 // done. It uses an ordered consumer, which recreates itself across NATS
@@ -772,17 +748,21 @@ func (b *Bus) DeleteProcess(ctx context.Context, key string) error {
 }
 
 // Pending is the number of segment events not yet acknowledged by the
-// archiver pool: waiting plus in flight.
+// archiver pool, of every server: waiting plus in flight. On a work-queue
+// stream that is the stream's message count.
 func (b *Bus) Pending(ctx context.Context) (uint64, error) {
-	c, err := b.consumer(ctx)
+	if _, err := b.resources(); err != nil {
+		return 0, err
+	}
+	s, err := b.js.Stream(ctx, b.opts.Names.Segments)
 	if err != nil {
 		return 0, err
 	}
-	info, err := c.Info(ctx)
+	info, err := s.Info(ctx)
 	if err != nil {
 		return 0, err
 	}
-	return info.NumPending + uint64(info.NumAckPending), nil
+	return info.State.Msgs, nil
 }
 
 // redact removes a password from a NATS URL before it is shown.
@@ -823,11 +803,22 @@ func Inspect(ctx context.Context, url string, names Names, extra ...nats.Option)
 		if cfg := s.CachedInfo().Config; cfg.Retention != jetstream.WorkQueuePolicy {
 			probs = append(probs, fmt.Sprintf("stream %s has %s retention, want workqueue: delete it and let walship recreate it", names.Segments, cfg.Retention))
 		}
-		if c, err := s.Consumer(ctx, names.Consumer); err == nil {
-			cfg := c.CachedInfo().Config
-			if cfg.AckPolicy != jetstream.AckExplicitPolicy || (cfg.MaxDeliver != -1 && cfg.MaxDeliver != 0) {
-				probs = append(probs, fmt.Sprintf("consumer %s: ack %s, max deliver %d; want explicit and unlimited so no segment is dropped", names.Consumer, cfg.AckPolicy, cfg.MaxDeliver))
+		lister := s.ListConsumers(ctx)
+		for ci := range lister.Info() {
+			cfg := ci.Config
+			if ci.Name == names.Consumer {
+				probs = append(probs, fmt.Sprintf("consumer %s is the single archivers' consumer of walship before one per server: every archiver must run this version (they delete it at start)", ci.Name))
+				continue
 			}
+			if !strings.HasPrefix(ci.Name, names.Consumer+"_") {
+				continue
+			}
+			if cfg.AckPolicy != jetstream.AckExplicitPolicy || (cfg.MaxDeliver != -1 && cfg.MaxDeliver != 0) {
+				probs = append(probs, fmt.Sprintf("consumer %s: ack %s, max deliver %d; want explicit and unlimited so no segment is dropped", ci.Name, cfg.AckPolicy, cfg.MaxDeliver))
+			}
+		}
+		if err := lister.Err(); err != nil {
+			return nil, fmt.Errorf("list consumers of %s: %w", names.Segments, err)
 		}
 	}
 	if s, err := js.Stream(ctx, names.Archived); err == nil {
@@ -845,7 +836,10 @@ type Snapshot struct {
 	ArchivedAt   map[string]time.Time
 	Backlog      uint64
 	BacklogKnown bool
-	Processes    []pipeline.ProcessState // walship processes that recorded themselves recently
+	// ServerBacklog is each server's part of Backlog (servers with none
+	// are absent).
+	ServerBacklog map[string]uint64
+	Processes     []pipeline.ProcessState // walship processes that recorded themselves recently
 }
 
 // ReadSnapshot reads every server's state, its last archived
@@ -905,10 +899,18 @@ func ReadSnapshot(ctx context.Context, url string, names Names, extra ...nats.Op
 			}
 		}
 	}
-	if c, err := js.Consumer(ctx, names.Segments, names.Consumer); err == nil {
-		if info, err := c.Info(ctx); err == nil {
-			snap.Backlog = info.NumPending + uint64(info.NumAckPending)
+	if s, err := js.Stream(ctx, names.Segments); err == nil {
+		// A work-queue stream holds exactly the events no archiver has
+		// acknowledged yet: waiting, handed out, or handed back.
+		if info, err := s.Info(ctx, jetstream.WithSubjectFilter("walship.*.segment")); err == nil {
+			snap.Backlog = info.State.Msgs
 			snap.BacklogKnown = true
+			snap.ServerBacklog = map[string]uint64{}
+			for subj, n := range info.State.Subjects {
+				if server, ok := serverOfSubject(subj); ok {
+					snap.ServerBacklog[server] = n
+				}
+			}
 		}
 	}
 	return snap, nil

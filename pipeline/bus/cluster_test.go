@@ -255,7 +255,7 @@ func TestNakAcrossConsumerLeaderLoss(t *testing.T) {
 	if err != nil || d == nil {
 		t.Fatalf("next: %v %v", d, err)
 	}
-	leader, err := c.ConsumerLeader(ctx, "WALSHIP_SEGMENTS", "walship-archivers")
+	leader, err := c.ConsumerLeader(ctx, "WALSHIP_SEGMENTS", DefaultNames().ServerConsumer("db1"))
 	if err != nil {
 		t.Fatal(err)
 	}

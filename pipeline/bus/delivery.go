@@ -62,64 +62,6 @@ func (d *Delivery) Term(reason string) error { return d.msg.TermWithReason(reaso
 // InProgress resets the event's acknowledgement timer.
 func (d *Delivery) InProgress() error { return d.msg.InProgress() }
 
-// Next waits up to expires for the next segment event for the archivers;
-// it returns nil, nil when none came (also while Setup has not yet created
-// the resources). The consumer is looked up again after
-// an error, so a recreated stream or consumer is picked up.
-func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error) {
-	if !b.awaitSetup(ctx, expires) {
-		return nil, nil // NATS not reached since the start: nothing to fetch yet
-	}
-	b.consMu.Lock()
-	cons := b.cons
-	b.consMu.Unlock()
-	if cons == nil {
-		c, err := b.consumer(ctx)
-		if err != nil {
-			b.fetchDone(err)
-			return nil, err
-		}
-		cons = c
-		b.consMu.Lock()
-		b.cons = c
-		b.consMu.Unlock()
-	}
-	forget := func() {
-		b.consMu.Lock()
-		b.cons = nil
-		b.consMu.Unlock()
-	}
-	fctx, cancel := context.WithTimeout(ctx, expires)
-	defer cancel()
-	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, nil
-		}
-		forget()
-		err = fmt.Errorf("fetch segment events: %w", err)
-		b.fetchDone(err)
-		return nil, err
-	}
-	var d *Delivery
-	for msg := range batch.Messages() {
-		n := uint64(1)
-		if md, err := msg.Metadata(); err == nil {
-			n = md.NumDelivered
-		}
-		d = &Delivery{msg: msg, n: n, nc: b.nc}
-	}
-	if err := batch.Error(); err != nil && d == nil && !errors.Is(err, jetstream.ErrNoMessages) &&
-		!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
-		forget()
-		err = fmt.Errorf("fetch segment events: %w", err)
-		b.fetchDone(err)
-		return nil, err
-	}
-	b.fetchDone(nil)
-	return d, nil
-}
-
 // consumeState is whether the archivers' consumer answers fetches.
 type consumeState struct {
 	mu      sync.Mutex
