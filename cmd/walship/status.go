@@ -24,8 +24,8 @@ type serverStatus struct {
 	ArchiverBacklog *uint64   `json:"archiver_backlog,omitempty"`
 	// Queued is how many of the server's events wait for (or are held by)
 	// the archiver pool.
-	Queued *uint64 `json:"queued_events,omitempty"`
-	Slot            *slotInfo `json:"slot_state,omitempty"`
+	Queued *uint64   `json:"queued_events,omitempty"`
+	Slot   *slotInfo `json:"slot_state,omitempty"`
 }
 
 type slotInfo struct {
