@@ -97,5 +97,8 @@ func (b *Bus) Consuming() error {
 	if !b.fetch.fetched {
 		return errors.New("not consuming segment events yet")
 	}
+	if s, err := b.pool.brokenServer(); err != nil {
+		return fmt.Errorf("not consuming segment events of server %s: %w", s, err)
+	}
 	return nil
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -43,16 +45,10 @@ import (
 func (n Names) ServerConsumer(server string) string { return n.Consumer + "_" + server }
 
 const (
-	// scanEvery is how often the consumers and the stream's servers are
-	// listed again.
-	scanEvery = 2 * time.Second
-	// idleWait is how long a fetch waits for an event when no server has
-	// one: the pool's reaction time to a quiet server's next segment.
-	idleWait = 250 * time.Millisecond
-	// idlePerServer spaces the no-wait fetches of servers whose last fetch
-	// found nothing, so that a hundred quiet servers cost a few requests a
-	// second, not a thousand.
-	idlePerServer = 25 * time.Millisecond
+	// scanEvery is how often the servers with events in the stream are
+	// listed again: the bound on how late a quiet server's event is
+	// noticed while the pool waits on another server's consumer.
+	scanEvery = time.Second
 )
 
 // pool is an archiver process's consumers, one per server, and where the
@@ -60,17 +56,22 @@ const (
 type pool struct {
 	lock    chan struct{} // one fetcher at a time: held by Next
 	cons    map[string]jetstream.Consumer
-	order   []string             // servers with a consumer, sorted
-	next    int                  // index into order of the server to try first
-	idle    map[string]time.Time // server → not worth a no-wait fetch before then
-	scanned time.Time            // the last successful scan; zero: scan now
+	order   []string        // servers with a consumer, sorted
+	next    int             // index into order of the server to try first
+	active  map[string]bool // servers that may have an event to fetch
+	scanned time.Time       // the last successful scan; zero: scan now
+	listed  bool            // the former single consumer was looked for
+
+	mu     sync.Mutex
+	broken map[string]error // servers whose consumer cannot be had, and why (Consuming reads it)
 }
 
 func (p *pool) init() {
 	if p.lock == nil {
 		p.lock = make(chan struct{}, 1)
 		p.cons = map[string]jetstream.Consumer{}
-		p.idle = map[string]time.Time{}
+		p.active = map[string]bool{}
+		p.broken = map[string]error{}
 	}
 }
 
@@ -79,6 +80,15 @@ func (p *pool) init() {
 // while Setup has not yet created the resources). An error is returned when
 // no consumer could be asked (NATS away, the stream gone); a consumer that
 // fails is looked up again at the next scan.
+//
+// Which servers are asked: those that had events at the last scan (a
+// stream info every scanEvery gives each server's count). A server whose
+// fetch finds nothing is not asked again before the next scan says it has
+// events. When none has, the fetch waits on one server's consumer, the next
+// in turn, until the next scan. So a quiet pool costs about two requests a
+// second per process whatever the number of servers, a lone server's event
+// is taken the moment it comes, and a quiet server's among many within
+// scanEvery.
 func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error) {
 	if !b.awaitSetup(ctx, expires) {
 		return nil, nil // NATS not reached since the start: nothing to fetch yet
@@ -106,25 +116,31 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 		if d != nil || err != nil {
 			return d, err
 		}
-		wait := min(idleWait, time.Until(deadline))
-		if wait <= 0 {
+		if time.Until(deadline) <= 0 {
 			return nil, nil
 		}
-		if len(p.order) == 0 {
-			select {
-			case <-ctx.Done():
-			case <-time.After(wait):
-			}
+		if p.scanned.IsZero() {
+			// A consumer failed (its leader lost, deleted): scan again
+			// after a breath, not in a tight loop.
+			sleepCtx(ctx, 100*time.Millisecond)
 			continue
 		}
-		// Nothing anywhere: wait on the next server in turn, so that a
-		// lone server is served as soon as its event comes.
+		// No server has an event: wait for one on the next server in turn
+		// until the next scan, so that a lone server's event is taken the
+		// moment it comes, and any other's within a scan.
+		wait := min(time.Until(deadline), time.Until(p.scanned.Add(scanEvery)))
+		if len(p.order) == 0 || wait < 10*time.Millisecond {
+			sleepCtx(ctx, max(wait, time.Millisecond))
+			continue
+		}
 		s := p.order[p.next%len(p.order)]
 		p.next = (p.next + 1) % len(p.order)
 		d, err = b.fetchFrom(ctx, s, wait)
-		if err == nil {
-			b.fetchDone(nil)
+		if err != nil {
+			b.forget(s)
+			continue
 		}
+		b.fetchDone(nil)
 		if d != nil {
 			return d, nil
 		}
@@ -132,55 +148,64 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 	return nil, nil
 }
 
-// round asks each server's consumer, from the one after the server served
-// last, for an event without waiting, skipping those that had none a
-// moment ago. It returns the first event found; an error only when every
-// consumer asked failed.
+func sleepCtx(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+// round asks each server that may have events, from the one after the
+// server served last, for an event without waiting. It returns the first
+// event found; an error only when every consumer asked failed. A server
+// that has none leaves the active set; one whose consumer failed is
+// forgotten after the round, and the next scan comes at once.
 func (b *Bus) round(ctx context.Context) (*Delivery, error) {
 	p := &b.pool
 	n := len(p.order)
-	now := time.Now()
-	rest := max(idleWait, time.Duration(n)*idlePerServer)
-	var asked, failed int
+	var asked int
+	var failed []string
 	var last error
+	defer func() {
+		for _, s := range failed {
+			b.forget(s)
+		}
+	}()
 	for i := 0; i < n; i++ {
 		s := p.order[(p.next+i)%n]
-		if now.Before(p.idle[s]) {
+		if !p.active[s] {
 			continue
 		}
 		asked++
 		d, err := b.fetchFrom(ctx, s, 0)
 		if err != nil {
-			failed++
+			failed = append(failed, s)
 			last = err
 			continue
 		}
 		if d == nil {
-			p.idle[s] = now.Add(rest)
+			delete(p.active, s)
 			continue
 		}
-		delete(p.idle, s)
 		p.next = (p.next + i + 1) % n
 		b.fetchDone(nil)
 		return d, nil
 	}
-	if asked > 0 && failed == asked && ctx.Err() == nil {
+	if asked > 0 && len(failed) == asked && ctx.Err() == nil {
 		last = fmt.Errorf("fetch segment events: %w", last)
 		b.fetchDone(last)
 		return nil, last
 	}
-	if asked > 0 {
+	if asked > len(failed) {
 		b.fetchDone(nil)
 	}
 	return nil, nil
 }
 
 // fetchFrom takes one event from server's consumer: at once (wait 0) or
-// waiting up to wait. A consumer that fails is forgotten and looked up at
-// the next scan, which comes at once.
+// waiting up to wait.
 func (b *Bus) fetchFrom(ctx context.Context, server string, wait time.Duration) (*Delivery, error) {
-	p := &b.pool
-	c := p.cons[server]
+	c := b.pool.cons[server]
 	var batch jetstream.MessageBatch
 	var err error
 	if wait == 0 {
@@ -205,7 +230,6 @@ func (b *Bus) fetchFrom(ctx context.Context, server string, wait time.Duration) 
 	if ctx.Err() != nil {
 		return nil, nil
 	}
-	b.forget(server)
 	return nil, fmt.Errorf("server %s: %w", server, err)
 }
 
@@ -213,79 +237,99 @@ func (b *Bus) fetchFrom(ctx context.Context, server string, wait time.Duration) 
 func (b *Bus) forget(server string) {
 	p := &b.pool
 	delete(p.cons, server)
-	delete(p.idle, server)
+	delete(p.active, server)
 	p.order = slices.DeleteFunc(p.order, func(s string) bool { return s == server })
 	p.scanned = time.Time{}
 }
 
-// scan lists the segment stream's consumers and the servers with events in
-// it; creates the consumer of every server that has events and none; and
-// deletes the single consumer older walship used.
+// scan finds the servers with events in the segment stream, makes them
+// active, and gets the consumer of every one this process has none of,
+// creating it if need be. The first scan also lists the stream's
+// consumers and deletes the single consumer older walship used; so does a
+// scan after a create that this consumer's subjects overlap.
 func (b *Bus) scan(ctx context.Context) error {
 	n := b.opts.Names
+	p := &b.pool
 	stream, err := b.js.Stream(ctx, n.Segments)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", n.Segments, err)
+	}
+	if !p.listed {
+		if err := b.replaceFormer(ctx, stream); err != nil {
+			return err
+		}
+		p.listed = true
 	}
 	info, err := stream.Info(ctx, jetstream.WithSubjectFilter("walship.*.segment"))
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", n.Segments, err)
 	}
-	want := map[string]bool{}
-	for subj := range info.State.Subjects {
-		if s, ok := serverOfSubject(subj); ok {
-			want[s] = true
-		}
-	}
-	have := map[string]string{} // server → consumer name
-	lister := stream.ListConsumers(ctx)
-	for ci := range lister.Info() {
-		if ci.Name == n.Consumer {
-			if err := stream.DeleteConsumer(ctx, ci.Name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-				return fmt.Errorf("delete the archivers' former single consumer %s (one per server replaces it; every archiver must run this version): %w", ci.Name, err)
-			}
-			b.log.Info("deleted the archivers' former single consumer: one per server replaces it", "consumer", ci.Name)
+	waiting := map[string]bool{}
+	for subj, count := range info.State.Subjects {
+		s, ok := serverOfSubject(subj)
+		if !ok || count == 0 {
 			continue
 		}
-		s, ok := strings.CutPrefix(ci.Name, n.Consumer+"_")
-		if ok && ci.Config.FilterSubject == SegmentSubject(s) {
-			have[s] = ci.Name
-			want[s] = true
-		}
-	}
-	if err := lister.Err(); err != nil {
-		return fmt.Errorf("list consumers of %s: %w", n.Segments, err)
-	}
-	p := &b.pool
-	for s := range want {
+		waiting[s] = true
+		p.active[s] = true
 		if p.cons[s] != nil {
 			continue
 		}
-		var c jetstream.Consumer
-		if name, ok := have[s]; ok {
-			c, err = stream.Consumer(ctx, name)
-		} else {
-			c, err = stream.CreateOrUpdateConsumer(ctx, b.consumerConfig(s))
-			if err == nil {
-				b.log.Info("created the archivers' consumer of a server", "server", s, "consumer", n.ServerConsumer(s))
-			}
-		}
+		c, err := stream.CreateOrUpdateConsumer(ctx, b.consumerConfig(s))
 		if err != nil {
 			if ctx.Err() != nil {
 				return err
 			}
+			if errors.Is(err, jetstream.ErrConsumerMultipleFilterSubjectsNotSupported) || strings.Contains(err.Error(), "not unique") {
+				p.listed = false // someone made the former consumer again
+			}
 			// One server's consumer that cannot be made must not stop the
-			// others'; the next scan tries again.
-			b.rl.Warn("consumer:"+s, "cannot use the archivers' consumer of a server; trying again", "server", s, "consumer", n.ServerConsumer(s), "error", err)
+			// others'; Consuming says so, and the next scan tries again.
+			p.mu.Lock()
+			p.broken[s] = err
+			p.mu.Unlock()
+			b.rl.Warn("consumer:"+s, "cannot create the archivers' consumer of a server: its events wait; trying again", "server", s, "consumer", n.ServerConsumer(s), "error", err)
 			continue
 		}
+		p.mu.Lock()
+		delete(p.broken, s)
+		p.mu.Unlock()
 		p.cons[s] = c
 		p.order = append(p.order, s)
 	}
+	p.mu.Lock()
+	maps.DeleteFunc(p.broken, func(s string, _ error) bool { return !waiting[s] })
+	p.mu.Unlock()
 	slices.Sort(p.order)
 	p.scanned = time.Now()
 	if len(p.order) == 0 {
-		b.fetchDone(nil) // nothing to fetch from yet, and nothing failed
+		b.fetchDone(nil) // nothing to fetch from yet (Consuming reports broken consumers)
+	}
+	return nil
+}
+
+// brokenServer is a server whose consumer cannot be had (the first by
+// name), and why.
+func (p *pool) brokenServer() (string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, s := range slices.Sorted(maps.Keys(p.broken)) {
+		return s, p.broken[s]
+	}
+	return "", nil
+}
+
+// replaceFormer deletes the single consumer of every server's events that
+// walship used before one per server.
+func (b *Bus) replaceFormer(ctx context.Context, stream jetstream.Stream) error {
+	name := b.opts.Names.Consumer
+	err := stream.DeleteConsumer(ctx, name)
+	switch {
+	case err == nil:
+		b.log.Info("deleted the archivers' former single consumer: one per server replaces it", "consumer", name)
+	case errors.Is(err, jetstream.ErrConsumerNotFound):
+	default:
+		return fmt.Errorf("delete the archivers' former single consumer %s (one per server replaces it; every walship process must run this version): %w", name, err)
 	}
 	return nil
 }

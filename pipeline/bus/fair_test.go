@@ -66,7 +66,7 @@ func TestFairAcrossServers(t *testing.T) {
 	publishFor(t, b, "other", 0, 20)
 	got = map[string]int{}
 	next := map[string]int{}
-	time.Sleep(scanEvery + 100*time.Millisecond)
+	time.Sleep(scanEvery + 100*time.Millisecond) // the next scan finds the new server
 	for i := 0; i < 18; i++ {
 		s, f := take(t, b)
 		got[s]++
