@@ -60,6 +60,7 @@ type pool struct {
 	next    int             // index into order of the server to try first
 	active  map[string]bool // servers that may have an event to fetch
 	scanned time.Time       // the last successful scan; zero: scan now
+	busy    bool            // the last round found an event
 	listed  bool            // the former single consumer was looked for
 
 	mu     sync.Mutex
@@ -102,8 +103,17 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 	defer func() { <-p.lock }()
 	deadline := time.Now().Add(expires)
 	for ctx.Err() == nil {
-		if time.Since(p.scanned) >= scanEvery {
-			if err := b.scan(ctx); err != nil {
+		// While events come, the counts are read again before every
+		// round, so a quiet server's new event is taken after at most one
+		// event of each busy server; while none come, every scanEvery.
+		if p.busy || time.Since(p.scanned) >= scanEvery {
+			err := errors.New("not connected to NATS")
+			if b.nc.IsConnected() {
+				sctx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), 2*time.Second))
+				err = b.scan(sctx)
+				cancel()
+			}
+			if err != nil {
 				if ctx.Err() != nil {
 					return nil, nil
 				}
@@ -112,7 +122,8 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 				return nil, err
 			}
 		}
-		d, err := b.round(ctx)
+		d, err := b.round(ctx, deadline)
+		p.busy = d != nil
 		if d != nil || err != nil {
 			return d, err
 		}
@@ -160,7 +171,7 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 // event found; an error only when every consumer asked failed. A server
 // that has none leaves the active set; one whose consumer failed is
 // forgotten after the round, and the next scan comes at once.
-func (b *Bus) round(ctx context.Context) (*Delivery, error) {
+func (b *Bus) round(ctx context.Context, deadline time.Time) (*Delivery, error) {
 	p := &b.pool
 	n := len(p.order)
 	var asked int
@@ -175,6 +186,14 @@ func (b *Bus) round(ctx context.Context) (*Delivery, error) {
 		s := p.order[(p.next+i)%n]
 		if !p.active[s] {
 			continue
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			break // each fetch may take a second while NATS is away
+		}
+		if !b.nc.IsConnected() {
+			err := errors.New("fetch segment events: not connected to NATS")
+			b.fetchDone(err)
+			return nil, err
 		}
 		asked++
 		d, err := b.fetchFrom(ctx, s, 0)
