@@ -75,9 +75,13 @@ type Config struct {
 	StatusInterval time.Duration // standby status update interval
 	RepublishAfter time.Duration // check, and publish again, a file unconfirmed this long
 	StageObjects   bool          // put segment bytes in the object store (false: archivers read the spool)
-	Dest           string        // destination confirmations must name (sinks.DestID); "" accepts any
-	Standby        bool          // wait while the slot is streamed elsewhere, then take over
-	Synchronous    bool          // fsync and report write at once when caught up (synchronous_commit = remote_write)
+	// StageURL and Stage: serve the spool's held files to archivers over
+	// HTTP (--stage http); events carry their URL under StageURL.
+	StageURL    string
+	Stage       Stage
+	Dest        string // destination confirmations must name (sinks.DestID); "" accepts any
+	Standby     bool   // wait while the slot is streamed elsewhere, then take over
+	Synchronous bool   // fsync and report write at once when caught up (synchronous_commit = remote_write)
 	// PartialInterval: upload the segment being written in ranges this
 	// often (Core.CutRange); 0: whole segments only.
 	PartialInterval time.Duration
@@ -246,6 +250,10 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 	}
 	r.started = true
 	defer r.core.Release()
+	if r.cfg.Stage != nil {
+		release := r.cfg.Stage.Hold(r.server, r.core)
+		defer release() // before the spool is released
+	}
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	g, gctx := errgroup.WithContext(sctx)
