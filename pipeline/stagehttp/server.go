@@ -74,8 +74,12 @@ type Server struct {
 	log    *slog.Logger
 
 	mu      sync.Mutex
-	holders map[string]Holder // by server; nil while its receiver restarts
+	holders map[string]*holding // by server; nil while its receiver restarts
 }
+
+// holding is one registration: release compares it by identity, so a
+// holder need not be comparable.
+type holding struct{ h Holder }
 
 var _ http.Handler = (*Server)(nil)
 
@@ -85,19 +89,20 @@ func NewServer(secret []byte, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{secret: sha256.Sum256(secret), log: log, holders: map[string]Holder{}}
+	return &Server{secret: sha256.Sum256(secret), log: log, holders: map[string]*holding{}}
 }
 
 // Hold serves h's files under server until release is called. While a
 // server is known but has no holder (its receiver restarts), requests for
 // it get 503, a transient answer.
 func (s *Server) Hold(server string, h Holder) (release func()) {
+	reg := &holding{h: h}
 	s.mu.Lock()
-	s.holders[server] = h
+	s.holders[server] = reg
 	s.mu.Unlock()
 	return func() {
 		s.mu.Lock()
-		if s.holders[server] == h {
+		if s.holders[server] == reg {
 			s.holders[server] = nil
 		}
 		s.mu.Unlock()
@@ -133,18 +138,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	h, known := s.holders[server]
+	reg, known := s.holders[server]
 	s.mu.Unlock()
 	switch {
 	case !known:
 		http.NotFound(w, r)
 		return
-	case h == nil:
+	case reg == nil:
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "receiver restarting", http.StatusServiceUnavailable)
 		return
 	}
-	f, size, err := h.OpenHeld(name, r.Header.Get(SHA256Header))
+	f, size, err := reg.h.OpenHeld(name, r.Header.Get(SHA256Header))
 	if errors.Is(err, os.ErrNotExist) {
 		http.NotFound(w, r)
 		return
