@@ -171,4 +171,3 @@ func TestStageHTTPBadInput(t *testing.T) {
 		exit2(t, []string{"WALSHIP_STAGE_SECRET=" + stageSecret}, append(base, "--stage", "http", "--stage-listen", "nonsense"), "--stage-listen")
 	})
 }
-
