@@ -39,7 +39,10 @@ const stageSecretEnv = "WALSHIP_STAGE_SECRET"
 
 func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 	s := &c.Stage
-	if groups&(gReceive|gArchive) != 0 {
+	// The archivers' flags go to archive and run only (gArchive also
+	// serves fetch's flag set, which never talks to a receiver).
+	archivers := groups&gArchive != 0 && groups&gNATS != 0
+	if groups&gReceive != 0 || archivers {
 		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http (or the secret itself in "+stageSecretEnv+")")
 	}
 	if groups&gReceive != 0 {
@@ -49,7 +52,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 		fs.StringVar(&s.TLSCert, "stage-tls-cert", "", "--stage http: PEM certificate to serve HTTPS with (with --stage-tls-key)")
 		fs.StringVar(&s.TLSKey, "stage-tls-key", "", "--stage http: PEM private key of --stage-tls-cert")
 	}
-	if groups&gArchive != 0 {
+	if archivers {
 		fs.StringVar(&s.CA, "stage-ca", "", "PEM file of the CA(s) that signed receivers' --stage-tls-cert (default: the system's)")
 		fs.DurationVar(&s.Timeout, "stage-timeout", time.Minute, "deadline of one fetch from a receiver's stage, its body included")
 		fs.DurationVar(&s.GiveUp, "stage-give-up", 10*time.Minute, "a receiver's stage unreachable this long is taken for gone: its events are terminated unless the bucket holds their WAL (a new receiver publishes again)")
@@ -79,7 +82,7 @@ func (s *stageFlags) validate(groups flagGroup) error {
 			}
 		}
 	}
-	if groups&gArchive != 0 {
+	if groups&gArchive != 0 && groups&gNATS != 0 {
 		if s.Timeout <= 0 || s.GiveUp <= 0 {
 			return fmt.Errorf("%w: --stage-timeout and --stage-give-up must be positive", errUsage)
 		}
