@@ -171,3 +171,104 @@ func TestStageHTTPBadInput(t *testing.T) {
 		exit2(t, []string{"WALSHIP_STAGE_SECRET=" + stageSecret}, append(base, "--stage", "http", "--stage-listen", "nonsense"), "--stage-listen")
 	})
 }
+
+// One stage server serves every server of a `receive --config` process:
+// two clusters, the stage keys at the file's top level, one archiver.
+// Both archive byte for byte through the one stage; the object store
+// stays empty.
+func TestStageHTTPManyServers(t *testing.T) {
+	nats, s3 := testenv.StartNATS(t), testenv.StartS3(t)
+	secret := stageSecretFile(t)
+	dataDir := t.TempDir()
+	env := s3.Env()
+	var sts []*stack
+	for _, name := range []string{"alpha", "bravo"} {
+		pg := testenv.StartPostgres(t, testenv.PGOptions{Conf: []string{"shared_buffers = '16MB'"}})
+		sts = append(sts, &stack{t: t, pg: pg, nats: nats, s3: s3, dataDir: dataDir, prefix: "backups", server: name})
+		env = append(env, "PG_"+strings.ToUpper(name)+"="+pg.URL("postgres"))
+	}
+	cfg := filepath.Join(t.TempDir(), "walship.yml")
+	yml := "nats: " + nats.URL() + "\n" +
+		"dest: s3://" + s3.Bucket + "/backups\n" +
+		"s3-endpoint: " + s3.Endpoint() + "\n" +
+		"data-dir: " + dataDir + "\n" +
+		"metrics-addr: \"\"\n" +
+		"create-slot: true\n" +
+		"status-interval: 1s\n" +
+		"stage: http\n" +
+		"stage-listen: 127.0.0.1:" + strconv.Itoa(testenv.FreePort(t)) + "\n" +
+		"stage-secret-file: " + secret + "\n" +
+		"servers:\n" +
+		"  - server: alpha\n    pg: ${PG_ALPHA}\n" +
+		"  - server: bravo\n    pg: ${PG_BRAVO}\n"
+	if err := os.WriteFile(cfg, []byte(yml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startWalship(t, env, "receive", "--config", cfg)
+	startWalship(t, env, "archive", "--nats", nats.URL(), "--dest", "s3://"+s3.Bucket+"/backups", "--s3-endpoint", s3.Endpoint(),
+		"--s3-path-style", "--metrics-addr", "", "--data-dir", t.TempDir(), "--stage-secret-file", secret)
+	for _, st := range sts {
+		waitFor(t, 30*time.Second, st.server+" streaming", func() bool { return st.walsenderPID() != "" })
+	}
+	firsts := make([]uint64, len(sts))
+	ends := make([]pipeline.LSN, len(sts))
+	for i, st := range sts {
+		firsts[i] = uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
+		ends[i] = st.writeSegments(3)
+	}
+	for i, st := range sts {
+		waitFor(t, 45*time.Second, st.server+" flush to reach the end", func() bool { return st.replFlush() >= ends[i] })
+		if n := st.checkArchive(firsts[i], uint64(ends[i])/uint64(segSize)); n < 3 {
+			t.Errorf("%s: only %d segments compared", st.server, n)
+		}
+	}
+	if _, last := streamState(t, nats.URL(), "OBJ_WALSHIP_SPOOL"); last != 0 {
+		t.Errorf("the object store was used (%d messages)", last)
+	}
+}
+
+// The receiver's host is lost for good: it had cut ranges of the segment
+// being written (announced, unarchived: no archiver ran), and a new
+// receiver on another host (an empty spool) streams the slot again. The
+// lost receiver's range events can be fetched from nowhere and nobody
+// publishes them again; the archiver ends them after --stage-give-up, so
+// the queue drains, and flush reaches the end without a gap.
+func TestStageHTTPReceiverHostLost(t *testing.T) {
+	st := newStack(t)
+	secret := stageSecretFile(t)
+	recv := func(metrics int) *proc {
+		return startWalship(t, st.env(), st.receiverArgs(t.TempDir(), metrics, "--partial-interval", "1s",
+			"--stage", "http", "--stage-listen", "127.0.0.1:"+strconv.Itoa(testenv.FreePort(t)), "--stage-secret-file", secret)...)
+	}
+	metricsA := testenv.FreePort(t)
+	a := recv(metricsA)
+	waitFor(t, 30*time.Second, "streaming", func() bool { return st.walsenderPID() != "" })
+	firstSeg := uint64(segSize.Start(st.slotRestart())) / uint64(segSize)
+	st.pg.Exec(`CREATE TABLE trickle (id serial, at timestamptz default clock_timestamp())`)
+	waitFor(t, 30*time.Second, "ranges cut", func() bool {
+		st.pg.Exec(`INSERT INTO trickle DEFAULT VALUES`)
+		v, _ := metricAt(metricsA, "walship_partial_ranges_cut_total")
+		return v >= 2
+	})
+	waitFor(t, 10*time.Second, "the ranges announced", func() bool {
+		msgs, _ := streamState(t, st.nats.URL(), "WALSHIP_SEGMENTS")
+		return msgs >= 2
+	})
+	a.cmd.Process.Kill()
+	<-a.done
+
+	recv(testenv.FreePort(t))
+	waitFor(t, 30*time.Second, "the new receiver streaming", func() bool { return st.walsenderPID() != "" })
+	end := st.writeSegments(2)
+	archMetrics := testenv.FreePort(t)
+	startWalship(t, st.env(), append(st.archiverArgs(archMetrics), "--stage-secret-file", secret, "--stage-give-up", "3s")...)
+	waitFor(t, 45*time.Second, "flush to reach the end", func() bool { return st.replFlush() >= end })
+	st.checkArchive(firstSeg, uint64(end)/uint64(segSize))
+	waitFor(t, 45*time.Second, "the lost receiver's events to end", func() bool {
+		msgs, _ := streamState(t, st.nats.URL(), "WALSHIP_SEGMENTS")
+		return msgs == 0
+	})
+	if v := scrapeSum(archMetrics, "walship_archiver_unavailable_total"); v < 1 {
+		t.Errorf("no event was terminated: the lost receiver's ranges were not the case tested")
+	}
+}
