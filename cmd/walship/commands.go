@@ -318,7 +318,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	plan, serveStage, err := startStage(c, stage, log) // stage.go
+	plan, serveStage, err := startStage(c, stage, log, reg) // stage.go
 	if err != nil {
 		return err
 	}
@@ -349,7 +349,7 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	defer closeListener(ln)
-	plan, serveStage, err := startStage(c, true, log) // stage.go
+	plan, serveStage, err := startStage(c, true, log, reg) // stage.go
 	if err != nil {
 		return err
 	}

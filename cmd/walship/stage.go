@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/walship/walship/pipeline/archiver"
 	"github.com/walship/walship/pipeline/receiver"
 	"github.com/walship/walship/pipeline/stagehttp"
@@ -131,7 +133,7 @@ type stagePlan struct {
 // (a bad address is a usage error) and returns the plan and the server's
 // runner. With --stage nats it returns objects (the object store is used
 // when the archivers may be remote) and a nil runner.
-func startStage(c *config, remote bool, log *slog.Logger) (stagePlan, watcher, error) {
+func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registerer) (stagePlan, watcher, error) {
 	s := &c.Stage
 	if s.Mode != "http" {
 		return stagePlan{objects: remote}, nil, nil
@@ -161,7 +163,7 @@ func startStage(c *config, remote bool, log *slog.Logger) (stagePlan, watcher, e
 	if base == "" {
 		base = defaultStageURL(scheme, ln.Addr())
 	}
-	srv := stagehttp.NewServer(sec, log)
+	srv := stagehttp.NewServer(sec, log, stagehttp.NewMetrics(reg))
 	log.Info("serving the spool to archivers (--stage http)", "addr", ln.Addr().String(), "url", base)
 	run := func(ctx context.Context) error {
 		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}

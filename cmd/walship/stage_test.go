@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/walship/walship/internal/testenv"
 	"github.com/walship/walship/pipeline/stagehttp"
 )
@@ -39,7 +41,7 @@ func TestStageFlagsTLS(t *testing.T) {
 	if err := c.Stage.validate(gReceive | gArchive); err != nil {
 		t.Fatal(err)
 	}
-	plan, run, err := startStage(c, true, slog.New(slog.DiscardHandler))
+	plan, run, err := startStage(c, true, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +80,7 @@ func TestStageOff(t *testing.T) {
 	if f, err := stageFetcher(c, 1); f != nil || err != nil {
 		t.Fatalf("fetcher %v, %v", f, err)
 	}
-	plan, run, err := startStage(c, true, slog.New(slog.DiscardHandler))
+	plan, run, err := startStage(c, true, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
 	if err != nil || run != nil || !plan.objects || plan.srv != nil || plan.hold() != nil {
 		t.Fatalf("plan %+v, run %v, err %v", plan, run != nil, err)
 	}

@@ -40,7 +40,7 @@ func (c *stepClock) now() time.Time { return c.t }
 func TestHandleStagedOverHTTP(t *testing.T) {
 	const secret = "archiver-test-secret-0123456789"
 	f := newFixture(t)
-	srv := stagehttp.NewServer([]byte(secret), nil)
+	srv := stagehttp.NewServer([]byte(secret), nil, nil)
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
 	srv.Hold("db1", &heldBytes{name: f.ev.File, data: f.raw})

@@ -20,7 +20,7 @@ import (
 // 404, as are names the Core never announced.
 func TestCoreServesAnnouncedFiles(t *testing.T) {
 	secret := []byte("0123456789abcdef-secret")
-	srv := stagehttp.NewServer(secret, nil)
+	srv := stagehttp.NewServer(secret, nil, nil)
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
 

@@ -43,6 +43,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Holder opens a file its receiver announced and still holds, by its
@@ -68,10 +70,37 @@ var (
 	nameRE = regexp.MustCompile(`^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$`)
 )
 
+// Metrics are the stage server's series.
+type Metrics struct {
+	// Requests by answer: ok, unauthorized, not_found, unavailable, error.
+	Requests *prometheus.CounterVec
+	Bytes    prometheus.Counter
+}
+
+// NewMetrics registers the stage server's series on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_stage_requests_total",
+			Help: "Requests to the --stage http server by answer: ok, unauthorized (wrong or missing secret), not_found, unavailable (receiver restarting), error.",
+		}, []string{"answer"}),
+		Bytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "walship_stage_sent_bytes_total",
+			Help: "Spool bytes the --stage http server was asked to send (whole files and ranges), in bytes.",
+		}),
+	}
+	for _, a := range []string{"ok", "unauthorized", "not_found", "unavailable", "error"} {
+		m.Requests.WithLabelValues(a)
+	}
+	reg.MustRegister(m.Requests, m.Bytes)
+	return m
+}
+
 // Server serves the held files of every receiver of a process.
 type Server struct {
 	secret [32]byte // SHA-256 of the shared secret: compared in constant time
 	log    *slog.Logger
+	m      *Metrics
 
 	mu      sync.Mutex
 	holders map[string]*holding // by server; nil while its receiver restarts
@@ -84,12 +113,15 @@ type holding struct{ h Holder }
 var _ http.Handler = (*Server)(nil)
 
 // NewServer builds a server that admits requests carrying secret as a
-// bearer token.
-func NewServer(secret []byte, log *slog.Logger) *Server {
+// bearer token. log and m may be nil.
+func NewServer(secret []byte, log *slog.Logger, m *Metrics) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{secret: sha256.Sum256(secret), log: log, holders: map[string]*holding{}}
+	if m == nil {
+		m = NewMetrics(prometheus.NewRegistry())
+	}
+	return &Server{secret: sha256.Sum256(secret), log: log, m: m, holders: map[string]*holding{}}
 }
 
 // Hold serves h's files under server until release is called. While a
@@ -123,6 +155,7 @@ func (s *Server) authorized(r *http.Request) bool {
 // support.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !s.authorized(r) {
+		s.m.Requests.WithLabelValues("unauthorized").Inc()
 		w.Header().Set("WWW-Authenticate", `Bearer realm="walship"`)
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
@@ -134,6 +167,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	server, name, ok := parsePath(r.URL.EscapedPath())
 	if !ok {
+		s.m.Requests.WithLabelValues("not_found").Inc()
 		http.NotFound(w, r)
 		return
 	}
@@ -142,24 +176,32 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	switch {
 	case !known:
+		s.m.Requests.WithLabelValues("not_found").Inc()
 		http.NotFound(w, r)
 		return
 	case reg == nil:
+		s.m.Requests.WithLabelValues("unavailable").Inc()
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "receiver restarting", http.StatusServiceUnavailable)
 		return
 	}
 	f, size, err := reg.h.OpenHeld(name, r.Header.Get(SHA256Header))
 	if errors.Is(err, os.ErrNotExist) {
+		s.m.Requests.WithLabelValues("not_found").Inc()
 		http.NotFound(w, r)
 		return
 	}
 	if err != nil {
+		s.m.Requests.WithLabelValues("error").Inc()
 		s.log.Warn("stage: cannot open a held spool file", "server", server, "file", name, "error", err)
 		http.Error(w, "cannot read the file", http.StatusInternalServerError)
 		return
 	}
 	defer f.Close()
+	s.m.Requests.WithLabelValues("ok").Inc()
+	if r.Method == http.MethodGet {
+		s.m.Bytes.Add(float64(size))
+	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	if of, ok := f.(*os.File); ok {
 		if st, err := of.Stat(); err == nil && st.Size() == size {

@@ -15,6 +15,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 const secret = "s3cr3t-0123456789-abcdef"
@@ -46,7 +49,7 @@ func setup(t *testing.T) (*Server, *httptest.Server, []byte) {
 	os.WriteFile(filepath.Join(dir, "000000010000000000000005"), data, 0o600)
 	os.WriteFile(filepath.Join(dir, "secret.txt"), []byte("not announced"), 0o600)
 	os.WriteFile(filepath.Join(filepath.Dir(dir), "outside"), []byte("outside"), 0o600)
-	srv := NewServer([]byte(secret), nil)
+	srv := NewServer([]byte(secret), nil, nil)
 	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"000000010000000000000005": ""}})
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
@@ -235,3 +238,29 @@ type clock struct {
 
 func (c *clock) now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
 func (c *clock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+
+// Answers are counted by kind; the secret is in no series.
+func TestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "f"), []byte("0123456789"), 0o600)
+	srv := NewServer([]byte(secret), nil, NewMetrics(reg))
+	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"f": ""}})
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	get(t, URL(hs.URL, "pg1", "f"), "Bearer "+secret)
+	get(t, URL(hs.URL, "pg1", "f"), "Bearer nope")
+	get(t, URL(hs.URL, "pg1", "g"), "Bearer "+secret)
+	for answer, want := range map[string]float64{"ok": 1, "unauthorized": 1, "not_found": 1, "unavailable": 0} {
+		if got := testutil.ToFloat64(srv.m.Requests.WithLabelValues(answer)); got != want {
+			t.Errorf("%s: %v, want %v", answer, got, want)
+		}
+	}
+	if got := testutil.ToFloat64(srv.m.Bytes); got != 10 {
+		t.Errorf("bytes %v, want 10", got)
+	}
+	mfs, _ := reg.Gather()
+	if s := fmt.Sprint(mfs); strings.Contains(s, secret) {
+		t.Error("the secret is in the metrics")
+	}
+}
