@@ -75,13 +75,9 @@ type Config struct {
 	StatusInterval time.Duration // standby status update interval
 	RepublishAfter time.Duration // check, and publish again, a file unconfirmed this long
 	StageObjects   bool          // put segment bytes in the object store (false: archivers read the spool)
-	// StageURL and Stage: serve the spool's held files to archivers over
-	// HTTP (--stage http); events carry their URL under StageURL.
-	StageURL    string
-	Stage       Stage
-	Dest        string // destination confirmations must name (sinks.DestID); "" accepts any
-	Standby     bool   // wait while the slot is streamed elsewhere, then take over
-	Synchronous bool   // fsync and report write at once when caught up (synchronous_commit = remote_write)
+	Dest           string        // destination confirmations must name (sinks.DestID); "" accepts any
+	Standby        bool          // wait while the slot is streamed elsewhere, then take over
+	Synchronous    bool          // fsync and report write at once when caught up (synchronous_commit = remote_write)
 	// PartialInterval: upload the segment being written in ranges this
 	// often (Core.CutRange); 0: whole segments only.
 	PartialInterval time.Duration
@@ -89,6 +85,11 @@ type Config struct {
 	SlotPollEvery   time.Duration // how often the slot's health is read (default 1s)
 	Log             *slog.Logger
 	Metrics         *Metrics
+
+	// StageURL and Stage: serve the spool's held files to archivers over
+	// HTTP (--stage http); events carry their URL under StageURL.
+	StageURL string
+	Stage    Stage
 }
 
 // Receiver is one PostgreSQL server's WAL receiver.
