@@ -318,6 +318,7 @@ func benchDrain(b *testing.B, profile string) {
 			return mbs
 		}
 		pg.Exec(`SELECT pg_copy_physical_replication_slot('walship', 'walship_split')`)
+		pg.Exec(`SELECT pg_copy_physical_replication_slot('walship', 'walship_http')`) // bench_stage_test.go
 
 		runMBs := drain("run", func() []*exec.Cmd {
 			return []*exec.Cmd{startProc(append(append([]string{"run", "--embedded-nats-listen", "127.0.0.1:" + strconv.Itoa(testenv.FreePort(b)),
@@ -334,6 +335,7 @@ func benchDrain(b *testing.B, profile string) {
 			arch := startProc(append([]string{"archive", "--nats", nats.URL(), "--data-dir", dd, "--metrics-addr", "", "--log-level", "warn"}, sinkArgs...)...)
 			return []*exec.Cmd{recv, arch}
 		})
+		httpMBs := benchSplitHTTP(b, pg, drain, startProc, common, sinkArgs, nats.URL(), s3) // bench_stage_test.go
 		rw := max(rwFirst, baseline("bench_rw2"))
 		// Last: it reads every segment into this process, and a child's
 		// peak RSS counts the parent's at the time of the fork.
@@ -345,5 +347,7 @@ func benchDrain(b *testing.B, profile string) {
 		b.ReportMetric(rw, "pg_receivewal-MB/s")
 		b.ReportMetric(runMBs/rw, "run-ratio")
 		b.ReportMetric(splitMBs/rw, "split-ratio")
+		b.Logf("%s: split-http (--stage http): ratio to pg_receivewal %.2f, share of the compression ceiling %.2f", profile, httpMBs/rw, httpMBs/ceiling)
+		b.ReportMetric(httpMBs/rw, "split-http-ratio")
 	}
 }

@@ -54,6 +54,11 @@ type SegmentEvent struct {
 	SHA256   string `json:"sha256"`           // hex SHA-256 of the raw bytes
 	Object   string `json:"object,omitempty"` // object-store name; empty when only the local spool holds it
 	Spool    string `json:"spool,omitempty"`  // path in the receiver's spool, for archivers in the same process
+	// URL is where archivers on other hosts fetch the bytes from the
+	// receiver's spool over authenticated HTTP (--stage http, a claim
+	// check); empty when the receiver does not serve its spool. It never
+	// carries a credential.
+	URL string `json:"url,omitempty"`
 	// Attempt counts how often the receiver published this file before:
 	// 0 the first time; more after a restart or when no confirmation came.
 	// An archiver looks in the sink first when it is not 0.
@@ -234,6 +239,9 @@ func (e *SegmentEvent) Validate() error {
 		}
 	default:
 		return bad("kind %q", e.Kind)
+	}
+	if e.URL != "" && !strings.HasPrefix(e.URL, "http://") && !strings.HasPrefix(e.URL, "https://") {
+		return bad("url %q: want http:// or https://", e.URL)
 	}
 	return nil
 }

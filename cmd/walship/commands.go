@@ -160,8 +160,12 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: --dest: %v", errUsage, err)
 	}
+	fetch, err := stageFetcher(c, c.Workers) // stage.go
+	if err != nil {
+		return nil, nil, err
+	}
 	a, err := archiver.New(archiver.Config{
-		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry, Recipients: recipients,
+		Workers: c.Workers, Codec: codec, Level: c.Level, Layout: layout, Dest: dest, ReadSpool: readSpool, ConflictRetry: c.ConflictRetry, Recipients: recipients, Fetch: fetch,
 		Log: log, Metrics: archiver.NewMetrics(reg),
 	}, b, sink)
 	if err != nil {
@@ -172,7 +176,7 @@ func newArchiver(ctx context.Context, c *config, b archiver.Bus, log *slog.Logge
 
 // newReceiver builds a server's receiver; m is shared by every receiver
 // of the process (its series carry the server label).
-func newReceiver(c *config, b *bus.Bus, log *slog.Logger, m *receiver.Metrics, stage bool) (*receiver.Receiver, error) {
+func newReceiver(c *config, b *bus.Bus, log *slog.Logger, m *receiver.Metrics, stage stagePlan) (*receiver.Receiver, error) {
 	spool := c.SpoolDir
 	if spool == "" {
 		spool = filepath.Join(c.DataDir, "spool")
@@ -187,7 +191,7 @@ func newReceiver(c *config, b *bus.Bus, log *slog.Logger, m *receiver.Metrics, s
 	return receiver.New(receiver.Config{
 		ConnString: c.PG, AppName: c.AppName, Slot: c.Slot, CreateSlot: c.CreateSlot, Server: c.Server,
 		SpoolDir: spool, StatusInterval: c.StatusInterval, RepublishAfter: c.RepublishAfter,
-		StageObjects: stage, Dest: dest, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn,
+		StageObjects: stage.objects, StageURL: stage.url, Stage: stage.hold(), Dest: dest, Standby: c.Standby, Synchronous: c.Synchronous, SafeWALWarn: c.SafeWALWarn,
 		PartialInterval: c.PartialInt, Log: log, Metrics: m,
 	}, b, b), nil
 }
@@ -314,7 +318,11 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	recv, err := receivers(c, servers, b, log, reg, stage)
+	plan, serveStage, err := startStage(c, stage, log, reg) // stage.go
+	if err != nil {
+		return err
+	}
+	recv, err := receivers(c, servers, b, log, reg, plan)
 	if err != nil {
 		return err
 	}
@@ -322,7 +330,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "run", c, ln, reg, log, deps, b, recv, arch, watchNATS, watchS3, watchRet)
+	return runAll(ctx, "run", c, ln, reg, log, deps, b, recv, arch, watchNATS, watchS3, watchRet, serveStage)
 }
 
 func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
@@ -341,17 +349,21 @@ func cmdReceive(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	defer closeListener(ln)
+	plan, serveStage, err := startStage(c, true, log, reg) // stage.go
+	if err != nil {
+		return err
+	}
 	deps := health.NewSet(reg)
 	b, watchNATS, err := connectBus(ctx, c, c.NATS, log, deps, spoolsUsed(c, servers))
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	recv, err := receivers(c, servers, b, log, reg, true)
+	recv, err := receivers(c, servers, b, log, reg, plan)
 	if err != nil {
 		return err
 	}
-	return runAll(ctx, "receive", c, ln, reg, log, deps, b, recv, nil, watchNATS)
+	return runAll(ctx, "receive", c, ln, reg, log, deps, b, recv, nil, watchNATS, serveStage)
 }
 
 func cmdArchive(ctx context.Context, args []string, stdout io.Writer) error {

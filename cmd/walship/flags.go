@@ -55,6 +55,7 @@ type config struct {
 	NATSSec   natsSecurity   // natssec.go
 	S3Sec     s3Security     // s3sec.go
 	Retention retentionFlags // prune.go
+	Stage     stageFlags     // stage.go
 }
 
 type flagGroup int
@@ -138,6 +139,7 @@ func newFlagSet(name string, c *config, groups flagGroup) *flag.FlagSet {
 	}
 	registerDebugFlags(fs, c, groups)
 	registerRetentionFlags(fs, c, groups) // prune.go
+	registerStageFlags(fs, c, groups)     // stage.go
 	return fs
 }
 
@@ -219,6 +221,9 @@ func (c *config) validate(groups flagGroup) error {
 		if _, err := c.recipients(); err != nil {
 			return err
 		}
+	}
+	if err := c.Stage.validate(groups); err != nil { // stage.go
+		return err
 	}
 	if groups&gCommon != 0 {
 		if c.LogFormat != "text" && c.LogFormat != "json" {

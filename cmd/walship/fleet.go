@@ -152,7 +152,7 @@ func (f *fleet) Ready() error {
 // receivers builds the process's receiver part: the one server's receiver
 // without a configuration file, else a fleet of one receiver per server,
 // all on one bus and one set of metrics.
-func receivers(c *config, servers []serverConfig, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage bool) (receiverPart, error) {
+func receivers(c *config, servers []serverConfig, b *bus.Bus, log *slog.Logger, reg prometheus.Registerer, stage stagePlan) (receiverPart, error) {
 	m := receiver.NewMetrics(reg)
 	if servers == nil {
 		return newReceiver(c, b, log, m, stage)

@@ -11,6 +11,14 @@
 // malformed, or its bytes are gone or corrupt: the receiver, which still
 // holds the file, publishes it again). Handle makes the decision; Run
 // feeds it deliveries.
+//
+// Bytes staged over HTTP (an event with a URL, --stage http) follow the
+// same rules: the receiver answering 404 is a missing staged object (Term,
+// unless the bucket holds the file); a receiver that does not answer, or
+// answers 5xx, is transient (Nak with back-off); one that has not answered
+// for longer than the fetcher's give-up bound is gone, and its events are
+// terminated like missing objects (see stagehttp.Client.Fetch for why
+// neither loses WAL nor freezes flush).
 package archiver
 
 import (
@@ -82,6 +90,15 @@ type BacklogReader interface {
 	Pending(ctx context.Context) (uint64, error)
 }
 
+// Fetcher reads the size bytes of a file announced with SHA-256 sum from
+// a receiver's stage URL into buf (reused when large enough). A file the
+// receiver no longer holds, or a receiver gone for good, wraps
+// os.ErrNotExist (the event is then terminated unless the bucket holds the
+// file); other errors are transient (see package stagehttp).
+type Fetcher interface {
+	Fetch(ctx context.Context, url, sum string, size int64, buf []byte) ([]byte, error)
+}
+
 // Config configures the pool.
 type Config struct {
 	Workers int
@@ -98,6 +115,10 @@ type Config struct {
 	// (archivers in the receiver's process); OpenSpool opens it (nil: os.Open).
 	ReadSpool bool
 	OpenSpool func(path string) (io.ReadCloser, error)
+	// Fetch reads a file from the receiver's HTTP stage when its event
+	// carries a URL (--stage http); nil: such events wait, handed back
+	// with a back-off, until an archiver that can fetch them takes them.
+	Fetch Fetcher
 	// KeepAlive is how often InProgress is sent while an event is being
 	// archived (0: 15s; negative: never).
 	KeepAlive time.Duration
@@ -463,7 +484,8 @@ func archiveName(ev *pipeline.SegmentEvent) string {
 }
 
 // read loads the raw bytes: from the local spool when allowed and present,
-// else from the object store. Bytes that are nowhere wrap os.ErrNotExist.
+// else from the receiver's HTTP stage when the event names one, else from
+// the object store. Bytes that are nowhere wrap os.ErrNotExist.
 func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEvent) ([]byte, error) {
 	if a.cfg.ReadSpool && ev.Spool != "" {
 		f, err := a.cfg.OpenSpool(ev.Spool)
@@ -478,9 +500,22 @@ func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEven
 			}
 			return buf, nil
 		}
-		if ev.Object == "" {
+		if ev.Object == "" && ev.URL == "" {
 			return nil, err
 		}
+	}
+	if ev.URL != "" {
+		if a.cfg.Fetch == nil {
+			return nil, fmt.Errorf("%s %s is served by its receiver over HTTP (--stage http): give this archiver --stage-secret-file", ev.Kind, eventName(ev))
+		}
+		data, err := a.cfg.Fetch.Fetch(ctx, ev.URL, ev.SHA256, ev.Size, w.raw)
+		if err != nil {
+			return nil, err
+		}
+		if cap(data) > cap(w.raw) {
+			w.raw = data[:0]
+		}
+		return data, nil
 	}
 	if ev.Object == "" {
 		return nil, fmt.Errorf("segment %s is only in the receiver's spool and this archiver cannot read it: %w", ev.File, os.ErrNotExist)

@@ -76,6 +76,10 @@ type CoreConfig struct {
 	// StageObjects puts segment bytes in the object store, for archivers
 	// on other hosts; without it archivers read the spool path.
 	StageObjects bool
+	// StageURL, when set, is the base URL of this process's stage server
+	// (--stage http): every event carries the URL of its spool file there,
+	// and archivers on other hosts fetch the bytes from it.
+	StageURL string
 	// Dest is the destination confirmations must name (sinks.DestID);
 	// empty accepts any.
 	Dest string
@@ -693,6 +697,9 @@ func (c *Core) Publish(ctx context.Context, pub Publisher, p PublishItem) error 
 				return err
 			}
 		}
+	}
+	if c.cfg.StageURL != "" && it.ev.Spool != "" {
+		it.ev.URL = c.stageURL(&it.ev)
 	}
 	seq, err := pub.PublishSegment(ctx, &it.ev)
 	if err != nil {

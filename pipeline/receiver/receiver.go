@@ -85,6 +85,11 @@ type Config struct {
 	SlotPollEvery   time.Duration // how often the slot's health is read (default 1s)
 	Log             *slog.Logger
 	Metrics         *Metrics
+
+	// StageURL and Stage: serve the spool's held files to archivers over
+	// HTTP (--stage http); events carry their URL under StageURL.
+	StageURL string
+	Stage    Stage
 }
 
 // Receiver is one PostgreSQL server's WAL receiver.
@@ -246,6 +251,10 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 	}
 	r.started = true
 	defer r.core.Release()
+	if r.cfg.Stage != nil {
+		release := r.cfg.Stage.Hold(r.server, r.core)
+		defer release() // before the spool is released
+	}
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	g, gctx := errgroup.WithContext(sctx)

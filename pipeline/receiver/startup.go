@@ -74,7 +74,7 @@ func (r *Receiver) prepare(ctx context.Context) (*pgconn.PgConn, error) {
 	dir := filepath.Join(r.cfg.SpoolDir, r.server)
 	core, err := NewCore(CoreConfig{
 		Server: r.server, SystemID: r.sysID, Size: r.size, Dir: dir,
-		StageObjects: r.cfg.StageObjects, Dest: r.cfg.Dest, PartialInterval: r.cfg.PartialInterval,
+		StageObjects: r.cfg.StageObjects, StageURL: r.cfg.StageURL, Dest: r.cfg.Dest, PartialInterval: r.cfg.PartialInterval,
 		Log: r.log, Metrics: r.cfg.Metrics,
 	})
 	if err != nil {

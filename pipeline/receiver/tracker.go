@@ -3,6 +3,7 @@ package receiver
 import (
 	"container/heap"
 	"context"
+	"path/filepath"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -564,4 +565,17 @@ func (h *holdHeap) Pop() any {
 	x := old[len(old)-1]
 	*h = old[:len(old)-1]
 	return x
+}
+
+// held returns the pending file whose spool file is named name (its base
+// name) and, unless sum is empty, whose SHA-256 is sum.
+func (t *tracker) held(name, sum string) (pipeline.SegmentEvent, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, e := range t.pending {
+		if e.ev.Spool != "" && filepath.Base(e.ev.Spool) == name && (sum == "" || e.ev.SHA256 == sum) {
+			return e.ev, true
+		}
+	}
+	return pipeline.SegmentEvent{}, false
 }

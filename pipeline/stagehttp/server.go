@@ -1,0 +1,244 @@
+// Package stagehttp is the claim check between a receiver and archivers on
+// other hosts (--stage http): the receiver process serves the WAL files it
+// has announced and still holds, read-only, over HTTP with a shared
+// secret; the segment event carries the URL, and archivers fetch the bytes
+// from there instead of from the JetStream object store.
+//
+// The server never builds a file system path from a request: a request
+// names a server and a spool file by name, and the server asks that
+// server's Holder (the receiver's state machine) for the file, which
+// answers only for a file it has announced, still holds and whose SHA-256
+// matches the one the archiver expects. Anything else is 404.
+//
+// Failure semantics, as the archiver sees them (Client.Fetch):
+//   - 404 or 410: the receiver no longer holds the file (it was confirmed
+//     and removed, or it is another run's) — the error wraps
+//     os.ErrNotExist, exactly like a staged object missing from the object
+//     store: the archiver looks in the bucket, and if the file is not
+//     there it terminates the event; the receiver that holds it publishes
+//     it again.
+//   - connection refused, timeout, 5xx, 503 while a receiver restarts:
+//     transient (ErrUnreachable); the archiver hands the event back with a
+//     back-off.
+//   - the same URL base unreachable without a single success for longer
+//     than Client.GiveUp: the receiver host is taken for gone, and the
+//     error wraps os.ErrNotExist too (see Client.Fetch for why this never
+//     loses WAL and never freezes flush).
+//   - 401/403: the secrets differ (ErrAuth); handed back with a back-off
+//     and counted, never terminated: a configuration mistake must not drop
+//     WAL.
+package stagehttp
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Holder opens a file its receiver announced and still holds, by its
+// spool name, if its SHA-256 is sha256 (empty: any). A file it does not
+// hold, or holds with other bytes, wraps os.ErrNotExist. size is the
+// number of bytes the event announced, which the file holds from offset 0.
+type Holder interface {
+	OpenHeld(name, sha256 string) (f io.ReadCloser, size int64, err error)
+}
+
+// SHA256Header carries the SHA-256 the archiver expects (the event's); the
+// server answers 404 when the file it holds under that name has other
+// bytes.
+const SHA256Header = "X-Walship-Sha256"
+
+// pathPrefix is where files are served: /wal/<server>/<name>.
+const pathPrefix = "/wal/"
+
+var (
+	serverRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+	// nameRE: every spool WAL file name (segment, ended timeline's last
+	// segment, history, range) is made of these; no '/' and no "..".
+	nameRE = regexp.MustCompile(`^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$`)
+)
+
+// Metrics are the stage server's series.
+type Metrics struct {
+	// Requests by answer: ok, unauthorized, not_found, unavailable, error.
+	Requests *prometheus.CounterVec
+	Bytes    prometheus.Counter
+}
+
+// NewMetrics registers the stage server's series on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "walship_stage_requests_total",
+			Help: "Requests to the --stage http server by answer: ok, unauthorized (wrong or missing secret), not_found, unavailable (receiver restarting), error.",
+		}, []string{"answer"}),
+		Bytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "walship_stage_sent_bytes_total",
+			Help: "Spool bytes the --stage http server was asked to send (whole files and ranges), in bytes.",
+		}),
+	}
+	for _, a := range []string{"ok", "unauthorized", "not_found", "unavailable", "error"} {
+		m.Requests.WithLabelValues(a)
+	}
+	reg.MustRegister(m.Requests, m.Bytes)
+	return m
+}
+
+// Server serves the held files of every receiver of a process.
+type Server struct {
+	secret [32]byte // SHA-256 of the shared secret: compared in constant time
+	log    *slog.Logger
+	m      *Metrics
+
+	mu      sync.Mutex
+	holders map[string]*holding // by server; nil while its receiver restarts
+}
+
+// holding is one registration: release compares it by identity, so a
+// holder need not be comparable.
+type holding struct{ h Holder }
+
+var _ http.Handler = (*Server)(nil)
+
+// NewServer builds a server that admits requests carrying secret as a
+// bearer token. log and m may be nil.
+func NewServer(secret []byte, log *slog.Logger, m *Metrics) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics(prometheus.NewRegistry())
+	}
+	return &Server{secret: sha256.Sum256(secret), log: log, m: m, holders: map[string]*holding{}}
+}
+
+// Hold serves h's files under server until release is called. While a
+// server is known but has no holder (its receiver restarts), requests for
+// it get 503, a transient answer.
+func (s *Server) Hold(server string, h Holder) (release func()) {
+	reg := &holding{h: h}
+	s.mu.Lock()
+	s.holders[server] = reg
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		if s.holders[server] == reg {
+			s.holders[server] = nil
+		}
+		s.mu.Unlock()
+	}
+}
+
+// authorized reports whether r carries the secret, in constant time.
+func (s *Server) authorized(r *http.Request) bool {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return false
+	}
+	sum := sha256.Sum256([]byte(tok))
+	return subtle.ConstantTimeCompare(sum[:], s.secret[:]) == 1
+}
+
+// ServeHTTP serves GET and HEAD of /wal/<server>/<name>, with Range
+// support.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !s.authorized(r) {
+		s.m.Requests.WithLabelValues("unauthorized").Inc()
+		w.Header().Set("WWW-Authenticate", `Bearer realm="walship"`)
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	server, name, ok := parsePath(r.URL.EscapedPath())
+	if !ok {
+		s.m.Requests.WithLabelValues("not_found").Inc()
+		http.NotFound(w, r)
+		return
+	}
+	s.mu.Lock()
+	reg, known := s.holders[server]
+	s.mu.Unlock()
+	switch {
+	case !known:
+		s.m.Requests.WithLabelValues("not_found").Inc()
+		http.NotFound(w, r)
+		return
+	case reg == nil:
+		s.m.Requests.WithLabelValues("unavailable").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "receiver restarting", http.StatusServiceUnavailable)
+		return
+	}
+	f, size, err := reg.h.OpenHeld(name, r.Header.Get(SHA256Header))
+	if errors.Is(err, os.ErrNotExist) {
+		s.m.Requests.WithLabelValues("not_found").Inc()
+		http.NotFound(w, r)
+		return
+	}
+	if err != nil {
+		s.m.Requests.WithLabelValues("error").Inc()
+		s.log.Warn("stage: cannot open a held spool file", "server", server, "file", name, "error", err)
+		http.Error(w, "cannot read the file", http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	s.m.Requests.WithLabelValues("ok").Inc()
+	if r.Method == http.MethodGet {
+		s.m.Bytes.Add(float64(size))
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	if of, ok := f.(*os.File); ok {
+		if st, err := of.Stat(); err == nil && st.Size() == size {
+			// The whole file is the announced bytes: served from the file
+			// itself, so that the kernel sends it (sendfile) without a copy
+			// through this process.
+			http.ServeContent(w, r, "", time.Time{}, of)
+			return
+		}
+	}
+	if ra, ok := f.(io.ReaderAt); ok {
+		// Ranges, HEAD and Content-Length from the standard library.
+		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(ra, 0, size))
+		return
+	}
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	if r.Method == http.MethodHead {
+		return
+	}
+	io.CopyN(w, f, size)
+}
+
+// parsePath splits /wal/<server>/<name>. Escaped or extra path elements
+// are refused: names are plain.
+func parsePath(p string) (server, name string, ok bool) {
+	rest, ok := strings.CutPrefix(p, pathPrefix)
+	if !ok {
+		return "", "", false
+	}
+	server, name, ok = strings.Cut(rest, "/")
+	if !ok || !serverRE.MatchString(server) || !nameRE.MatchString(name) || strings.Contains(name, "..") {
+		return "", "", false
+	}
+	return server, name, true
+}
+
+// URL is where base serves server's spool file name.
+func URL(base, server, name string) string {
+	return strings.TrimRight(base, "/") + pathPrefix + url.PathEscape(server) + "/" + url.PathEscape(name)
+}
