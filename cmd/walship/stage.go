@@ -48,7 +48,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http (or the secret itself in "+stageSecretEnv+")")
 	}
 	if groups&gReceive != 0 {
-		fs.StringVar(&s.Mode, "stage", "nats", "how archivers on other hosts get segment bytes: nats (the JetStream object store) or http (fetched from this receiver's spool, a claim check)")
+		fs.StringVar(&s.Mode, "stage", "auto", "how archivers on other hosts get segment bytes: http (fetched from this receiver's spool, a claim check), nats (the JetStream object store), or auto: http when a stage secret is set, else nats")
 		fs.StringVar(&s.Listen, "stage-listen", ":9753", "--stage http: address serving the spool's announced files to archivers")
 		fs.StringVar(&s.URL, "stage-url", "", "--stage http: base URL archivers reach the stage server at (default http(s)://<host name>:<listen port>)")
 		fs.StringVar(&s.TLSCert, "stage-tls-cert", "", "--stage http: PEM certificate to serve HTTPS with (with --stage-tls-key)")
@@ -66,8 +66,15 @@ func (s *stageFlags) validate(groups flagGroup) error {
 	if groups&gReceive != 0 {
 		switch s.Mode {
 		case "nats", "http":
+		case "auto", "":
+			// The faster shape where it can be authenticated: http needs
+			// the secret the archivers share.
+			s.Mode = "nats"
+			if s.SecretFile != "" || os.Getenv(stageSecretEnv) != "" {
+				s.Mode = "http"
+			}
 		default:
-			return fmt.Errorf("%w: --stage %q: use nats or http", errUsage, s.Mode)
+			return fmt.Errorf("%w: --stage %q: use auto, http or nats", errUsage, s.Mode)
 		}
 		if s.Mode == "http" {
 			if _, err := s.secret(); err != nil {
@@ -136,6 +143,9 @@ type stagePlan struct {
 func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registerer) (stagePlan, watcher, error) {
 	s := &c.Stage
 	if s.Mode != "http" {
+		if remote {
+			log.Info("archivers get segment bytes from the JetStream object store (--stage nats); a stage secret makes them fetch from the spool over HTTP, which is faster (--stage http)")
+		}
 		return stagePlan{objects: remote}, nil, nil
 	}
 	sec, err := s.secret()
