@@ -283,7 +283,6 @@ func TestRoundSurvivesConsumerLeaderLoss(t *testing.T) {
 	}
 }
 
-
 // round asks every server whose idle mark has passed, one after the other,
 // without looking at ctx or at Next's deadline; FetchNoWait takes no
 // context, and while NATS is unreachable (or the link black-holed) each
