@@ -86,7 +86,7 @@ func (p *pool) init() {
 // stream info every scanEvery gives each server's count). A server whose
 // fetch finds nothing is not asked again before the next scan says it has
 // events. When none has, the fetch waits on one server's consumer, the next
-// in turn, until the next scan. So a quiet pool costs about two requests a
+// in turn, until the next scan. So a quiet pool costs about three requests a
 // second per process whatever the number of servers, a lone server's event
 // is taken the moment it comes, and a quiet server's among many within
 // scanEvery.
