@@ -334,6 +334,8 @@ func benchDrain(b *testing.B, profile string) {
 			arch := startProc(append([]string{"archive", "--nats", nats.URL(), "--data-dir", dd, "--metrics-addr", "", "--log-level", "warn"}, sinkArgs...)...)
 			return []*exec.Cmd{recv, arch}
 		})
+		// WAL-G's wal-receive from a copy of the slot the split shape copied.
+		walgMBs := walgDrain(b, pg, s3, "walship_split", first, end, seg, settle)
 		rw := max(rwFirst, baseline("bench_rw2"))
 		// Last: it reads every segment into this process, and a child's
 		// peak RSS counts the parent's at the time of the fork.
@@ -345,5 +347,9 @@ func benchDrain(b *testing.B, profile string) {
 		b.ReportMetric(rw, "pg_receivewal-MB/s")
 		b.ReportMetric(runMBs/rw, "run-ratio")
 		b.ReportMetric(splitMBs/rw, "split-ratio")
+		if walgMBs > 0 {
+			b.Logf("%s: walg %.2f of pg_receivewal, %.2f of the ceiling; split is %.2fx walg, run %.2fx walg", profile, walgMBs/rw, walgMBs/ceiling, splitMBs/walgMBs, runMBs/walgMBs)
+			b.ReportMetric(walgMBs/rw, "walg-ratio")
+		}
 	}
 }
