@@ -75,6 +75,7 @@ func walgDrain(b *testing.B, pg *testenv.Postgres, s3srv *testenv.S3, fromSlot s
 		"AWS_ENDPOINT="+s3srv.Endpoint(), "AWS_S3_FORCE_PATH_STYLE=true",
 		"WALG_COMPRESSION_METHOD=zstd", "WALG_ZSTD_LEVEL="+level)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	load0 := loadAvg()
 	s3cpu0 := cpuOf(s3srv.PID())
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -99,6 +100,7 @@ func walgDrain(b *testing.B, pg *testenv.Postgres, s3srv *testenv.S3, fromSlot s
 	secs := time.Since(t0).Seconds()
 	s3cpu := cpuOf(s3srv.PID()) - s3cpu0
 	rss := peak()
+	load1 := loadAvg()
 	cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-exited:
@@ -114,8 +116,8 @@ func walgDrain(b *testing.B, pg *testenv.Postgres, s3srv *testenv.S3, fromSlot s
 
 	mbs := mb / secs
 	perGB := func(d time.Duration) float64 { return d.Seconds() / mb * 1024 }
-	b.Logf("walg (wal-g wal-receive, zstd %s): %.1f MB/s; wal-g %.2f CPU-s/GB RSS %.0f MB; S3 %.2f CPU-s/GB; total %.2f CPU-s/GB; ratio %.2f:1; all %d segments in the bucket match pg_wal",
-		level, mbs, perGB(cpu), rss, perGB(s3cpu), perGB(cpu+s3cpu), float64(raw)/float64(max(packed, 1)), int((end-first)/pipeline.LSN(seg)))
+	b.Logf("walg (wal-g wal-receive, zstd %s): %.1f MB/s; wal-g %.2f CPU-s/GB RSS %.0f MB; S3 %.2f CPU-s/GB; total %.2f CPU-s/GB; ratio %.2f:1; all %d segments in the bucket match pg_wal; load average %s before, %s after",
+		level, mbs, perGB(cpu), rss, perGB(s3cpu), perGB(cpu+s3cpu), float64(raw)/float64(max(packed, 1)), int((end-first)/pipeline.LSN(seg)), load0, load1)
 	b.ReportMetric(mbs, "walg-MB/s")
 	b.ReportMetric(perGB(cpu+s3cpu), "walg-CPU-s/GB")
 	b.ReportMetric(rss, "walg-RSS-MB")
@@ -173,6 +175,16 @@ func checkWalgBucket(b *testing.B, pg *testenv.Postgres, s3srv *testenv.S3, pref
 		packed += int64(len(z))
 	}
 	return raw, packed
+}
+
+// loadAvg is the machine's one-minute load average, for reading a
+// figure on a shared machine.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Fields(string(b))[0]
 }
 
 // fileTail is the last n bytes of a file, for error messages.
