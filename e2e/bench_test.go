@@ -336,6 +336,8 @@ func benchDrain(b *testing.B, profile string) {
 			return []*exec.Cmd{recv, arch}
 		})
 		httpMBs := benchSplitHTTP(b, pg, drain, startProc, common, sinkArgs, nats.URL(), s3) // bench_stage_test.go
+		// WAL-G's wal-receive from a copy of the slot the split shape copied.
+		walgMBs := walgDrain(b, pg, s3, "walship_split", first, end, seg, settle)
 		rw := max(rwFirst, baseline("bench_rw2"))
 		// Last: it reads every segment into this process, and a child's
 		// peak RSS counts the parent's at the time of the fork.
@@ -349,5 +351,9 @@ func benchDrain(b *testing.B, profile string) {
 		b.ReportMetric(splitMBs/rw, "split-ratio")
 		b.Logf("%s: split-http (--stage http): ratio to pg_receivewal %.2f, share of the compression ceiling %.2f", profile, httpMBs/rw, httpMBs/ceiling)
 		b.ReportMetric(httpMBs/rw, "split-http-ratio")
+		if walgMBs > 0 {
+			b.Logf("%s: walg %.2f of pg_receivewal, %.2f of the ceiling; split is %.2fx walg, split-http %.2fx walg, run %.2fx walg", profile, walgMBs/rw, walgMBs/ceiling, splitMBs/walgMBs, httpMBs/walgMBs, runMBs/walgMBs)
+			b.ReportMetric(walgMBs/rw, "walg-ratio")
+		}
 	}
 }

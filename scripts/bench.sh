@@ -5,5 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+# The drain benchmark's "walg" shape: WAL-G's wal-receive, built from its
+# source (scripts/walg.sh); without it that shape is skipped.
+if [ -z "${WALSHIP_WALG:-}" ]; then
+  if WALSHIP_WALG="$(bash scripts/walg.sh)"; then
+    export WALSHIP_WALG
+  else
+    echo "bench.sh: no WAL-G binary (see the line above): the drain benchmark runs without the walg shape" >&2
+  fi
+fi
 go test -run '^$' -bench . -benchtime 1x -timeout 60m "$@" ./e2e/
 go test -run '^$' -bench . -benchmem ./compress/ ./pipeline/...
