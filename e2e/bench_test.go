@@ -154,6 +154,20 @@ func writeBacklog(b *testing.B, pg *testenv.Postgres, profile string, sizeMB int
 	}
 }
 
+// benchCodec is the archivers' codec in the drain benchmark:
+// WALSHIP_BENCH_CODEC (zstd, snappy, gzip, none), default zstd.
+func benchCodec(b *testing.B) compress.Codec {
+	v := os.Getenv("WALSHIP_BENCH_CODEC")
+	if v == "" {
+		return compress.Zstd
+	}
+	c, err := compress.ParseCodec(v)
+	if err != nil {
+		b.Fatalf("WALSHIP_BENCH_CODEC: %v", err)
+	}
+	return c
+}
+
 // compressionCeiling compresses the segments from first to end, read from
 // pg_wal, with zstd at the archivers' default level on every core, and
 // returns the rate in MB/s of WAL and the ratio.
@@ -179,7 +193,7 @@ func compressionCeiling(b *testing.B, pg *testenv.Postgres, first, end pipeline.
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			enc, err := compress.NewEncoder(compress.Zstd, 0)
+			enc, err := compress.NewEncoder(benchCodec(b), 0)
 			if err != nil {
 				b.Error(err)
 				return
@@ -260,7 +274,7 @@ func benchDrain(b *testing.B, profile string) {
 			return []string{"--pg", pg.URL("postgres"), "--data-dir", dataDir, "--metrics-addr", os.Getenv("WALSHIP_BENCH_METRICS"), "--status-interval", "1s",
 				"--log-level", "warn"}
 		}
-		sinkArgs := []string{"--dest", "s3://" + s3.Bucket + "/bench", "--s3-endpoint", s3.Endpoint(), "--s3-path-style", "--compression", "zstd"}
+		sinkArgs := []string{"--dest", "s3://" + s3.Bucket + "/bench", "--s3-endpoint", s3.Endpoint(), "--s3-path-style", "--compression", string(benchCodec(b))}
 		if w := os.Getenv("WALSHIP_BENCH_WORKERS"); w != "" {
 			sinkArgs = append(sinkArgs, "--workers", w)
 		}
@@ -342,7 +356,7 @@ func benchDrain(b *testing.B, profile string) {
 		// Last: it reads every segment into this process, and a child's
 		// peak RSS counts the parent's at the time of the fork.
 		ceiling, ratio := compressionCeiling(b, pg, first, end, seg)
-		b.Logf("compression ceiling (zstd fastest on %d cores, nothing else running): %.1f MB/s, ratio %.2f:1", runtime.NumCPU(), ceiling, ratio)
+		b.Logf("compression ceiling (%s at the archivers' level on %d cores, nothing else running): %.1f MB/s, ratio %.2f:1", benchCodec(b), runtime.NumCPU(), ceiling, ratio)
 		b.ReportMetric(ceiling, "ceiling-MB/s")
 		b.Logf("%s: ratio to the faster pg_receivewal run (%.1f MB/s): run %.2f, split %.2f; share of the compression ceiling (%.1f MB/s): run %.2f, split %.2f",
 			profile, rw, runMBs/rw, splitMBs/rw, ceiling, runMBs/ceiling, splitMBs/ceiling)
