@@ -18,6 +18,9 @@ type Delivery struct {
 	msg jetstream.Msg
 	n   uint64
 	nc  *nats.Conn
+	// pending is how many events of the same server wait for the pool
+	// after this one (JetStream's count; those handed back not included).
+	pending uint64
 }
 
 // Data is the event's body.

@@ -49,6 +49,8 @@ const (
 	// listed again: the bound on how late a quiet server's event is
 	// noticed while the pool waits on another server's consumer.
 	scanEvery = time.Second
+	// busyScan is how often they are listed while events come.
+	busyScan = 250 * time.Millisecond
 )
 
 // pool is an archiver process's consumers, one per server, and where the
@@ -103,10 +105,10 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 	defer func() { <-p.lock }()
 	deadline := time.Now().Add(expires)
 	for ctx.Err() == nil {
-		// While events come, the counts are read again before every
-		// round, so a quiet server's new event is taken after at most one
-		// event of each busy server; while none come, every scanEvery.
-		if p.busy || time.Since(p.scanned) >= scanEvery {
+		// While events come, the counts are read again every busyScan, so
+		// a quiet server's new event waits at most that long behind busy
+		// servers; while none come, every scanEvery.
+		if since := time.Since(p.scanned); since >= scanEvery || (p.busy && since >= busyScan) {
 			err := errors.New("not connected to NATS")
 			if b.nc.IsConnected() {
 				sctx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), 2*time.Second))
@@ -153,6 +155,10 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 		}
 		b.fetchDone(nil)
 		if d != nil {
+			if d.pending > 0 {
+				p.active[s] = true
+			}
+			p.busy = true
 			return d, nil
 		}
 	}
@@ -202,8 +208,12 @@ func (b *Bus) round(ctx context.Context, deadline time.Time) (*Delivery, error) 
 			last = err
 			continue
 		}
-		if d == nil {
+		if d == nil || d.pending == 0 {
+			// None waiting after this one (handed-back ones aside, which
+			// the next scan finds): not asked again before a scan.
 			delete(p.active, s)
+		}
+		if d == nil {
 			continue
 		}
 		p.next = (p.next + i + 1) % n
@@ -235,11 +245,11 @@ func (b *Bus) fetchFrom(ctx context.Context, server string, wait time.Duration) 
 	if err == nil {
 		var d *Delivery
 		for msg := range batch.Messages() {
-			n := uint64(1)
+			n, pending := uint64(1), uint64(1)
 			if md, err := msg.Metadata(); err == nil {
-				n = md.NumDelivered
+				n, pending = md.NumDelivered, md.NumPending
 			}
-			d = &Delivery{msg: msg, n: n, nc: b.nc}
+			d = &Delivery{msg: msg, n: n, nc: b.nc, pending: pending}
 		}
 		err = batch.Error()
 		if d != nil || err == nil || errors.Is(err, jetstream.ErrNoMessages) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
