@@ -167,3 +167,20 @@ func TestReviewStageUnauthenticatedConnectionsStayOpen(t *testing.T) {
 		t.Errorf("%d of %d unauthenticated connections stay open after their 401 (each holds a file descriptor of the receiver's process for up to 2 min, no cap)", open, n)
 	}
 }
+
+// Review (rev-stage): a receiver serving HTTPS (--stage-tls-cert/-key)
+// with --stage-url http://... is accepted; every event then tells the
+// archivers to send the bearer secret in clear text across the network
+// that TLS was configured to protect (the receiver's TLS listener answers
+// 400 only after the request, header included, went out), and no fetch
+// ever succeeds (400 is "unreachable": handed back, then given up,
+// terminated, published again, forever). The scheme of --stage-url must
+// match the listener.
+func TestReviewStageURLSchemeMismatchesTLS(t *testing.T) {
+	t.Setenv(stageSecretEnv, "a-long-enough-stage-secret-0123456789")
+	c := &config{}
+	c.Stage = stageFlags{Mode: "http", Listen: "127.0.0.1:0", URL: "http://receiver.example:9753", TLSCert: "/etc/walship/stage.crt", TLSKey: "/etc/walship/stage.key"}
+	if err := c.Stage.validate(gReceive); err == nil {
+		t.Errorf("--stage-url http://... with --stage-tls-cert is accepted: archivers would send the secret in clear text; want a usage error")
+	}
+}

@@ -1,7 +1,10 @@
 package archiver
 
 import (
+	"net/http"
 	"net/http/httptest"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -60,5 +63,41 @@ func TestReviewStageGiveUpClockStartsAtAStaleFailure(t *testing.T) {
 	defer srv.Hold("db1", &heldBytes{name: f.ev.File, data: f.raw})()
 	if _, out := f.handle(t, ev, 2); out != Acked {
 		t.Fatalf("receiver back: %s, want ack", out)
+	}
+}
+
+// Review (rev-stage): an archiver sends the fleet-wide stage secret
+// itself, as a bearer token, to whatever URL a segment event names; the
+// event's URL is only checked to start with http:// or https://. Any NATS
+// principal allowed to publish walship.*.segment — every receiver's
+// credential, including receivers deliberately run with --stage nats and
+// no secret (ephemeral ones, per the README), or a leaked receiver
+// password — can publish one event naming its own host and collect the
+// secret, then read every --stage http receiver's WAL. The same happens in
+// clear text when an event says http:// for a receiver that serves HTTPS.
+// A per-request proof (an HMAC of the path and time under the secret, or a
+// token derived per server) would give such a host nothing reusable.
+func TestReviewStageSecretSentToAnyEventURL(t *testing.T) {
+	const secret = "archiver-review-secret-0123456789"
+	var mu sync.Mutex
+	var got []string
+	collector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, r.Header.Get("Authorization"))
+		mu.Unlock()
+		http.NotFound(w, r)
+	}))
+	defer collector.Close()
+	f := newFixture(t)
+	f.a.cfg.Fetch = stagehttp.NewClient(stagehttp.ClientConfig{Secret: []byte(secret), Timeout: 5 * time.Second})
+	ev := f.ev
+	ev.Object, ev.URL = "", collector.URL+"/anything/at/all"
+	f.handle(t, ev, 1)
+	mu.Lock()
+	defer mu.Unlock()
+	for _, a := range got {
+		if strings.Contains(a, secret) {
+			t.Errorf("the archiver sent the stage secret to %s, a URL taken from an event: Authorization %q", collector.URL, a)
+		}
 	}
 }
