@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -45,7 +46,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 	// serves fetch's flag set, which never talks to a receiver).
 	archivers := groups&gArchive != 0 && groups&gNATS != 0
 	if groups&gReceive != 0 || archivers {
-		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http (or the secret itself in "+stageSecretEnv+")")
+		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http, one per line for a rotation: archivers sign requests with the first line, receivers accept any (or one secret itself in "+stageSecretEnv+"); it never goes over the network")
 	}
 	if groups&gReceive != 0 {
 		fs.StringVar(&s.Mode, "stage", "auto", "how archivers on other hosts get segment bytes: http (fetched from this receiver's spool, a claim check), nats (the JetStream object store), or auto: http when a stage secret is set, else nats")
@@ -74,10 +75,10 @@ func (s *stageFlags) validate(groups flagGroup) error {
 				s.Mode = "http"
 			}
 		default:
-			return fmt.Errorf("%w: --stage %q: use auto, http or nats", errUsage, s.Mode)
+			return fmt.Errorf("%w: --stage %q: use auto, nats or http", errUsage, s.Mode)
 		}
 		if s.Mode == "http" {
-			if _, err := s.secret(); err != nil {
+			if _, err := s.secrets(); err != nil {
 				return err
 			}
 			if (s.TLSCert == "") != (s.TLSKey == "") {
@@ -104,29 +105,44 @@ func (s *stageFlags) validate(groups flagGroup) error {
 	return nil
 }
 
-// secret reads the shared secret: --stage-secret-file, else
-// WALSHIP_STAGE_SECRET. Errors never show it.
-func (s *stageFlags) secret() ([]byte, error) {
-	var sec []byte
+// secrets reads the shared secrets: --stage-secret-file, one per line
+// (rotation: archivers sign with the first, the stage server accepts any),
+// else the one in WALSHIP_STAGE_SECRET. Errors never show a secret.
+func (s *stageFlags) secrets() ([][]byte, error) {
+	var secs [][]byte
 	switch {
 	case s.SecretFile != "":
 		b, err := os.ReadFile(s.SecretFile)
 		if err != nil {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s: %v", errUsage, s.SecretFile, fileReason(err))
 		}
-		sec = []byte(strings.TrimSpace(string(b)))
-		if len(sec) == 0 {
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" {
+				secs = append(secs, []byte(line))
+			}
+		}
+		if len(secs) == 0 {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s is empty: put a long random secret in it (e.g. openssl rand -hex 32)", errUsage, s.SecretFile)
 		}
 	case os.Getenv(stageSecretEnv) != "":
-		sec = []byte(strings.TrimSpace(os.Getenv(stageSecretEnv)))
+		secs = [][]byte{[]byte(strings.TrimSpace(os.Getenv(stageSecretEnv)))}
 	default:
 		return nil, fmt.Errorf("%w: --stage http needs a shared secret: --stage-secret-file PATH or %s (the same on the archivers)", errUsage, stageSecretEnv)
 	}
-	if len(sec) < 16 {
-		return nil, fmt.Errorf("%w: the stage secret is shorter than 16 bytes: use a long random one (e.g. openssl rand -hex 32)", errUsage)
+	for _, sec := range secs {
+		if len(sec) < 16 {
+			return nil, fmt.Errorf("%w: %s: a stage secret is shorter than 16 bytes: use a long random one (e.g. openssl rand -hex 32)", errUsage, s.secretSource())
+		}
 	}
-	return sec, nil
+	return secs, nil
+}
+
+// secretSource names where the secrets come from, for errors.
+func (s *stageFlags) secretSource() string {
+	if s.SecretFile != "" {
+		return "--stage-secret-file " + s.SecretFile
+	}
+	return stageSecretEnv
 }
 
 // stagePlan is how a process's receivers stage segment bytes.
@@ -148,7 +164,7 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 		}
 		return stagePlan{objects: remote}, nil, nil
 	}
-	sec, err := s.secret()
+	secs, err := s.secrets()
 	if err != nil {
 		return stagePlan{}, nil, err
 	}
@@ -173,7 +189,13 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 	if base == "" {
 		base = defaultStageURL(scheme, ln.Addr())
 	}
-	srv := stagehttp.NewServer(sec, log, stagehttp.NewMetrics(reg))
+	bu, err := url.Parse(base)
+	if err != nil || bu.Host == "" {
+		ln.Close()
+		return stagePlan{}, nil, fmt.Errorf("%w: --stage-url %q: use http://host:port or https://host:port", errUsage, base)
+	}
+	// Requests are signed for the host archivers dial, the stage URL's.
+	srv := stagehttp.NewServerConfig(stagehttp.ServerConfig{Secrets: secs, Host: bu.Host, Log: log, Metrics: stagehttp.NewMetrics(reg)})
 	log.Info("serving the spool to archivers (--stage http)", "addr", ln.Addr().String(), "url", base)
 	run := func(ctx context.Context) error {
 		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}
@@ -211,7 +233,7 @@ func stageFetcher(c *config, workers int) (archiver.Fetcher, error) {
 	if s.SecretFile == "" && os.Getenv(stageSecretEnv) == "" {
 		return nil, nil
 	}
-	sec, err := s.secret()
+	secs, err := s.secrets()
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +245,7 @@ func stageFetcher(c *config, workers int) (archiver.Fetcher, error) {
 		}
 		tlsConf = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return stagehttp.NewClient(stagehttp.ClientConfig{Secret: sec, TLS: tlsConf, Timeout: s.Timeout, GiveUp: s.GiveUp, Conns: workers}), nil
+	return stagehttp.NewClient(stagehttp.ClientConfig{Secret: secs[0], TLS: tlsConf, Timeout: s.Timeout, GiveUp: s.GiveUp, Conns: workers}), nil
 }
 
 // hold is what a receiver gets of the plan: the server to register with

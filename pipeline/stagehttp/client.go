@@ -28,6 +28,7 @@ var ErrGone = fmt.Errorf("receiver gone: %w", os.ErrNotExist)
 
 // ClientConfig configures a Client.
 type ClientConfig struct {
+	// Secret signs every request (see AuthScheme); it is never sent.
 	Secret []byte
 	// TLS is used for https URLs (nil: the system's roots).
 	TLS *tls.Config
@@ -45,7 +46,7 @@ type ClientConfig struct {
 // Client fetches held files from receivers. It is safe for concurrent use.
 type Client struct {
 	hc     *http.Client
-	auth   string
+	secret []byte
 	giveUp time.Duration
 	now    func() time.Time
 
@@ -77,7 +78,11 @@ func NewClient(cfg ClientConfig) *Client {
 		// would only cost CPU on both ends.
 		DisableCompression: true,
 	}
-	return &Client{hc: &http.Client{Transport: tr, Timeout: cfg.Timeout}, auth: "Bearer " + string(cfg.Secret),
+	hc := &http.Client{Transport: tr, Timeout: cfg.Timeout,
+		// A redirect would carry the request to a host it was not signed
+		// for; the 3xx is answered as a failure instead.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	return &Client{hc: hc, secret: cfg.Secret,
 		giveUp: cfg.GiveUp, now: cfg.Now, down: map[string]time.Time{}}
 }
 
@@ -138,7 +143,8 @@ func (c *Client) get(ctx context.Context, rawURL, sum string, size int64, buf []
 	if err != nil {
 		return nil, fmt.Errorf("stage url: %w", os.ErrNotExist)
 	}
-	req.Header.Set("Authorization", c.auth)
+	ts := time.Now().Unix() // the wall clock: Now may be a test's give-up clock
+	req.Header.Set("Authorization", fmt.Sprintf("%s ts=%d,sig=%s", AuthScheme, ts, Sign(c.secret, ts, req.URL.Host, req.URL.RequestURI())))
 	req.Header.Set(SHA256Header, sum)
 	resp, err := c.hc.Do(req)
 	if err != nil {

@@ -1,7 +1,7 @@
 // Package stagehttp is the claim check between a receiver and archivers on
 // other hosts (--stage http): the receiver process serves the WAL files it
-// has announced and still holds, read-only, over HTTP with a shared
-// secret; the segment event carries the URL, and archivers fetch the bytes
+// has announced and still holds, read-only, over HTTP, to requests signed
+// with a shared secret (see AuthScheme); the segment event carries the URL, and archivers fetch the bytes
 // from there instead of from the JetStream object store.
 //
 // The server never builds a file system path from a request: a request
@@ -30,9 +30,11 @@
 package stagehttp
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
-	"crypto/subtle"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -98,9 +100,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 
 // Server serves the held files of every receiver of a process.
 type Server struct {
-	secret [32]byte // SHA-256 of the shared secret: compared in constant time
-	log    *slog.Logger
-	m      *Metrics
+	secrets [][]byte // any of them signs a valid request (rotation)
+	host    string   // the Host archivers dial; "": any (tests)
+	now     func() time.Time
+	log     *slog.Logger
+	m       *Metrics
 
 	mu      sync.Mutex
 	holders map[string]*holding // by server; nil while its receiver restarts
@@ -112,16 +116,40 @@ type holding struct{ h Holder }
 
 var _ http.Handler = (*Server)(nil)
 
-// NewServer builds a server that admits requests carrying secret as a
-// bearer token. log and m may be nil.
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// Secrets: a request signed with any of them is admitted (the first
+	// is the current one, the others are accepted while archivers move
+	// over to it).
+	Secrets [][]byte
+	// Host is the host (and port, as written in the stage URL) archivers
+	// dial: a request signed for another host is refused. "" admits any
+	// Host the signature names, which only tests should do.
+	Host string
+	Log  *slog.Logger
+	// Metrics may be nil.
+	Metrics *Metrics
+	Now     func() time.Time
+}
+
+// NewServer builds a server that admits requests signed with secret, for
+// any Host (see ServerConfig.Host). log and m may be nil.
 func NewServer(secret []byte, log *slog.Logger, m *Metrics) *Server {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	return NewServerConfig(ServerConfig{Secrets: [][]byte{secret}, Log: log, Metrics: m})
+}
+
+// NewServerConfig builds a server.
+func NewServerConfig(cfg ServerConfig) *Server {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	if m == nil {
-		m = NewMetrics(prometheus.NewRegistry())
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(prometheus.NewRegistry())
 	}
-	return &Server{secret: sha256.Sum256(secret), log: log, m: m, holders: map[string]*holding{}}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{secrets: cfg.Secrets, host: cfg.Host, now: cfg.Now, log: cfg.Log, m: cfg.Metrics, holders: map[string]*holding{}}
 }
 
 // Hold serves h's files under server until release is called. While a
@@ -141,14 +169,66 @@ func (s *Server) Hold(server string, h Holder) (release func()) {
 	}
 }
 
-// authorized reports whether r carries the secret, in constant time.
+// AuthScheme names the Authorization scheme of a signed request:
+//
+//	Authorization: walship-hmac ts=<unix seconds>,sig=<hex HMAC-SHA256(secret, ts "\n" host "\n" path-with-query)>
+//
+// host is the Host the archiver dials (the event URL's), path-with-query
+// the request URI. The secret itself never leaves the archiver: a URL
+// pointing elsewhere collects a signature good for that host and path
+// only, for MaxSkew.
+const AuthScheme = "walship-hmac"
+
+// MaxSkew is how far a signature's time may be from the server's clock.
+const MaxSkew = 5 * time.Minute
+
+// Sign is the signature of a request for host and uri at ts under secret.
+func Sign(secret []byte, ts int64, host, uri string) string {
+	mac := hmac.New(sha256.New, secret)
+	fmt.Fprintf(mac, "%d\n%s\n%s", ts, host, uri)
+	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// authorized reports whether r carries a fresh signature, for this
+// server's host, under one of its secrets; signatures are compared in
+// constant time.
 func (s *Server) authorized(r *http.Request) bool {
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	params, ok := strings.CutPrefix(r.Header.Get("Authorization"), AuthScheme+" ")
 	if !ok {
 		return false
 	}
-	sum := sha256.Sum256([]byte(tok))
-	return subtle.ConstantTimeCompare(sum[:], s.secret[:]) == 1
+	var tsText, sigText string
+	for _, kv := range strings.Split(params, ",") {
+		k, v, _ := strings.Cut(strings.TrimSpace(kv), "=")
+		switch k {
+		case "ts":
+			tsText = v
+		case "sig":
+			sigText = v
+		}
+	}
+	ts, err := strconv.ParseInt(tsText, 10, 64)
+	if err != nil {
+		return false
+	}
+	if d := s.now().Sub(time.Unix(ts, 0)); d > MaxSkew || d < -MaxSkew {
+		return false
+	}
+	if s.host != "" && !strings.EqualFold(r.Host, s.host) {
+		return false
+	}
+	sig, err := hex.DecodeString(sigText)
+	if err != nil || len(sig) != sha256.Size {
+		return false
+	}
+	ok = false
+	for _, sec := range s.secrets {
+		want, _ := hex.DecodeString(Sign(sec, ts, r.Host, r.RequestURI))
+		if hmac.Equal(sig, want) {
+			ok = true
+		}
+	}
+	return ok
 }
 
 // ServeHTTP serves GET and HEAD of /wal/<server>/<name>, with Range
@@ -156,7 +236,7 @@ func (s *Server) authorized(r *http.Request) bool {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !s.authorized(r) {
 		s.m.Requests.WithLabelValues("unauthorized").Inc()
-		w.Header().Set("WWW-Authenticate", `Bearer realm="walship"`)
+		w.Header().Set("WWW-Authenticate", AuthScheme+` realm="walship"`)
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
 	}
