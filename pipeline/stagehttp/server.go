@@ -20,8 +20,8 @@
 //   - connection refused, timeout, 5xx, 503 while a receiver restarts:
 //     transient (ErrUnreachable); the archiver hands the event back with a
 //     back-off.
-//   - the same URL base unreachable without a single success for longer
-//     than Client.GiveUp: the receiver host is taken for gone, and the
+//   - the same URL base failing continuously (no success, and no gap
+//     longer than Client's Quiet) for longer than Client.GiveUp: the receiver host is taken for gone, and the
 //     error wraps os.ErrNotExist too (see Client.Fetch for why this never
 //     loses WAL and never freezes flush).
 //   - 401/403: the secrets differ (ErrAuth); handed back with a back-off

@@ -347,3 +347,32 @@ func TestSignatureHostRotationRedirect(t *testing.T) {
 		t.Errorf("the other host saw %q", auths)
 	}
 }
+
+// Give-up needs failures spanning GiveUp with no quiet gap: a streak with
+// no failure for longer than Quiet is over, and a later failure starts a
+// new one; failures every 30 s for longer than GiveUp give up.
+func TestGiveUpNeedsContinuousFailure(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{t: time.Unix(1e9, 0)}
+	cl := NewClient(ClientConfig{Secret: []byte(secret), GiveUp: 10 * time.Minute, Timeout: 2 * time.Second, Quiet: time.Minute, Now: clk.now})
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := "http://" + ln.Addr().String() + "/wal/pg1/000000010000000000000005"
+	ln.Close()
+	fetch := func() error { _, err := cl.Fetch(ctx, dead, "", 1, nil); return err }
+	// Failures 9 min apart, then 3 h apart: never gone.
+	for _, gap := range []time.Duration{0, 9 * time.Minute, 3 * time.Hour, 2 * time.Minute} {
+		clk.add(gap)
+		if err := fetch(); !errors.Is(err, ErrUnreachable) || errors.Is(err, ErrGone) {
+			t.Fatalf("after a quiet gap of %s: %v, want transient", gap, err)
+		}
+	}
+	// Every 30 s: gone once the streak spans GiveUp.
+	var err error
+	for i := 0; i < 20; i++ {
+		clk.add(30 * time.Second)
+		err = fetch()
+	}
+	if !errors.Is(err, ErrGone) {
+		t.Errorf("10 min of failures every 30 s: %v, want gone", err)
+	}
+}
