@@ -116,16 +116,24 @@ func (s *stageFlags) secrets() ([][]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s: %v", errUsage, s.SecretFile, fileReason(err))
 		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if line = strings.TrimSpace(line); line != "" {
-				secs = append(secs, []byte(line))
+		for i, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line == "" {
+				continue
 			}
+			if !printable(line) {
+				return nil, fmt.Errorf("%w: --stage-secret-file %s: line %d holds a space, tab or control character: put one secret per line, printable ASCII only (e.g. openssl rand -hex 32)", errUsage, s.SecretFile, i+1)
+			}
+			secs = append(secs, []byte(line))
 		}
 		if len(secs) == 0 {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s is empty: put a long random secret in it (e.g. openssl rand -hex 32)", errUsage, s.SecretFile)
 		}
 	case os.Getenv(stageSecretEnv) != "":
-		secs = [][]byte{[]byte(strings.TrimSpace(os.Getenv(stageSecretEnv)))}
+		sec := strings.TrimSpace(os.Getenv(stageSecretEnv))
+		if !printable(sec) {
+			return nil, fmt.Errorf("%w: %s holds a space, tab, line break or control character: it holds one secret, printable ASCII only (several, for a rotation, go in --stage-secret-file, one per line)", errUsage, stageSecretEnv)
+		}
+		secs = [][]byte{[]byte(sec)}
 	default:
 		return nil, fmt.Errorf("%w: --stage http needs a shared secret: --stage-secret-file PATH or %s (the same on the archivers)", errUsage, stageSecretEnv)
 	}
@@ -135,6 +143,16 @@ func (s *stageFlags) secrets() ([][]byte, error) {
 		}
 	}
 	return secs, nil
+}
+
+// printable reports whether s is made of printable ASCII without spaces.
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // secretSource names where the secrets come from, for errors.

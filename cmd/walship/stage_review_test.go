@@ -20,38 +20,45 @@ import (
 
 // Review (rev-stage): a stage secret that cannot travel in an HTTP header
 // — here a secret file of two lines, which is what `openssl rand -base64
-// 64 > stage.secret` writes (base64 wrapped at 64 columns) — is accepted
-// at start by receivers and archivers alike (only the ends are trimmed).
-// Every fetch then fails inside the HTTP client ("invalid header field
-// value"), which Fetch classifies as "receiver unreachable": events are
-// handed back, then, after --stage-give-up, terminated as "receiver gone",
-// published again after --republish-after, and so on: flush never moves,
-// and no "walship: ..." line ever says the secret is the problem.
+// 64 > stage.secret` writes (base64 wrapped at 64 columns) — was accepted
+// at start, and every fetch then failed inside the HTTP client ("invalid
+// header field value"), classified as "receiver unreachable", forever.
+//
+// Adapted to fix 2 (fix-stage): the secret no longer travels at all
+// (requests carry an HMAC signature), and a file of several lines is a
+// rotation list: archivers sign with the first line, the stage server
+// accepts any. So the two-line file must now work end to end, with either
+// line; a line with a space or control character inside is refused at
+// start with a usage error that does not show the secret.
 func TestReviewStageSecretThatCannotBeAHeader(t *testing.T) {
 	dir := t.TempDir()
 	secretFile := filepath.Join(dir, "stage.secret")
 	// Two lines, as base64 of 64 random bytes is printed by openssl.
-	sec := "q1X0fM3bK9yZcT2vWnR8pL5sH7dJ4gA6eU0iO3kB1mN9xC2zV8tY5rE7wQ4uP6aS\nDf3Gh5Jk7Lz9Xc1Vb3Nm5Qw7Er9Ty1Ui3Op5As7Df9Gh1Jk3Lz5Xc7Vb9Nm1Qw==\n"
-	os.WriteFile(secretFile, []byte(sec), 0o600)
+	line1 := "q1X0fM3bK9yZcT2vWnR8pL5sH7dJ4gA6eU0iO3kB1mN9xC2zV8tY5rE7wQ4uP6aS"
+	line2 := "Df3Gh5Jk7Lz9Xc1Vb3Nm5Qw7Er9Ty1Ui3Op5As7Df9Gh1Jk3Lz5Xc7Vb9Nm1Qw=="
+	os.WriteFile(secretFile, []byte(line1+"\n"+line2+"\n"), 0o600)
 	t.Setenv(stageSecretEnv, "")
+
+	for _, bad := range []string{"q1X0fM3b K9yZcT2vWnR8pL5sH7dJ4gA6\n", "q1X0fM3b\x01K9yZcT2vWnR8pL5sH7dJ4gA6\n", line1 + "\nDf3Gh5Jk\tLz9Xc1Vb3Nm5Qw7Er9Ty1\n"} {
+		badFile := filepath.Join(dir, "bad.secret")
+		os.WriteFile(badFile, []byte(bad), 0o600)
+		b := stageFlags{Mode: "http", Listen: "127.0.0.1:0", SecretFile: badFile, Timeout: 5 * time.Second, GiveUp: time.Minute}
+		verr := b.validate(gReceive | gArchive)
+		if verr == nil || !errors.Is(verr, errUsage) {
+			t.Errorf("a secret line with a space or control character inside: %v, want a usage error", verr)
+		} else if strings.Contains(verr.Error(), "q1X0fM3b") || strings.Contains(verr.Error(), "Df3Gh5Jk") || strings.Contains(verr.Error(), "\n") {
+			t.Errorf("the usage error shows the secret or is not one line: %v", verr)
+		}
+	}
 
 	c := &config{}
 	c.Stage = stageFlags{Mode: "http", Listen: "127.0.0.1:0", SecretFile: secretFile, Timeout: 5 * time.Second, GiveUp: time.Minute}
-	verr := c.Stage.validate(gReceive | gArchive)
-	if verr == nil {
-		t.Errorf("a stage secret of two lines is accepted at start; want a usage error saying it must be one line of printable characters")
-	} else if strings.Contains(verr.Error(), "q1X0fM3b") {
-		t.Fatalf("the usage error shows the secret: %v", verr)
+	if err := c.Stage.validate(gReceive | gArchive); err != nil {
+		t.Fatalf("a rotation file of two secrets: %v", err)
 	}
-
-	// What happens when it is accepted: receiver and archiver hold the
-	// same secret, yet no fetch can ever succeed, and the failure is
-	// classified as an unreachable receiver (the path to give-up), not as
-	// a secret mismatch.
-	c.Stage.Mode = "http"
 	plan, run, err := startStage(c, true, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
 	if err != nil {
-		t.Skipf("startStage refused the secret (%v): the failure above is fixed", err)
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -59,21 +66,25 @@ func TestReviewStageSecretThatCannotBeAHeader(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	data := bytes.Repeat([]byte{5}, 4096)
 	defer plan.srv.Hold("pg1", oneFile{data})()
-	f, err := stageFetcher(c, 1)
-	if err != nil || f == nil {
-		t.Fatalf("fetcher: %v", err)
-	}
 	u := stagehttp.URL(plan.url, "pg1", "000000010000000000000001")
-	_, ferr := f.Fetch(ctx, u, "", int64(len(data)), nil)
-	if ferr == nil {
-		return
-	}
-	if strings.Contains(ferr.Error(), "q1X0fM3b") || strings.Contains(ferr.Error(), "Df3Gh5Jk") {
-		t.Fatalf("the fetch error shows the secret: %v", ferr)
-	}
-	if errors.Is(ferr, stagehttp.ErrUnreachable) {
-		t.Errorf("with the same (two-line) secret on both sides every fetch fails as %q: classified as an unreachable receiver, "+
-			"so its events are terminated after --stage-give-up and published again, forever", ferr)
+	// Archivers with the whole file (sign with line 1), and archivers
+	// still on line 2 only (the previous secret, during a rotation).
+	for _, content := range []string{line1 + "\n" + line2 + "\n", line2 + "\n"} {
+		af := filepath.Join(dir, "archiver.secret")
+		os.WriteFile(af, []byte(content), 0o600)
+		ac := &config{}
+		ac.Stage = stageFlags{SecretFile: af, Timeout: 5 * time.Second, GiveUp: time.Minute}
+		f, err := stageFetcher(ac, 1)
+		if err != nil || f == nil {
+			t.Fatalf("fetcher: %v", err)
+		}
+		got, ferr := f.Fetch(ctx, u, "", int64(len(data)), nil)
+		if ferr != nil || !bytes.Equal(got, data) {
+			if ferr != nil && (strings.Contains(ferr.Error(), "q1X0fM3b") || strings.Contains(ferr.Error(), "Df3Gh5Jk")) {
+				t.Fatalf("the fetch error shows the secret: %v", ferr)
+			}
+			t.Errorf("archiver secret file of %d line(s): fetch %d bytes, %v; want the served bytes", strings.Count(content, "\n"), len(got), ferr)
+		}
 	}
 }
 
