@@ -87,6 +87,12 @@ func (s *stageFlags) validate(groups flagGroup) error {
 			if s.URL != "" && !strings.HasPrefix(s.URL, "http://") && !strings.HasPrefix(s.URL, "https://") {
 				return fmt.Errorf("%w: --stage-url %q: use http://host:port or https://host:port", errUsage, s.URL)
 			}
+			if s.TLSCert != "" && strings.HasPrefix(s.URL, "http://") {
+				return fmt.Errorf("%w: --stage-url %q is http:// but --stage-tls-cert makes the stage serve HTTPS: use https://", errUsage, s.URL)
+			}
+			if s.TLSCert == "" && strings.HasPrefix(s.URL, "https://") {
+				return fmt.Errorf("%w: --stage-url %q is https:// but the stage serves plain HTTP: give --stage-tls-cert and --stage-tls-key, or use http://", errUsage, s.URL)
+			}
 			if s.URL != "" && strings.Contains(s.URL, "@") {
 				return fmt.Errorf("%w: --stage-url must not carry credentials: archivers authenticate with the stage secret", errUsage)
 			}
