@@ -37,6 +37,9 @@ type stageFlags struct {
 	GiveUp     time.Duration
 }
 
+// stageMaxConns caps the stage server's open connections.
+const stageMaxConns = 256
+
 // stageSecretEnv holds the shared secret itself (not a file name).
 const stageSecretEnv = "WALSHIP_STAGE_SECRET"
 
@@ -206,6 +209,9 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 	if err != nil {
 		return stagePlan{}, nil, fmt.Errorf("%w: --stage-listen %q: %v", errUsage, s.Listen, err)
 	}
+	// A cap on connections (unsigned ones included), below the TLS layer
+	// so that handshakes count too.
+	ln = stagehttp.LimitListener(ln, stageMaxConns)
 	if tlsConf != nil {
 		ln = tls.NewListener(ln, tlsConf)
 	}
@@ -222,7 +228,9 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 	srv := stagehttp.NewServerConfig(stagehttp.ServerConfig{Secrets: secs, Host: bu.Host, Log: log, Metrics: stagehttp.NewMetrics(reg)})
 	log.Info("serving the spool to archivers (--stage http)", "addr", ln.Addr().String(), "url", base)
 	run := func(ctx context.Context) error {
-		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}
+		// Responses have a write deadline by size (stagehttp.Server);
+		// headers come within 10 s, idle connections go after a minute.
+		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
 		go func() {
 			<-ctx.Done()
 			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -103,6 +103,8 @@ type Server struct {
 	secrets [][]byte // any of them signs a valid request (rotation)
 	host    string   // the Host archivers dial; "": any (tests)
 	now     func() time.Time
+	wbase   time.Duration
+	wrate   int64
 	log     *slog.Logger
 	m       *Metrics
 
@@ -130,6 +132,12 @@ type ServerConfig struct {
 	// Metrics may be nil.
 	Metrics *Metrics
 	Now     func() time.Time
+	// A response must be written within WriteBase plus its size at
+	// MinRate bytes per second, else the connection is closed: an
+	// archiver that stops reading (SIGSTOP, a dead network) pins no file
+	// and no descriptor for long (0: 30 s and 1 MiB/s).
+	WriteBase time.Duration
+	MinRate   int64
 }
 
 // NewServer builds a server that admits requests signed with secret, for
@@ -149,7 +157,14 @@ func NewServerConfig(cfg ServerConfig) *Server {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Server{secrets: cfg.Secrets, host: cfg.Host, now: cfg.Now, log: cfg.Log, m: cfg.Metrics, holders: map[string]*holding{}}
+	if cfg.WriteBase <= 0 {
+		cfg.WriteBase = 30 * time.Second
+	}
+	if cfg.MinRate <= 0 {
+		cfg.MinRate = 1 << 20
+	}
+	return &Server{secrets: cfg.Secrets, host: cfg.Host, now: cfg.Now, wbase: cfg.WriteBase, wrate: cfg.MinRate,
+		log: cfg.Log, m: cfg.Metrics, holders: map[string]*holding{}}
 }
 
 // Hold serves h's files under server until release is called. While a
@@ -237,11 +252,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !s.authorized(r) {
 		s.m.Requests.WithLabelValues("unauthorized").Inc()
 		w.Header().Set("WWW-Authenticate", AuthScheme+` realm="walship"`)
+		// No keep-alive for who cannot sign: the connection goes now.
+		w.Header().Set("Connection", "close")
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
+		w.Header().Set("Connection", "close")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
@@ -278,10 +296,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.Close()
+	// Bounded by the size: the file stays open (and its disk space taken,
+	// once confirmed and removed) only while the archiver reads.
+	limit := s.wbase + time.Duration(size/s.wrate)*time.Second
+	if err := http.NewResponseController(w).SetWriteDeadline(time.Now().Add(limit)); err != nil {
+		s.log.Debug("stage: cannot bound the response's write time", "error", err)
+	}
 	s.m.Requests.WithLabelValues("ok").Inc()
 	if r.Method == http.MethodGet {
 		s.m.Bytes.Add(float64(size))
 	}
+	// A failed write (the deadline passed, the peer went) aborts: the
+	// connection is closed rather than kept for another request.
+	ew := &errWriter{ResponseWriter: w}
+	defer func() {
+		if ew.err != nil {
+			panic(http.ErrAbortHandler)
+		}
+	}()
+	w = ew
 	w.Header().Set("Content-Type", "application/octet-stream")
 	if of, ok := f.(*os.File); ok {
 		if st, err := of.Stat(); err == nil && st.Size() == size {
@@ -303,6 +336,38 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	io.CopyN(w, f, size)
 }
+
+// errWriter remembers a ResponseWriter's first write error; it keeps
+// ReadFrom, so that files still go out by sendfile.
+type errWriter struct {
+	http.ResponseWriter
+	err error
+}
+
+func (w *errWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+func (w *errWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var err error
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{w.ResponseWriter}, r)
+	}
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// Unwrap gives http.ResponseController the underlying writer.
+func (w *errWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // parsePath splits /wal/<server>/<name>. Escaped or extra path elements
 // are refused: names are plain.

@@ -376,3 +376,85 @@ func TestGiveUpNeedsContinuousFailure(t *testing.T) {
 		t.Errorf("10 min of failures every 30 s: %v, want gone", err)
 	}
 }
+
+// LimitListener: at most n connections open at once; a closed one frees
+// its place.
+func TestLimitListener(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := LimitListener(inner, 2)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 10)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	for i := 0; i < 3; i++ {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	first := <-accepted
+	<-accepted
+	select {
+	case <-accepted:
+		t.Fatal("a third connection accepted with a cap of 2")
+	case <-time.After(200 * time.Millisecond):
+	}
+	first.Close()
+	select {
+	case c := <-accepted:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("the third connection not accepted after one closed")
+	}
+}
+
+// A response has a write deadline by size: an archiver that stops reading
+// does not keep the connection (and the open file) beyond it; a 401
+// closes the connection.
+func TestWriteDeadlineAndCloseOn401(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("w"), 48<<20)
+	os.WriteFile(filepath.Join(dir, "f"), data, 0o600)
+	srv := NewServerConfig(ServerConfig{Secrets: [][]byte{[]byte(secret)}, WriteBase: 300 * time.Millisecond, MinRate: 1 << 40})
+	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"f": ""}})
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	addr := strings.TrimPrefix(hs.URL, "http://")
+
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	uri := "/wal/pg1/f"
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", uri, addr, signature(secret, time.Now().Unix(), addr, uri))
+	time.Sleep(1500 * time.Millisecond) // not reading: the deadline passes
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, cerr := io.Copy(io.Discard, conn)
+	if n >= int64(len(data)) || cerr != nil {
+		t.Errorf("read %d bytes (%v) after stalling past the write deadline, want the connection closed early", n, cerr)
+	}
+
+	c2, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	fmt.Fprintf(c2, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", uri, addr)
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c2) // ends at EOF only if the server closes
+	if err != nil || !bytes.HasPrefix(b, []byte("HTTP/1.1 401")) {
+		t.Errorf("unsigned request: %q, %v; want a 401 and the connection closed", b, err)
+	}
+}
