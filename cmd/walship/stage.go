@@ -181,15 +181,20 @@ type stagePlan struct {
 
 // startStage prepares --stage http for a receiving process: it listens
 // (a bad address is a usage error) and returns the plan and the server's
-// runner. With --stage nats it returns objects (the object store is used
-// when the archivers may be remote) and a nil runner.
+// runner. With --stage nats it returns objects and a nil runner. Without
+// remote archivers (remote false: walship run with its embedded NATS) it
+// returns neither: the in-process archivers read the spool, and no
+// listener is opened.
 func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registerer) (stagePlan, watcher, error) {
 	s := &c.Stage
+	if !remote {
+		// Only this process's archivers exist (walship run with its
+		// embedded NATS): they read the spool; nothing is served.
+		return stagePlan{}, nil, nil
+	}
 	if s.Mode != "http" {
-		if remote {
-			log.Info("archivers get segment bytes from the JetStream object store (--stage nats); a stage secret makes them fetch from the spool over HTTP, which is faster (--stage http)")
-		}
-		return stagePlan{objects: remote}, nil, nil
+		log.Info("archivers get segment bytes from the JetStream object store (--stage nats); a stage secret makes them fetch from the spool over HTTP, which is faster (--stage http)")
+		return stagePlan{objects: true}, nil, nil
 	}
 	secs, err := s.secrets()
 	if err != nil {
