@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -36,6 +37,9 @@ type stageFlags struct {
 	GiveUp     time.Duration
 }
 
+// stageMaxConns caps the stage server's open connections.
+const stageMaxConns = 256
+
 // stageSecretEnv holds the shared secret itself (not a file name).
 const stageSecretEnv = "WALSHIP_STAGE_SECRET"
 
@@ -45,7 +49,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 	// serves fetch's flag set, which never talks to a receiver).
 	archivers := groups&gArchive != 0 && groups&gNATS != 0
 	if groups&gReceive != 0 || archivers {
-		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http (or the secret itself in "+stageSecretEnv+")")
+		fs.StringVar(&s.SecretFile, "stage-secret-file", "", "file holding the secret shared by receivers and archivers for --stage http, one per line for a rotation: archivers sign requests with the first line, receivers accept any (or one secret itself in "+stageSecretEnv+"); it never goes over the network")
 	}
 	if groups&gReceive != 0 {
 		fs.StringVar(&s.Mode, "stage", "auto", "how archivers on other hosts get segment bytes: http (fetched from this receiver's spool, a claim check), nats (the JetStream object store), or auto: http when a stage secret is set, else nats")
@@ -57,7 +61,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 	if archivers {
 		fs.StringVar(&s.CA, "stage-ca", "", "PEM file of the CA(s) that signed receivers' --stage-tls-cert (default: the system's)")
 		fs.DurationVar(&s.Timeout, "stage-timeout", time.Minute, "deadline of one fetch from a receiver's stage, its body included")
-		fs.DurationVar(&s.GiveUp, "stage-give-up", 10*time.Minute, "a receiver's stage unreachable this long is taken for gone: its events are terminated unless the bucket holds their WAL (a new receiver publishes again)")
+		fs.DurationVar(&s.GiveUp, "stage-give-up", 10*time.Minute, "a receiver's stage failing continuously this long (no success, no pause over 1m + --stage-timeout between failures) is taken for gone: its events are terminated unless the bucket holds their WAL (a new receiver publishes again)")
 	}
 }
 
@@ -74,10 +78,10 @@ func (s *stageFlags) validate(groups flagGroup) error {
 				s.Mode = "http"
 			}
 		default:
-			return fmt.Errorf("%w: --stage %q: use auto, http or nats", errUsage, s.Mode)
+			return fmt.Errorf("%w: --stage %q: use auto, nats or http", errUsage, s.Mode)
 		}
 		if s.Mode == "http" {
-			if _, err := s.secret(); err != nil {
+			if _, err := s.secrets(); err != nil {
 				return err
 			}
 			if (s.TLSCert == "") != (s.TLSKey == "") {
@@ -85,6 +89,12 @@ func (s *stageFlags) validate(groups flagGroup) error {
 			}
 			if s.URL != "" && !strings.HasPrefix(s.URL, "http://") && !strings.HasPrefix(s.URL, "https://") {
 				return fmt.Errorf("%w: --stage-url %q: use http://host:port or https://host:port", errUsage, s.URL)
+			}
+			if s.TLSCert != "" && strings.HasPrefix(s.URL, "http://") {
+				return fmt.Errorf("%w: --stage-url %q is http:// but --stage-tls-cert makes the stage serve HTTPS: use https://", errUsage, s.URL)
+			}
+			if s.TLSCert == "" && strings.HasPrefix(s.URL, "https://") {
+				return fmt.Errorf("%w: --stage-url %q is https:// but the stage serves plain HTTP: give --stage-tls-cert and --stage-tls-key, or use http://", errUsage, s.URL)
 			}
 			if s.URL != "" && strings.Contains(s.URL, "@") {
 				return fmt.Errorf("%w: --stage-url must not carry credentials: archivers authenticate with the stage secret", errUsage)
@@ -104,29 +114,62 @@ func (s *stageFlags) validate(groups flagGroup) error {
 	return nil
 }
 
-// secret reads the shared secret: --stage-secret-file, else
-// WALSHIP_STAGE_SECRET. Errors never show it.
-func (s *stageFlags) secret() ([]byte, error) {
-	var sec []byte
+// secrets reads the shared secrets: --stage-secret-file, one per line
+// (rotation: archivers sign with the first, the stage server accepts any),
+// else the one in WALSHIP_STAGE_SECRET. Errors never show a secret.
+func (s *stageFlags) secrets() ([][]byte, error) {
+	var secs [][]byte
 	switch {
 	case s.SecretFile != "":
 		b, err := os.ReadFile(s.SecretFile)
 		if err != nil {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s: %v", errUsage, s.SecretFile, fileReason(err))
 		}
-		sec = []byte(strings.TrimSpace(string(b)))
-		if len(sec) == 0 {
+		for i, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line == "" {
+				continue
+			}
+			if !printable(line) {
+				return nil, fmt.Errorf("%w: --stage-secret-file %s: line %d holds a space, tab or control character: put one secret per line, printable ASCII only (e.g. openssl rand -hex 32)", errUsage, s.SecretFile, i+1)
+			}
+			secs = append(secs, []byte(line))
+		}
+		if len(secs) == 0 {
 			return nil, fmt.Errorf("%w: --stage-secret-file %s is empty: put a long random secret in it (e.g. openssl rand -hex 32)", errUsage, s.SecretFile)
 		}
 	case os.Getenv(stageSecretEnv) != "":
-		sec = []byte(strings.TrimSpace(os.Getenv(stageSecretEnv)))
+		sec := strings.TrimSpace(os.Getenv(stageSecretEnv))
+		if !printable(sec) {
+			return nil, fmt.Errorf("%w: %s holds a space, tab, line break or control character: it holds one secret, printable ASCII only (several, for a rotation, go in --stage-secret-file, one per line)", errUsage, stageSecretEnv)
+		}
+		secs = [][]byte{[]byte(sec)}
 	default:
 		return nil, fmt.Errorf("%w: --stage http needs a shared secret: --stage-secret-file PATH or %s (the same on the archivers)", errUsage, stageSecretEnv)
 	}
-	if len(sec) < 16 {
-		return nil, fmt.Errorf("%w: the stage secret is shorter than 16 bytes: use a long random one (e.g. openssl rand -hex 32)", errUsage)
+	for _, sec := range secs {
+		if len(sec) < 16 {
+			return nil, fmt.Errorf("%w: %s: a stage secret is shorter than 16 bytes: use a long random one (e.g. openssl rand -hex 32)", errUsage, s.secretSource())
+		}
 	}
-	return sec, nil
+	return secs, nil
+}
+
+// printable reports whether s is made of printable ASCII without spaces.
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// secretSource names where the secrets come from, for errors.
+func (s *stageFlags) secretSource() string {
+	if s.SecretFile != "" {
+		return "--stage-secret-file " + s.SecretFile
+	}
+	return stageSecretEnv
 }
 
 // stagePlan is how a process's receivers stage segment bytes.
@@ -138,17 +181,22 @@ type stagePlan struct {
 
 // startStage prepares --stage http for a receiving process: it listens
 // (a bad address is a usage error) and returns the plan and the server's
-// runner. With --stage nats it returns objects (the object store is used
-// when the archivers may be remote) and a nil runner.
+// runner. With --stage nats it returns objects and a nil runner. Without
+// remote archivers (remote false: walship run with its embedded NATS) it
+// returns neither: the in-process archivers read the spool, and no
+// listener is opened.
 func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registerer) (stagePlan, watcher, error) {
 	s := &c.Stage
-	if s.Mode != "http" {
-		if remote {
-			log.Info("archivers get segment bytes from the JetStream object store (--stage nats); a stage secret makes them fetch from the spool over HTTP, which is faster (--stage http)")
-		}
-		return stagePlan{objects: remote}, nil, nil
+	if !remote {
+		// Only this process's archivers exist (walship run with its
+		// embedded NATS): they read the spool; nothing is served.
+		return stagePlan{}, nil, nil
 	}
-	sec, err := s.secret()
+	if s.Mode != "http" {
+		log.Info("archivers get segment bytes from the JetStream object store (--stage nats); a stage secret makes them fetch from the spool over HTTP, which is faster (--stage http)")
+		return stagePlan{objects: true}, nil, nil
+	}
+	secs, err := s.secrets()
 	if err != nil {
 		return stagePlan{}, nil, err
 	}
@@ -166,6 +214,9 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 	if err != nil {
 		return stagePlan{}, nil, fmt.Errorf("%w: --stage-listen %q: %v", errUsage, s.Listen, err)
 	}
+	// A cap on connections (unsigned ones included), below the TLS layer
+	// so that handshakes count too.
+	ln = stagehttp.LimitListener(ln, stageMaxConns)
 	if tlsConf != nil {
 		ln = tls.NewListener(ln, tlsConf)
 	}
@@ -173,10 +224,18 @@ func startStage(c *config, remote bool, log *slog.Logger, reg prometheus.Registe
 	if base == "" {
 		base = defaultStageURL(scheme, ln.Addr())
 	}
-	srv := stagehttp.NewServer(sec, log, stagehttp.NewMetrics(reg))
+	bu, err := url.Parse(base)
+	if err != nil || bu.Host == "" {
+		ln.Close()
+		return stagePlan{}, nil, fmt.Errorf("%w: --stage-url %q: use http://host:port or https://host:port", errUsage, base)
+	}
+	// Requests are signed for the host archivers dial, the stage URL's.
+	srv := stagehttp.NewServerConfig(stagehttp.ServerConfig{Secrets: secs, Host: bu.Host, Log: log, Metrics: stagehttp.NewMetrics(reg)})
 	log.Info("serving the spool to archivers (--stage http)", "addr", ln.Addr().String(), "url", base)
 	run := func(ctx context.Context) error {
-		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}
+		// Responses have a write deadline by size (stagehttp.Server);
+		// headers come within 10 s, idle connections go after a minute.
+		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
 		go func() {
 			<-ctx.Done()
 			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -211,7 +270,7 @@ func stageFetcher(c *config, workers int) (archiver.Fetcher, error) {
 	if s.SecretFile == "" && os.Getenv(stageSecretEnv) == "" {
 		return nil, nil
 	}
-	sec, err := s.secret()
+	secs, err := s.secrets()
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +282,7 @@ func stageFetcher(c *config, workers int) (archiver.Fetcher, error) {
 		}
 		tlsConf = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return stagehttp.NewClient(stagehttp.ClientConfig{Secret: sec, TLS: tlsConf, Timeout: s.Timeout, GiveUp: s.GiveUp, Conns: workers}), nil
+	return stagehttp.NewClient(stagehttp.ClientConfig{Secret: secs[0], TLS: tlsConf, Timeout: s.Timeout, GiveUp: s.GiveUp, Conns: workers}), nil
 }
 
 // hold is what a receiver gets of the plan: the server to register with

@@ -261,6 +261,11 @@ func (o Outcome) String() string {
 // cannot trust: the receiver, which holds the file, must publish it again.
 var errUnavailable = errors.New("bytes unavailable")
 
+// errNoStageSecret marks an event served by its receiver over HTTP that
+// this archiver cannot fetch: it has no stage secret. The event is handed
+// back (the receiver still holds the WAL), never terminated.
+var errNoStageSecret = errors.New("served by its receiver over HTTP (--stage http) but this archiver has no stage secret")
+
 // errConflict marks a key that holds something else: only an operator can
 // resolve it; the event waits meanwhile and the slot holds.
 var errConflict = errors.New("archive conflict")
@@ -302,6 +307,12 @@ func (a *Archiver) Handle(ctx context.Context, w *Worker, d Delivery) Outcome {
 		return Termed
 	case errors.Is(err, errConflict):
 		d.Nak(a.cfg.ConflictRetry)
+		return Naked
+	case errors.Is(err, errNoStageSecret):
+		a.cfg.Metrics.NoStageSecret.WithLabelValues(ev.Server).Inc()
+		a.rl.Error("stage-secret", "cannot fetch segments served over HTTP by their receiver (--stage http): set WALSHIP_STAGE_SECRET or --stage-secret-file on the archivers (the receivers' secret); events are handed back meanwhile",
+			"server", ev.Server, "segment", ev.File, "error", err)
+		d.Nak(RetryDelay(d.NumDelivered()))
 		return Naked
 	case err != nil:
 		a.fail("archive", "cannot archive segment; it will be retried", ev.Server, err, "segment", ev.File)
@@ -353,6 +364,7 @@ func (a *Archiver) initSeries(server string) {
 	m.Conflicts.WithLabelValues(server).Add(0)
 	m.Corrupt.WithLabelValues(server).Add(0)
 	m.Unavailable.WithLabelValues(server).Add(0)
+	m.NoStageSecret.WithLabelValues(server).Add(0)
 	m.Segments.WithLabelValues(server).Add(0)
 	m.RawBytes.WithLabelValues(server).Add(0)
 	m.CompressedBytes.WithLabelValues(server).Add(0)
@@ -506,7 +518,7 @@ func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEven
 	}
 	if ev.URL != "" {
 		if a.cfg.Fetch == nil {
-			return nil, fmt.Errorf("%s %s is served by its receiver over HTTP (--stage http): give this archiver --stage-secret-file", ev.Kind, eventName(ev))
+			return nil, fmt.Errorf("%w: %s %s", errNoStageSecret, ev.Kind, eventName(ev))
 		}
 		data, err := a.cfg.Fetch.Fetch(ctx, ev.URL, ev.SHA256, ev.Size, w.raw)
 		if err != nil {

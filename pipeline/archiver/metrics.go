@@ -13,7 +13,10 @@ type Metrics struct {
 	Corrupt         *prometheus.CounterVec
 	Malformed       prometheus.Counter
 	Unavailable     *prometheus.CounterVec
-	Backlog         prometheus.Gauge
+	// NoStageSecret counts events with a stage URL handed back because
+	// this archiver has no stage secret.
+	NoStageSecret *prometheus.CounterVec
+	Backlog       prometheus.Gauge
 	// Ranges (pipeline.KindRange): uploaded (not counting ones found in
 	// the sink already), bytes stored for them, and deleted once their
 	// whole segment was archived.
@@ -59,6 +62,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Segment events handed back to the receiver (terminated) because their bytes were gone or corrupt; the receiver publishes the file again.",
 		}, []string{"server"}),
 	}
+	m.NoStageSecret = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "walship_archiver_stage_no_secret_total",
+		Help: "Segment events served by their receiver over HTTP (--stage http) handed back because this archiver has no stage secret (set WALSHIP_STAGE_SECRET or --stage-secret-file on the archivers).",
+	}, []string{"server"})
+	reg.MustRegister(m.NoStageSecret)
 	m.Backlog = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "walship_archiver_backlog", Help: "Segment events waiting for or held by the archiver pool (JetStream consumer pending plus unacknowledged).",
 	})

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/walship/walship/internal/backoff"
 	"github.com/walship/walship/internal/ratelog"
 	"github.com/walship/walship/pipeline"
+	"github.com/walship/walship/pipeline/stagehttp"
 )
 
 // Publisher stages a WAL file and announces it to the archivers. Both
@@ -113,6 +115,9 @@ type Receiver struct {
 	connected atomic.Bool
 	standby   atomic.Bool
 	started   bool // a start succeeded once (Run's goroutine only)
+	// unhold releases the latest registration with Config.Stage (Run's
+	// goroutine only).
+	unhold func()
 }
 
 // New builds a receiver.
@@ -162,6 +167,14 @@ func (r *Receiver) Server() string { return r.server }
 // Run waits, reporting standby, and takes over when the slot is released.
 func (r *Receiver) Run(ctx context.Context) error {
 	bo := backoff.New(time.Second, 30*time.Second)
+	if r.cfg.Stage != nil {
+		defer func() {
+			if r.unhold != nil {
+				r.unhold()
+			}
+		}()
+		r.serveSpool()
+	}
 	for {
 		if r.cfg.Standby {
 			if err := r.awaitSlot(ctx); err != nil {
@@ -252,8 +265,11 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 	r.started = true
 	defer r.core.Release()
 	if r.cfg.Stage != nil {
-		release := r.cfg.Stage.Hold(r.server, r.core)
-		defer release() // before the spool is released
+		// Served from now on, and after this run ends too, until the next
+		// run's core replaces it: between runs nothing confirms, so the
+		// files this core holds are still exactly the spool's pending
+		// ones (PostgreSQL down must not stop their archiving).
+		r.hold(r.server, r.core)
 	}
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -273,6 +289,28 @@ func (r *Receiver) runOnce(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// serveSpool lends the spool to the stage before the first run, which
+// needs PostgreSQL: the files it holds (announced by an earlier process)
+// stay archivable while PostgreSQL is unreachable. The server's name must
+// be configured: a name derived from the system identifier is known only
+// once PostgreSQL answers.
+func (r *Receiver) serveSpool() {
+	if r.cfg.Server == "" || pipeline.ValidServerName(r.cfg.Server) != nil {
+		return
+	}
+	h := newSpoolHolder(OSFS{}, filepath.Join(r.cfg.SpoolDir, r.cfg.Server))
+	r.hold(r.cfg.Server, h)
+	if n := h.files(); n > 0 {
+		r.log.Info("serving the spool's files to archivers before PostgreSQL answers (--stage http)", "server", r.cfg.Server, "files", n)
+	}
+}
+
+// hold registers h with the stage under server, replacing the previous
+// registration.
+func (r *Receiver) hold(server string, h stagehttp.Holder) {
+	r.unhold = r.cfg.Stage.Hold(server, h)
 }
 
 // publishLoop stages and announces files. A file that cannot be published

@@ -22,21 +22,27 @@ var ErrUnreachable = errors.New("receiver unreachable")
 // the receiver's.
 var ErrAuth = errors.New("receiver refused the stage secret (401/403): give archivers and receivers the same --stage-secret-file")
 
-// ErrGone marks a URL base that has been unreachable, without one success,
-// for longer than Client.GiveUp. It wraps os.ErrNotExist.
+// ErrGone marks a URL base that has been failing continuously (no
+// success, no quiet gap) for longer than Client.GiveUp. It wraps os.ErrNotExist.
 var ErrGone = fmt.Errorf("receiver gone: %w", os.ErrNotExist)
 
 // ClientConfig configures a Client.
 type ClientConfig struct {
+	// Secret signs every request (see AuthScheme); it is never sent.
 	Secret []byte
 	// TLS is used for https URLs (nil: the system's roots).
 	TLS *tls.Config
 	// Timeout bounds one fetch, its body included (0: one minute).
 	Timeout time.Duration
-	// GiveUp: a URL base (scheme and host) unreachable for this long
-	// without one success is taken for a receiver that is gone (0: ten
-	// minutes).
+	// GiveUp: a URL base (scheme and host) failing continuously for this
+	// long (no success, no gap longer than Quiet) is taken for a receiver
+	// that is gone (0: ten minutes).
 	GiveUp time.Duration
+	// Quiet: a failure streak with no failure for this long is over; the
+	// next failure starts a new one, so give-up needs failures spanning
+	// GiveUp with no such gap (0: one minute plus Timeout, longer than
+	// the archivers' longest retry delay plus one fetch).
+	Quiet time.Duration
 	// Conns is how many idle connections to keep per receiver (0: 2).
 	Conns int
 	Now   func() time.Time
@@ -45,13 +51,18 @@ type ClientConfig struct {
 // Client fetches held files from receivers. It is safe for concurrent use.
 type Client struct {
 	hc     *http.Client
-	auth   string
+	secret []byte
 	giveUp time.Duration
+	quiet  time.Duration
 	now    func() time.Time
 
 	mu   sync.Mutex
-	down map[string]time.Time // URL base → first failure since its last success
+	down map[string]streak // URL base → its current failure streak
 }
+
+// streak is a run of failures of one URL base with no success and no
+// quiet gap.
+type streak struct{ first, last time.Time }
 
 // NewClient builds a client.
 func NewClient(cfg ClientConfig) *Client {
@@ -60,6 +71,9 @@ func NewClient(cfg ClientConfig) *Client {
 	}
 	if cfg.GiveUp <= 0 {
 		cfg.GiveUp = 10 * time.Minute
+	}
+	if cfg.Quiet <= 0 {
+		cfg.Quiet = time.Minute + cfg.Timeout
 	}
 	if cfg.Conns <= 0 {
 		cfg.Conns = 2
@@ -77,8 +91,12 @@ func NewClient(cfg ClientConfig) *Client {
 		// would only cost CPU on both ends.
 		DisableCompression: true,
 	}
-	return &Client{hc: &http.Client{Transport: tr, Timeout: cfg.Timeout}, auth: "Bearer " + string(cfg.Secret),
-		giveUp: cfg.GiveUp, now: cfg.Now, down: map[string]time.Time{}}
+	hc := &http.Client{Transport: tr, Timeout: cfg.Timeout,
+		// A redirect would carry the request to a host it was not signed
+		// for; the 3xx is answered as a failure instead.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	return &Client{hc: hc, secret: cfg.Secret,
+		giveUp: cfg.GiveUp, quiet: cfg.Quiet, now: cfg.Now, down: map[string]streak{}}
 }
 
 // Fetch reads the size bytes at rawURL, which the event announced with
@@ -121,11 +139,22 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	}
 	now := c.now()
 	c.mu.Lock()
-	first, ok := c.down[base]
-	if !ok {
-		c.down[base] = now
-		first = now
+	for b, st := range c.down {
+		if now.Sub(st.last) > c.quiet {
+			// Over: its events ended otherwise (fetched by another
+			// archiver process, found in the bucket), or the host
+			// answered; an old failure must never count toward a new
+			// outage.
+			delete(c.down, b)
+		}
 	}
+	st, ok := c.down[base]
+	if !ok {
+		st.first = now
+	}
+	st.last = now
+	c.down[base] = st
+	first := st.first
 	c.mu.Unlock()
 	if now.Sub(first) >= c.giveUp {
 		return nil, fmt.Errorf("%w: %s unreachable since %s (more than %s): %v", ErrGone, base, first.UTC().Format(time.RFC3339), c.giveUp, err)
@@ -138,7 +167,8 @@ func (c *Client) get(ctx context.Context, rawURL, sum string, size int64, buf []
 	if err != nil {
 		return nil, fmt.Errorf("stage url: %w", os.ErrNotExist)
 	}
-	req.Header.Set("Authorization", c.auth)
+	ts := time.Now().Unix() // the wall clock: Now may be a test's give-up clock
+	req.Header.Set("Authorization", fmt.Sprintf("%s ts=%d,sig=%s", AuthScheme, ts, Sign(c.secret, ts, req.URL.Host, req.URL.RequestURI())))
 	req.Header.Set(SHA256Header, sum)
 	resp, err := c.hc.Do(req)
 	if err != nil {

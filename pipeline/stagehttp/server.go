@@ -1,7 +1,7 @@
 // Package stagehttp is the claim check between a receiver and archivers on
 // other hosts (--stage http): the receiver process serves the WAL files it
-// has announced and still holds, read-only, over HTTP with a shared
-// secret; the segment event carries the URL, and archivers fetch the bytes
+// has announced and still holds, read-only, over HTTP, to requests signed
+// with a shared secret (see AuthScheme); the segment event carries the URL, and archivers fetch the bytes
 // from there instead of from the JetStream object store.
 //
 // The server never builds a file system path from a request: a request
@@ -20,8 +20,8 @@
 //   - connection refused, timeout, 5xx, 503 while a receiver restarts:
 //     transient (ErrUnreachable); the archiver hands the event back with a
 //     back-off.
-//   - the same URL base unreachable without a single success for longer
-//     than Client.GiveUp: the receiver host is taken for gone, and the
+//   - the same URL base failing continuously (no success, and no gap
+//     longer than Client's Quiet) for longer than Client.GiveUp: the receiver host is taken for gone, and the
 //     error wraps os.ErrNotExist too (see Client.Fetch for why this never
 //     loses WAL and never freezes flush).
 //   - 401/403: the secrets differ (ErrAuth); handed back with a back-off
@@ -30,9 +30,11 @@
 package stagehttp
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
-	"crypto/subtle"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -98,9 +100,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 
 // Server serves the held files of every receiver of a process.
 type Server struct {
-	secret [32]byte // SHA-256 of the shared secret: compared in constant time
-	log    *slog.Logger
-	m      *Metrics
+	secrets [][]byte // any of them signs a valid request (rotation)
+	host    string   // the Host archivers dial; "": any (tests)
+	now     func() time.Time
+	wbase   time.Duration
+	wrate   int64
+	log     *slog.Logger
+	m       *Metrics
 
 	mu      sync.Mutex
 	holders map[string]*holding // by server; nil while its receiver restarts
@@ -112,16 +118,53 @@ type holding struct{ h Holder }
 
 var _ http.Handler = (*Server)(nil)
 
-// NewServer builds a server that admits requests carrying secret as a
-// bearer token. log and m may be nil.
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// Secrets: a request signed with any of them is admitted (the first
+	// is the current one, the others are accepted while archivers move
+	// over to it).
+	Secrets [][]byte
+	// Host is the host (and port, as written in the stage URL) archivers
+	// dial: a request signed for another host is refused. "" admits any
+	// Host the signature names, which only tests should do.
+	Host string
+	Log  *slog.Logger
+	// Metrics may be nil.
+	Metrics *Metrics
+	Now     func() time.Time
+	// A response must be written within WriteBase plus its size at
+	// MinRate bytes per second, else the connection is closed: an
+	// archiver that stops reading (SIGSTOP, a dead network) pins no file
+	// and no descriptor for long (0: 30 s and 1 MiB/s).
+	WriteBase time.Duration
+	MinRate   int64
+}
+
+// NewServer builds a server that admits requests signed with secret, for
+// any Host (see ServerConfig.Host). log and m may be nil.
 func NewServer(secret []byte, log *slog.Logger, m *Metrics) *Server {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	return NewServerConfig(ServerConfig{Secrets: [][]byte{secret}, Log: log, Metrics: m})
+}
+
+// NewServerConfig builds a server.
+func NewServerConfig(cfg ServerConfig) *Server {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	if m == nil {
-		m = NewMetrics(prometheus.NewRegistry())
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(prometheus.NewRegistry())
 	}
-	return &Server{secret: sha256.Sum256(secret), log: log, m: m, holders: map[string]*holding{}}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.WriteBase <= 0 {
+		cfg.WriteBase = 30 * time.Second
+	}
+	if cfg.MinRate <= 0 {
+		cfg.MinRate = 1 << 20
+	}
+	return &Server{secrets: cfg.Secrets, host: cfg.Host, now: cfg.Now, wbase: cfg.WriteBase, wrate: cfg.MinRate,
+		log: cfg.Log, m: cfg.Metrics, holders: map[string]*holding{}}
 }
 
 // Hold serves h's files under server until release is called. While a
@@ -141,14 +184,66 @@ func (s *Server) Hold(server string, h Holder) (release func()) {
 	}
 }
 
-// authorized reports whether r carries the secret, in constant time.
+// AuthScheme names the Authorization scheme of a signed request:
+//
+//	Authorization: walship-hmac ts=<unix seconds>,sig=<hex HMAC-SHA256(secret, ts "\n" host "\n" path-with-query)>
+//
+// host is the Host the archiver dials (the event URL's), path-with-query
+// the request URI. The secret itself never leaves the archiver: a URL
+// pointing elsewhere collects a signature good for that host and path
+// only, for MaxSkew.
+const AuthScheme = "walship-hmac"
+
+// MaxSkew is how far a signature's time may be from the server's clock.
+const MaxSkew = 5 * time.Minute
+
+// Sign is the signature of a request for host and uri at ts under secret.
+func Sign(secret []byte, ts int64, host, uri string) string {
+	mac := hmac.New(sha256.New, secret)
+	fmt.Fprintf(mac, "%d\n%s\n%s", ts, host, uri)
+	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// authorized reports whether r carries a fresh signature, for this
+// server's host, under one of its secrets; signatures are compared in
+// constant time.
 func (s *Server) authorized(r *http.Request) bool {
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	params, ok := strings.CutPrefix(r.Header.Get("Authorization"), AuthScheme+" ")
 	if !ok {
 		return false
 	}
-	sum := sha256.Sum256([]byte(tok))
-	return subtle.ConstantTimeCompare(sum[:], s.secret[:]) == 1
+	var tsText, sigText string
+	for _, kv := range strings.Split(params, ",") {
+		k, v, _ := strings.Cut(strings.TrimSpace(kv), "=")
+		switch k {
+		case "ts":
+			tsText = v
+		case "sig":
+			sigText = v
+		}
+	}
+	ts, err := strconv.ParseInt(tsText, 10, 64)
+	if err != nil {
+		return false
+	}
+	if d := s.now().Sub(time.Unix(ts, 0)); d > MaxSkew || d < -MaxSkew {
+		return false
+	}
+	if s.host != "" && !strings.EqualFold(r.Host, s.host) {
+		return false
+	}
+	sig, err := hex.DecodeString(sigText)
+	if err != nil || len(sig) != sha256.Size {
+		return false
+	}
+	ok = false
+	for _, sec := range s.secrets {
+		want, _ := hex.DecodeString(Sign(sec, ts, r.Host, r.RequestURI))
+		if hmac.Equal(sig, want) {
+			ok = true
+		}
+	}
+	return ok
 }
 
 // ServeHTTP serves GET and HEAD of /wal/<server>/<name>, with Range
@@ -156,12 +251,15 @@ func (s *Server) authorized(r *http.Request) bool {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !s.authorized(r) {
 		s.m.Requests.WithLabelValues("unauthorized").Inc()
-		w.Header().Set("WWW-Authenticate", `Bearer realm="walship"`)
+		w.Header().Set("WWW-Authenticate", AuthScheme+` realm="walship"`)
+		// No keep-alive for who cannot sign: the connection goes now.
+		w.Header().Set("Connection", "close")
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
+		w.Header().Set("Connection", "close")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
@@ -198,10 +296,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.Close()
+	// Bounded by the size: the file stays open (and its disk space taken,
+	// once confirmed and removed) only while the archiver reads.
+	limit := s.wbase + time.Duration(size/s.wrate)*time.Second
+	if err := http.NewResponseController(w).SetWriteDeadline(time.Now().Add(limit)); err != nil {
+		s.log.Debug("stage: cannot bound the response's write time", "error", err)
+	}
 	s.m.Requests.WithLabelValues("ok").Inc()
 	if r.Method == http.MethodGet {
 		s.m.Bytes.Add(float64(size))
 	}
+	// A failed write (the deadline passed, the peer went) aborts: the
+	// connection is closed rather than kept for another request.
+	ew := &errWriter{ResponseWriter: w}
+	defer func() {
+		if ew.err != nil {
+			panic(http.ErrAbortHandler)
+		}
+	}()
+	w = ew
 	w.Header().Set("Content-Type", "application/octet-stream")
 	if of, ok := f.(*os.File); ok {
 		if st, err := of.Stat(); err == nil && st.Size() == size {
@@ -223,6 +336,38 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	io.CopyN(w, f, size)
 }
+
+// errWriter remembers a ResponseWriter's first write error; it keeps
+// ReadFrom, so that files still go out by sendfile.
+type errWriter struct {
+	http.ResponseWriter
+	err error
+}
+
+func (w *errWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+func (w *errWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var err error
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{w.ResponseWriter}, r)
+	}
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// Unwrap gives http.ResponseController the underlying writer.
+func (w *errWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // parsePath splits /wal/<server>/<name>. Escaped or extra path elements
 // are refused: names are plain.

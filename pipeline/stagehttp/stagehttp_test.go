@@ -9,8 +9,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -59,6 +61,9 @@ func setup(t *testing.T) (*Server, *httptest.Server, []byte) {
 func get(t *testing.T, u, auth string, hdr ...string) (*http.Response, []byte) {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodGet, u, nil)
+	if auth == signed {
+		auth = signature(secret, time.Now().Unix(), req.URL.Host, req.URL.RequestURI())
+	}
 	if auth != "" {
 		req.Header.Set("Authorization", auth)
 	}
@@ -74,16 +79,32 @@ func get(t *testing.T, u, auth string, hdr ...string) (*http.Response, []byte) {
 	return resp, b
 }
 
+// signed stands for a valid signature of the request, made by get.
+const signed = "<signed>"
+
+func signature(sec string, ts int64, host, uri string) string {
+	return fmt.Sprintf("%s ts=%d,sig=%s", AuthScheme, ts, Sign([]byte(sec), ts, host, uri))
+}
+
 func TestAuth(t *testing.T) {
 	_, hs, data := setup(t)
 	u := URL(hs.URL, "pg1", "000000010000000000000005")
-	for _, auth := range []string{"", "Bearer wrong", "Bearer " + secret + "x", "Basic " + secret, "bearer " + secret} {
+	pu, _ := url.Parse(u)
+	now := time.Now().Unix()
+	for _, auth := range []string{"", "Bearer wrong", "Bearer " + secret, "Basic " + secret, "bearer " + secret,
+		signature(secret+"x", now, pu.Host, pu.RequestURI()),                           // another secret
+		signature(secret, now, "elsewhere.example:9753", pu.RequestURI()),              // signed for another host
+		signature(secret, now, pu.Host, "/wal/pg1/000000010000000000000006"),           // for another path
+		signature(secret, now-int64(MaxSkew/time.Second)-60, pu.Host, pu.RequestURI()), // stale
+		signature(secret, now+int64(MaxSkew/time.Second)+60, pu.Host, pu.RequestURI()), // from the future
+		AuthScheme + " ts=" + strconv.FormatInt(now, 10) + ",sig=00",
+	} {
 		resp, body := get(t, u, auth)
 		if resp.StatusCode != http.StatusUnauthorized || bytes.Contains(body, []byte(secret)) {
 			t.Errorf("auth %q: %s %q, want 401 without the secret", auth, resp.Status, body)
 		}
 	}
-	resp, body := get(t, u, "Bearer "+secret)
+	resp, body := get(t, u, signed)
 	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, data) {
 		t.Fatalf("right secret: %s, %d bytes", resp.Status, len(body))
 	}
@@ -97,7 +118,7 @@ func TestAuth(t *testing.T) {
 
 func TestOnlyHeldNamesAreServed(t *testing.T) {
 	_, hs, _ := setup(t)
-	auth := "Bearer " + secret
+	auth := signed
 	for _, p := range []string{
 		"/wal/pg1/secret.txt",                   // in the directory, not announced
 		"/wal/pg1/../outside",                   // traversal
@@ -121,7 +142,7 @@ func TestOnlyHeldNamesAreServed(t *testing.T) {
 	}
 	// Other methods are refused.
 	req, _ := http.NewRequest(http.MethodDelete, URL(hs.URL, "pg1", "000000010000000000000005"), nil)
-	req.Header.Set("Authorization", auth)
+	req.Header.Set("Authorization", signature(secret, time.Now().Unix(), req.URL.Host, req.URL.RequestURI()))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Errorf("DELETE: %v %v", resp.Status, err)
@@ -131,11 +152,11 @@ func TestOnlyHeldNamesAreServed(t *testing.T) {
 func TestRanges(t *testing.T) {
 	_, hs, data := setup(t)
 	u := URL(hs.URL, "pg1", "000000010000000000000005")
-	resp, body := get(t, u, "Bearer "+secret, "Range", "bytes=100-8291")
+	resp, body := get(t, u, signed, "Range", "bytes=100-8291")
 	if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(body, data[100:8292]) {
 		t.Fatalf("range: %s, %d bytes", resp.Status, len(body))
 	}
-	resp, body = get(t, u, "Bearer "+secret, "Range", fmt.Sprintf("bytes=%d-", len(data)-10))
+	resp, body = get(t, u, signed, "Range", fmt.Sprintf("bytes=%d-", len(data)-10))
 	if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(body, data[len(data)-10:]) {
 		t.Fatalf("suffix range: %s, %d bytes", resp.Status, len(body))
 	}
@@ -248,9 +269,9 @@ func TestMetrics(t *testing.T) {
 	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"f": ""}})
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
-	get(t, URL(hs.URL, "pg1", "f"), "Bearer "+secret)
+	get(t, URL(hs.URL, "pg1", "f"), signed)
 	get(t, URL(hs.URL, "pg1", "f"), "Bearer nope")
-	get(t, URL(hs.URL, "pg1", "g"), "Bearer "+secret)
+	get(t, URL(hs.URL, "pg1", "g"), signed)
 	for answer, want := range map[string]float64{"ok": 1, "unauthorized": 1, "not_found": 1, "unavailable": 0} {
 		if got := testutil.ToFloat64(srv.m.Requests.WithLabelValues(answer)); got != want {
 			t.Errorf("%s: %v, want %v", answer, got, want)
@@ -262,5 +283,178 @@ func TestMetrics(t *testing.T) {
 	mfs, _ := reg.Gather()
 	if s := fmt.Sprint(mfs); strings.Contains(s, secret) {
 		t.Error("the secret is in the metrics")
+	}
+}
+
+// A server that knows the host it is served as refuses signatures made
+// for any other (a Host header rewritten to match a signature collected
+// elsewhere); several secrets are accepted (rotation); the client signs
+// with its one secret and sends it to no one; redirects are not followed.
+func TestSignatureHostRotationRedirect(t *testing.T) {
+	dir := t.TempDir()
+	data := []byte("0123456789abcdef0123456789abcdef")
+	os.WriteFile(filepath.Join(dir, "f"), data, 0o600)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := ln.Addr().String()
+	srv := NewServerConfig(ServerConfig{Secrets: [][]byte{[]byte("new-secret-0123456789"), []byte(secret)}, Host: host})
+	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"f": ""}})
+	hs := httptest.NewUnstartedServer(srv)
+	hs.Listener.Close()
+	hs.Listener = ln
+	hs.Start()
+	defer hs.Close()
+	u := URL(hs.URL, "pg1", "f")
+	for _, sec := range []string{"new-secret-0123456789", secret} {
+		got, err := NewClient(ClientConfig{Secret: []byte(sec)}).Fetch(context.Background(), u, "", int64(len(data)), nil)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Errorf("secret %q of the server's list: %v", sec[:4], err)
+		}
+	}
+	// A signature made for the host "evil:1", replayed with that Host.
+	req, _ := http.NewRequest(http.MethodGet, u, nil)
+	req.Host = "evil:1"
+	req.Header.Set("Authorization", signature(secret, time.Now().Unix(), "evil:1", req.URL.RequestURI()))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("signature for another host: %s, want 401", resp.Status)
+	}
+
+	// A URL from an event that points elsewhere and redirects to the
+	// real receiver: the client neither sends the secret nor follows.
+	var auths []string
+	var mu sync.Mutex
+	evil := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		auths = append(auths, r.Header.Get("Authorization"))
+		mu.Unlock()
+		http.Redirect(w, r, u, http.StatusFound)
+	}))
+	defer evil.Close()
+	_, err = NewClient(ClientConfig{Secret: []byte(secret)}).Fetch(context.Background(), evil.URL+"/wal/pg1/f", "", int64(len(data)), nil)
+	if err == nil {
+		t.Errorf("a redirect was followed")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(auths) != 1 || strings.Contains(auths[0], secret) || !strings.HasPrefix(auths[0], AuthScheme+" ts=") {
+		t.Errorf("the other host saw %q", auths)
+	}
+}
+
+// Give-up needs failures spanning GiveUp with no quiet gap: a streak with
+// no failure for longer than Quiet is over, and a later failure starts a
+// new one; failures every 30 s for longer than GiveUp give up.
+func TestGiveUpNeedsContinuousFailure(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{t: time.Unix(1e9, 0)}
+	cl := NewClient(ClientConfig{Secret: []byte(secret), GiveUp: 10 * time.Minute, Timeout: 2 * time.Second, Quiet: time.Minute, Now: clk.now})
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := "http://" + ln.Addr().String() + "/wal/pg1/000000010000000000000005"
+	ln.Close()
+	fetch := func() error { _, err := cl.Fetch(ctx, dead, "", 1, nil); return err }
+	// Failures 9 min apart, then 3 h apart: never gone.
+	for _, gap := range []time.Duration{0, 9 * time.Minute, 3 * time.Hour, 2 * time.Minute} {
+		clk.add(gap)
+		if err := fetch(); !errors.Is(err, ErrUnreachable) || errors.Is(err, ErrGone) {
+			t.Fatalf("after a quiet gap of %s: %v, want transient", gap, err)
+		}
+	}
+	// Every 30 s: gone once the streak spans GiveUp.
+	var err error
+	for i := 0; i < 20; i++ {
+		clk.add(30 * time.Second)
+		err = fetch()
+	}
+	if !errors.Is(err, ErrGone) {
+		t.Errorf("10 min of failures every 30 s: %v, want gone", err)
+	}
+}
+
+// LimitListener: at most n connections open at once; a closed one frees
+// its place.
+func TestLimitListener(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := LimitListener(inner, 2)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 10)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	for i := 0; i < 3; i++ {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	first := <-accepted
+	<-accepted
+	select {
+	case <-accepted:
+		t.Fatal("a third connection accepted with a cap of 2")
+	case <-time.After(200 * time.Millisecond):
+	}
+	first.Close()
+	select {
+	case c := <-accepted:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("the third connection not accepted after one closed")
+	}
+}
+
+// A response has a write deadline by size: an archiver that stops reading
+// does not keep the connection (and the open file) beyond it; a 401
+// closes the connection.
+func TestWriteDeadlineAndCloseOn401(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("w"), 48<<20)
+	os.WriteFile(filepath.Join(dir, "f"), data, 0o600)
+	srv := NewServerConfig(ServerConfig{Secrets: [][]byte{[]byte(secret)}, WriteBase: 300 * time.Millisecond, MinRate: 1 << 40})
+	srv.Hold("pg1", &dirHolder{dir: dir, held: map[string]string{"f": ""}})
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	addr := strings.TrimPrefix(hs.URL, "http://")
+
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	uri := "/wal/pg1/f"
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", uri, addr, signature(secret, time.Now().Unix(), addr, uri))
+	time.Sleep(1500 * time.Millisecond) // not reading: the deadline passes
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, cerr := io.Copy(io.Discard, conn)
+	if n >= int64(len(data)) || cerr != nil {
+		t.Errorf("read %d bytes (%v) after stalling past the write deadline, want the connection closed early", n, cerr)
+	}
+
+	c2, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	fmt.Fprintf(c2, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", uri, addr)
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c2) // ends at EOF only if the server closes
+	if err != nil || !bytes.HasPrefix(b, []byte("HTTP/1.1 401")) {
+		t.Errorf("unsigned request: %q, %v; want a 401 and the connection closed", b, err)
 	}
 }
