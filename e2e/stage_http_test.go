@@ -164,7 +164,7 @@ func TestStageHTTPBadInput(t *testing.T) {
 		exit2(t, nil, append(base, "--stage", "http", "--stage-secret-file", empty), "is empty")
 	})
 	t.Run("BadMode", func(t *testing.T) {
-		exit2(t, nil, append(base, "--stage", "s3"), `--stage "s3"`, "use auto, http or nats")
+		exit2(t, nil, append(base, "--stage", "s3"), `--stage "s3"`, "use auto, nats or http")
 	})
 	t.Run("BadListen", func(t *testing.T) {
 		exit2(t, nil, append(base, "--stage", "http", "--stage-secret-file", secret, "--stage-listen", "127.0.0.1:99999"), "--stage-listen")
