@@ -40,6 +40,10 @@ type ClientConfig struct {
 	// Conns is how many idle connections to keep per receiver (0: 2).
 	Conns int
 	Now   func() time.Time
+	// Transport, when set, carries the requests instead of a network
+	// transport built from TLS and Conns (the deterministic simulation
+	// serves them in memory).
+	Transport http.RoundTripper
 }
 
 // Client fetches held files from receivers. It is safe for concurrent use.
@@ -67,7 +71,7 @@ func NewClient(cfg ClientConfig) *Client {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	tr := &http.Transport{
+	var tr http.RoundTripper = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:     cfg.TLS,
 		TLSHandshakeTimeout: 5 * time.Second,
@@ -76,6 +80,9 @@ func NewClient(cfg ClientConfig) *Client {
 		// WAL is compressed by the archiver; compressing it on the wire
 		// would only cost CPU on both ends.
 		DisableCompression: true,
+	}
+	if cfg.Transport != nil {
+		tr = cfg.Transport
 	}
 	return &Client{hc: &http.Client{Transport: tr, Timeout: cfg.Timeout}, auth: "Bearer " + string(cfg.Secret),
 		giveUp: cfg.GiveUp, now: cfg.Now, down: map[string]time.Time{}}
