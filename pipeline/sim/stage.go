@@ -2,6 +2,7 @@ package sim
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -159,9 +160,72 @@ type racingHolder struct {
 func (r racingHolder) OpenHeld(name, sum string) (io.ReadCloser, int64, error) {
 	f, size, err := r.core.OpenHeld(name, sum)
 	if err == nil {
-		r.w.interfere("stage")
+		h := r.w.holderOf(r.core)
+		if h == nil || !r.w.race(h, name) {
+			r.w.interfere("stage")
+		}
+		if h != nil {
+			if _, ok := h.fs.files[path.Join(spoolDir, name)]; !ok {
+				// Confirmed and removed while it was sent: the archiver
+				// still gets the bytes it opened.
+				r.w.count("http sent after removal")
+			}
+		}
 	}
 	return f, size, err
+}
+
+// holderOf is the host core runs on.
+func (w *World) holderOf(core *receiver.Core) *host {
+	for _, h := range w.hosts {
+		if h.core == core {
+			return h
+		}
+	}
+	return nil
+}
+
+// race is the fault "stage-race": while a file is being sent, its event
+// outlives its acknowledgement deadline (a stalled worker), another
+// archiver archives it, and the receiver takes the confirmation and
+// removes the file - all before the first archiver has the bytes.
+func (w *World) race(h *host, name string) bool {
+	if !w.faultsOn || w.depth > 0 || w.opt.Skip["stage-race"] || w.rng.IntN(2) != 0 || w.busy[h.actor("watch")] {
+		return false
+	}
+	var b *arch
+	for _, x := range w.archs {
+		if !w.busy[x.name] {
+			b = x
+			break
+		}
+	}
+	if b == nil {
+		return false
+	}
+	expired := false
+	for _, m := range w.js.segments.msgs {
+		var ev pipeline.SegmentEvent
+		if m.inflight && json.Unmarshal(m.data, &ev) == nil && ev.URL != "" && path.Base(ev.URL) == name {
+			m.deadline, expired = w.now, true
+		}
+	}
+	if !expired {
+		return false
+	}
+	w.res.Faults["stage-race"]++
+	w.logf("%s: while %s is sent, its event is redelivered to %s", h.name, name, b.name)
+	w.depth++
+	defer func() { w.depth-- }()
+	for i := 0; i < 3; i++ {
+		w.run(action{name: "archive", actor: b.name, do: func() { w.archiveStep(b) }})
+	}
+	w.run(action{name: "recv-confirm", actor: h.actor("watch"), do: func() {
+		for i := 0; i < 6 && h.core != nil && !w.js.down(); i++ {
+			w.recvConfirm(h)
+		}
+	}})
+	return true
 }
 
 // stageTransport carries one archiver process's fetches to the receivers'
@@ -401,4 +465,32 @@ func (w *World) stageSettle() {
 			w.archCrash(a)
 		}
 	}
+}
+
+// stageDrain is liveness for the stage, once flush has reached the end:
+// every event with a URL ends (archived, or terminated once its receiver
+// no longer holds the file or its host is gone) within a bounded time,
+// however many of its receivers' URLs died in the faults.
+func (w *World) stageDrain() {
+	if w.http == nil {
+		return
+	}
+	began := w.now
+	for {
+		left := 0
+		for _, m := range w.js.segments.msgs {
+			var ev pipeline.SegmentEvent
+			if json.Unmarshal(m.data, &ev) == nil && ev.URL != "" {
+				left++
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if w.now.Sub(began) > time.Hour+w.http.giveUp || w.steps > w.opt.Steps+200000 {
+			w.fail("(d) liveness: %s after flush reached the end, %d events with a URL are still queued (%s)", w.now.Sub(began).Round(time.Second), left, w.pendingSummary())
+		}
+		w.step(false)
+	}
+	w.logf("stage drained after %s", w.now.Sub(began).Round(time.Second))
 }

@@ -1119,6 +1119,7 @@ func (w *World) settle() {
 	}
 	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
 	w.settleBackup()
+	w.stageDrain()
 	for name, spans := range w.bkt.ranges {
 		if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil || w.walshipObject(w.layout.Key(name+".partial", w.codec.Ext())) != nil {
 			w.res.Counts["ranges left behind"] += len(spans) // best effort: harmless, counted
