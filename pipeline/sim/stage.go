@@ -95,6 +95,7 @@ func (w *World) setupStage() {
 	}
 	giveUp := time.Duration(20+w.rng.IntN(280)) * time.Second
 	w.http = &httpStage{giveUp: giveUp, listening: map[string]*host{}}
+	w.count("seeds staging over http")
 	w.logf("stage http: give-up %s", giveUp)
 }
 
@@ -410,6 +411,7 @@ func (w *World) stageActions() []action {
 				return // an operator's rare mistake
 			}
 			a.st.wrongSecret = true
+			w.count("http wrong secrets")
 			w.archCrash(a)
 		}})
 	}
