@@ -264,3 +264,35 @@ func TestMetrics(t *testing.T) {
 		t.Error("the secret is in the metrics")
 	}
 }
+
+// Give-up needs evidence across its whole bound: two failures GiveUp apart
+// with no request between them say nothing of the time between (found by
+// the simulation, seed 186: an S3 outage kept the archiver from fetching
+// for minutes after one 502; the next 502 took a live receiver for gone
+// and its held file's event was terminated). A host that fails without a
+// gap longer than half the bound is still given up on.
+func TestGiveUpNeedsFreshFailures(t *testing.T) {
+	h502 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "bad gateway", 502) }))
+	defer h502.Close()
+	ctx := context.Background()
+	clk := &clock{t: time.Unix(1e9, 0)}
+	cl := NewClient(ClientConfig{Secret: []byte(secret), GiveUp: time.Minute, Timeout: 2 * time.Second, Now: clk.now})
+	u := h502.URL + "/wal/pg1/000000010000000000000005"
+	if _, err := cl.Fetch(ctx, u, "", 1, nil); !errors.Is(err, ErrUnreachable) || errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("first failure: %v, want transient", err)
+	}
+	clk.add(2 * time.Minute) // nothing asked meanwhile
+	if _, err := cl.Fetch(ctx, u, "", 1, nil); !errors.Is(err, ErrUnreachable) || errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a failure after two quiet minutes: %v, want transient (no evidence the host was down between)", err)
+	}
+	for i := 0; i < 3; i++ {
+		clk.add(20 * time.Second)
+		_, err := cl.Fetch(ctx, u, "", 1, nil)
+		if i < 2 && (!errors.Is(err, ErrUnreachable) || errors.Is(err, os.ErrNotExist)) {
+			t.Fatalf("failure %d, %ds into the bound: %v, want transient", i, 20*(i+1), err)
+		}
+		if i == 2 && !errors.Is(err, ErrGone) {
+			t.Fatalf("failing every 20s for a minute: %v, want gone", err)
+		}
+	}
+}
