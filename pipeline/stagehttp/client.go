@@ -26,6 +26,12 @@ var ErrAuth = errors.New("receiver refused the stage secret (401/403): give arch
 // for longer than Client.GiveUp. It wraps os.ErrNotExist.
 var ErrGone = fmt.Errorf("receiver gone: %w", os.ErrNotExist)
 
+// QuietRestart: a failure that comes after a silence longer than this and
+// than GiveUp (no request to that URL base) starts the give-up count over.
+// It is well above the archivers' longest retry delay (30 s), so a host
+// that stays unreachable while events wait for it is still given up on.
+const QuietRestart = 2 * time.Minute
+
 // ClientConfig configures a Client.
 type ClientConfig struct {
 	Secret []byte
@@ -35,7 +41,8 @@ type ClientConfig struct {
 	Timeout time.Duration
 	// GiveUp: a URL base (scheme and host) unreachable for this long
 	// without one success is taken for a receiver that is gone (0: ten
-	// minutes).
+	// minutes). A failure after a long silence (see QuietRestart)
+	// starts the count over.
 	GiveUp time.Duration
 	// Conns is how many idle connections to keep per receiver (0: 2).
 	Conns int
@@ -54,8 +61,12 @@ type Client struct {
 	now    func() time.Time
 
 	mu   sync.Mutex
-	down map[string]time.Time // URL base → first failure since its last success
+	down map[string]downSince // URL base → failures since its last answer
 }
+
+// downSince is a URL base's failures since it last answered: the first
+// and the latest.
+type downSince struct{ first, last time.Time }
 
 // NewClient builds a client.
 func NewClient(cfg ClientConfig) *Client {
@@ -85,7 +96,7 @@ func NewClient(cfg ClientConfig) *Client {
 		tr = cfg.Transport
 	}
 	return &Client{hc: &http.Client{Transport: tr, Timeout: cfg.Timeout}, auth: "Bearer " + string(cfg.Secret),
-		giveUp: cfg.GiveUp, now: cfg.Now, down: map[string]time.Time{}}
+		giveUp: cfg.GiveUp, now: cfg.Now, down: map[string]downSince{}}
 }
 
 // Fetch reads the size bytes at rawURL, which the event announced with
@@ -128,11 +139,17 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	}
 	now := c.now()
 	c.mu.Lock()
-	first, ok := c.down[base]
-	if !ok {
-		c.down[base] = now
-		first = now
+	d, ok := c.down[base]
+	if !ok || now.Sub(d.last) > max(c.giveUp, QuietRestart) {
+		// The host is taken for gone only on failures that span GiveUp
+		// without a long silence: after one (nothing was asked of the
+		// host: NATS or S3 down, no events), an old failure says nothing
+		// of the time since.
+		d.first = now
 	}
+	d.last = now
+	c.down[base] = d
+	first := d.first
 	c.mu.Unlock()
 	if now.Sub(first) >= c.giveUp {
 		return nil, fmt.Errorf("%w: %s unreachable since %s (more than %s): %v", ErrGone, base, first.UTC().Format(time.RFC3339), c.giveUp, err)

@@ -269,8 +269,8 @@ func TestMetrics(t *testing.T) {
 // with no request between them say nothing of the time between (found by
 // the simulation, seed 186: an S3 outage kept the archiver from fetching
 // for minutes after one 502; the next 502 took a live receiver for gone
-// and its held file's event was terminated). A host that fails without a
-// gap longer than half the bound is still given up on.
+// and its held file's event was terminated). A host that keeps failing,
+// with no silence longer than the bound, is still given up on.
 func TestGiveUpNeedsFreshFailures(t *testing.T) {
 	h502 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "bad gateway", 502) }))
 	defer h502.Close()
@@ -281,9 +281,9 @@ func TestGiveUpNeedsFreshFailures(t *testing.T) {
 	if _, err := cl.Fetch(ctx, u, "", 1, nil); !errors.Is(err, ErrUnreachable) || errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("first failure: %v, want transient", err)
 	}
-	clk.add(2 * time.Minute) // nothing asked meanwhile
+	clk.add(QuietRestart + time.Second) // nothing asked meanwhile
 	if _, err := cl.Fetch(ctx, u, "", 1, nil); !errors.Is(err, ErrUnreachable) || errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("a failure after two quiet minutes: %v, want transient (no evidence the host was down between)", err)
+		t.Fatalf("a failure after a silence: %v, want transient (no evidence the host was down between)", err)
 	}
 	for i := 0; i < 3; i++ {
 		clk.add(20 * time.Second)
