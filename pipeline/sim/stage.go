@@ -51,6 +51,51 @@ type httpStage struct {
 	// listening maps a URL host to the host whose receiver process
 	// listens there now.
 	listening map[string]*host
+	// served: every time a receiver served its files at a URL host.
+	served map[string][]span2
+}
+
+// span2 is a time interval [from, to) and the host it was of.
+type span2 struct {
+	from, to time.Time
+	h        *host
+}
+
+// forever ends an interval that has not ended.
+var forever = time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// servedDuring: a receiver served its files at addr, with its host's
+// network up, at a time in [from, to); at is the first such time.
+func (w *World) servedDuring(addr string, from, to time.Time) (at time.Time, ok bool) {
+	for _, l := range w.http.served[addr] {
+		cur, end := maxTime(from, l.from), minTime(to, l.to)
+		for moved := true; moved && cur.Before(end); {
+			moved = false
+			for _, p := range l.h.st.parts {
+				if !p.from.After(cur) && p.to.After(cur) {
+					cur, moved = p.to, true
+				}
+			}
+		}
+		if cur.Before(end) {
+			return cur, true
+		}
+	}
+	return time.Time{}, false
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 // hostStage is one receiver host's side of the stage.
@@ -61,6 +106,7 @@ type hostStage struct {
 	srv      *stagehttp.Server
 	release  func()
 	downTill time.Time // the network to this host is cut
+	parts    []span2   // every cut
 	moved    bool      // the next process starts elsewhere
 }
 
@@ -73,6 +119,8 @@ type archStage struct {
 	// downSince: URL host → first failure since its last answer, as this
 	// process's client saw it (an independent record, for invariant (f)).
 	downSince map[string]time.Time
+	// fails: URL host → the times of its failures since its last answer.
+	fails map[string][]time.Time
 }
 
 // fetchRecord is the last fetch an archiver made, as the network saw it.
@@ -94,7 +142,7 @@ func (w *World) setupStage() {
 		return
 	}
 	giveUp := time.Duration(20+w.rng.IntN(280)) * time.Second
-	w.http = &httpStage{giveUp: giveUp, listening: map[string]*host{}}
+	w.http = &httpStage{giveUp: giveUp, listening: map[string]*host{}, served: map[string][]span2{}}
 	w.count("seeds staging over http")
 	w.logf("stage http: give-up %s", giveUp)
 }
@@ -127,6 +175,7 @@ func (w *World) stageHold(h *host, core *receiver.Core) {
 		return
 	}
 	h.st.release = h.st.srv.Hold(server, racingHolder{w: w, core: core})
+	w.http.served[h.st.addr] = append(w.http.served[h.st.addr], span2{from: w.now, to: forever, h: h})
 }
 
 // stageRelease: the receiver starts over within its process; its server
@@ -135,6 +184,8 @@ func (w *World) stageRelease(h *host) {
 	if h.st.release != nil {
 		h.st.release()
 		h.st.release = nil
+		l := w.http.served[h.st.addr]
+		l[len(l)-1].to = w.now
 	}
 }
 
@@ -255,6 +306,7 @@ func (t stageTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if _, ok := a.st.downSince[addr]; !ok {
 			a.st.downSince[addr] = w.now
 		}
+		a.st.fails[addr] = append(a.st.fails[addr], w.now)
 		w.logf("%s: fetch %s: %s", a.name, req.URL.Path, why)
 	}
 	switch {
@@ -303,6 +355,7 @@ func (t stageTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	a.st.last, rec.at = rec, w.now
 	delete(a.st.downSince, addr) // the host answered
+	delete(a.st.fails, addr)
 	w.logf("%s: fetch %s: %s", a.name, req.URL.Path, resp.Status)
 	return resp, nil
 }
@@ -347,6 +400,7 @@ func (w *World) fetcher(a *arch) archiver.Fetcher {
 	}
 	a.st.badClient, a.st.wrongSecret = a.st.wrongSecret, false
 	a.st.downSince = map[string]time.Time{}
+	a.st.fails = map[string][]time.Time{}
 	a.st.last = nil
 	secret := stageSecret
 	if a.st.badClient {
@@ -384,6 +438,26 @@ func (w *World) checkStageOutcome(a *arch, ev *pipeline.SegmentEvent, out archiv
 			w.fail("(f) %s terminated %s after %s, but its host was unreachable only since %s (give-up %s)", a.name, ev.File, rec.why, since, w.http.giveUp)
 		}
 		w.count("http terms: gone")
+		if _, ok := w.servedDuring(addr, since, rec.at); ok {
+			// Between failures, the host served (unasked, or answering 5xx
+			// by chance): allowed while no silence exceeds the bound.
+			w.count("http terms: gone, though served meanwhile")
+		}
+		// The give-up rests on failures that span the bound with no long
+		// silence (nothing asked): after one, an old failure says nothing
+		// of the time since.
+		fails := a.st.fails[addr]
+		k := 0
+		for i := 1; i < len(fails); i++ {
+			if fails[i].Sub(fails[i-1]) > max(w.http.giveUp, stagehttp.QuietRestart) {
+				k = i
+			}
+		}
+		if rec.at.Sub(fails[k]) < w.http.giveUp {
+			at, served := w.servedDuring(addr, fails[max(k-1, 0)], fails[k])
+			w.fail("(f) %s gave up on %s on failures since %s, but nothing was asked of it from %s to %s (its receiver served meanwhile: %v, at %s)",
+				a.name, addr, since.Sub(w.start), fails[max(k-1, 0)].Sub(w.start), fails[k].Sub(w.start), served, at.Sub(w.start))
+		}
 	case rec.status == http.StatusOK:
 		w.count("http terms: bytes failed verification")
 	default:
@@ -427,6 +501,7 @@ func (w *World) stagePartition() {
 		}
 		d := time.Duration(1+w.rng.IntN(int(3*w.http.giveUp/time.Second))) * time.Second
 		h.st.downTill = w.now.Add(d)
+		h.st.parts = append(h.st.parts, span2{from: w.now, to: h.st.downTill})
 		w.logf("%s: stage unreachable for %s", h.name, d)
 		return
 	}
@@ -448,6 +523,9 @@ func (w *World) stageHostLost(h *host) {
 	h.st.machine++
 	h.st.moved = true
 	h.st.downTill = time.Time{}
+	for i := range h.st.parts {
+		h.st.parts[i].to = minTime(h.st.parts[i].to, w.now)
+	}
 	w.logf("%s: host lost with its spool; a new machine replaces it", h.name)
 	w.count("http hosts lost")
 }
@@ -460,6 +538,9 @@ func (w *World) stageSettle() {
 	}
 	for _, h := range w.hosts {
 		h.st.downTill = w.now
+		for i := range h.st.parts {
+			h.st.parts[i].to = minTime(h.st.parts[i].to, w.now)
+		}
 	}
 	for _, a := range w.archs {
 		if a.st.badClient {
