@@ -46,4 +46,17 @@
 // go; (e4) a backup chunk's confirmation never moves flush. Once faults
 // stop, a backup in progress completes (liveness), unless the slot was
 // recreated or the timeline changed under it.
+//
+// Staging over HTTP (stage.go, --stage http): on even seeds that stage for
+// remote archivers, each receiver process serves its held files through
+// the real stagehttp.Server and the core's OpenHeld, and archivers fetch
+// through the real stagehttp.Client (give-up on the virtual clock, shrunk
+// to seconds or minutes) over an in-memory transport. Faults: a host's
+// stage unreachable for a while, receivers restarted elsewhere (new URL,
+// new run), a host lost with its spool, 5xx, a wrong secret (401), a body
+// cut short, and a file confirmed and removed while it is sent. Invariant
+// (f): an event with a URL is terminated only after a 404 from a receiver
+// that did not hold the file, or after its host was unreachable, without
+// one answer, for the give-up bound; and once faults stop, every event with
+// a URL ends within a bounded time (liveness).
 package sim

@@ -66,7 +66,8 @@ type World struct {
 	now   time.Time
 	start time.Time
 	codec compress.Codec
-	stage bool // receiver stages bytes in the object store (else archivers read the spool)
+	stage bool       // receiver stages bytes in the object store (else archivers read the spool)
+	http  *httpStage // stage.go: staged over HTTP instead (--stage http), else nil
 	// ids are the age identities of the archive's keys, oldest first,
 	// when the archivers encrypt (--encrypt-recipient); the newest is the
 	// recipient of archivers started now (a rotation adds one).
@@ -137,6 +138,7 @@ type host struct {
 	// flushed: the highest flush this receiver reported since it started;
 	// flush never moves back within a receiver's life.
 	flushed pipeline.LSN
+	st      hostStage // stage.go
 }
 
 // actor names one of the host's loops; one host keeps the old names.
@@ -192,6 +194,7 @@ type arch struct {
 	w      *archiver.Worker
 	ctx    context.Context
 	cancel context.CancelFunc
+	st     archStage // stage.go
 }
 
 type hashWriter struct {
@@ -330,6 +333,7 @@ func (w *World) setup() {
 		w.archs = append(w.archs, a)
 		w.startArchiver(a)
 	}
+	w.setupStage()
 	w.faultsOn = true
 	w.logf("setup pg14=%v size=%d codec=%s encrypted=%v stage=%v archivers=%d receivers=%d slot=%s budget=%s partial=%s quiet=%v",
 		w.pg14, w.size, w.codec, len(w.ids) > 0, w.stage, n, nh, w.slot, w.budget, w.partial, w.quiet)
@@ -382,11 +386,12 @@ func (w *World) startArchiver(a *arch) {
 		a.m = archiver.NewMetrics(prometheus.NewRegistry())
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
+	fetch := w.fetcher(a)
 	var err error
 	a.a, err = archiver.New(archiver.Config{
 		Codec: w.codec, Layout: func(string) sinks.Layout { return w.layout }, Dest: dest,
 		ReadSpool: !w.stage, OpenSpool: func(p string) (io.ReadCloser, error) { return w.hosts[0].fs.handle().Open(p) }, KeepAlive: -1,
-		Log: w.logger(a.name), Metrics: a.m, Recipients: recipients,
+		Log: w.logger(a.name), Metrics: a.m, Recipients: recipients, Fetch: fetch,
 	}, busFor{js: w.js, a: a}, &bucketFor{b: w.bkt, a: a})
 	if err != nil {
 		w.fail("archiver: %v", err)
@@ -397,8 +402,9 @@ func (w *World) startArchiver(a *arch) {
 func (w *World) startReceiver(h *host) {
 	core, err := receiver.NewCore(receiver.CoreConfig{
 		Server: server, SystemID: strconv.FormatUint(sysID, 10), Size: w.size, Dir: spoolDir,
-		FS: h.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage, Dest: dest,
-		Run: fmt.Sprintf("%s%d", h.name, w.steps), PartialInterval: w.partial,
+		FS: h.fs.handle(), Now: func() time.Time { return w.now }, StageObjects: w.stage && w.http == nil, Dest: dest,
+		StageURL: w.stageListen(h),
+		Run:      fmt.Sprintf("%s%d", h.name, w.steps), PartialInterval: w.partial,
 		Log: w.logger(h.name), Metrics: h.m,
 	})
 	if err != nil {
@@ -421,6 +427,7 @@ func (w *World) startReceiver(h *host) {
 		return
 	}
 	h.core, h.sessions, h.flushed = core, 0, 0
+	w.stageHold(h, core)
 	h.watched = w.js.archivedSince(core.ReplaySince())
 	tli, start := core.Resume()
 	for _, t := range w.hist[1:] {
@@ -490,6 +497,7 @@ func (w *World) makeActions() []action {
 		{"disk-full", "fault", 1, true, func() bool { return true }, func() { w.diskFull = !w.diskFull; w.logf("disk full: %v", w.diskFull) }},
 	}...)
 	acts = append(acts, w.backupActions()...)
+	acts = append(acts, w.stageActions()...)
 	for _, a := range w.archs {
 		a := a
 		acts = append(acts,
@@ -729,6 +737,7 @@ func (w *World) idle2(h *host, self string) bool {
 // spool and the slot (Receiver.Run after errReplan or ErrSlotActive).
 func (w *World) release(h *host, why string) {
 	w.logf("%s: starts over: %s", h.name, why)
+	w.stageRelease(h)
 	h.core.Release()
 	h.core, h.sess = nil, nil
 	w.count("receiver replans")
@@ -886,6 +895,7 @@ func (w *World) recvTick(h *host) {
 func (w *World) recvCrash(h *host) {
 	w.logf("%s: receiver crashes", h.name)
 	h.fs.crash()
+	w.stageProcessDies(h)
 	h.core, h.sess = nil, nil
 	w.count("receiver crashes")
 	if !w.stage {
@@ -903,9 +913,11 @@ func (w *World) archiveStep(a *arch) {
 	if d == nil {
 		return
 	}
+	a.st.handles++
 	out := a.a.Handle(a.ctx, a.w, d)
 	var ev pipeline.SegmentEvent
 	json.Unmarshal(d.Data(), &ev)
+	w.checkStageOutcome(a, &ev, out)
 	w.logf("%s: %s %s (delivery %d)", a.name, out, ev.File, d.n)
 	if out == archiver.Acked {
 		if ev.Kind == pipeline.KindBackup {
@@ -1087,6 +1099,7 @@ func (w *World) forgeConfirm() {
 func (w *World) settle() {
 	w.faultsOn = false
 	w.js.downTill, w.bkt.downTill, w.diskFull = w.now, w.now, false
+	w.stageSettle()
 	if w.conflict != "" {
 		delete(w.bkt.objs, w.conflict) // the operator removes it
 		w.logf("operator removes the conflicting %s", w.conflict)
@@ -1106,6 +1119,7 @@ func (w *World) settle() {
 	}
 	w.logf("settled after %s", w.now.Sub(began).Round(time.Second))
 	w.settleBackup()
+	w.stageDrain()
 	for name, spans := range w.bkt.ranges {
 		if w.walshipObject(w.layout.Key(name, w.codec.Ext())) != nil || w.walshipObject(w.layout.Key(name+".partial", w.codec.Ext())) != nil {
 			w.res.Counts["ranges left behind"] += len(spans) // best effort: harmless, counted

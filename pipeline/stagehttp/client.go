@@ -46,6 +46,10 @@ type ClientConfig struct {
 	// Conns is how many idle connections to keep per receiver (0: 2).
 	Conns int
 	Now   func() time.Time
+	// Transport, when set, carries the requests instead of a network
+	// transport built from TLS and Conns (the deterministic simulation
+	// serves them in memory).
+	Transport http.RoundTripper
 }
 
 // Client fetches held files from receivers. It is safe for concurrent use.
@@ -56,13 +60,30 @@ type Client struct {
 	quiet  time.Duration
 	now    func() time.Time
 
-	mu   sync.Mutex
-	down map[string]streak // URL base → its current failure streak
+	mu    sync.Mutex
+	down  map[string]streak // URL base → its current failure streak
+	since map[string]tally  // URL base → its failures since it last answered this process
 }
 
 // streak is a run of failures of one URL base with no success and no
 // quiet gap.
 type streak struct{ first, last time.Time }
+
+// tally counts a URL base's failures since it last answered, however far
+// apart: with many archiver processes taking turns at an event, each one
+// sees its host fail only now and then, with gaps longer than Quiet, and
+// the streak alone would never end the event of a host that is gone.
+type tally struct {
+	first, last time.Time
+	n           int
+}
+
+// goneAfter is how many failures, with no answer between and spanning
+// GiveUp, take a host for gone whatever their spacing.
+const goneAfter = 3
+
+// forgetAfter is how long a tally is kept after its last failure.
+const forgetAfter = 24 * time.Hour
 
 // NewClient builds a client.
 func NewClient(cfg ClientConfig) *Client {
@@ -81,7 +102,7 @@ func NewClient(cfg ClientConfig) *Client {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	tr := &http.Transport{
+	var tr http.RoundTripper = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:     cfg.TLS,
 		TLSHandshakeTimeout: 5 * time.Second,
@@ -91,12 +112,15 @@ func NewClient(cfg ClientConfig) *Client {
 		// would only cost CPU on both ends.
 		DisableCompression: true,
 	}
+	if cfg.Transport != nil {
+		tr = cfg.Transport
+	}
 	hc := &http.Client{Transport: tr, Timeout: cfg.Timeout,
 		// A redirect would carry the request to a host it was not signed
 		// for; the 3xx is answered as a failure instead.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	return &Client{hc: hc, secret: cfg.Secret,
-		giveUp: cfg.GiveUp, quiet: cfg.Quiet, now: cfg.Now, down: map[string]streak{}}
+		giveUp: cfg.GiveUp, quiet: cfg.Quiet, now: cfg.Now, down: map[string]streak{}, since: map[string]tally{}}
 }
 
 // Fetch reads the size bytes at rawURL, which the event announced with
@@ -132,6 +156,7 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	case err == nil || errors.Is(err, os.ErrNotExist) || errors.Is(err, ErrAuth):
 		c.mu.Lock()
 		delete(c.down, base) // the host answered
+		delete(c.since, base)
 		c.mu.Unlock()
 		return data, err
 	case ctx.Err() != nil:
@@ -155,9 +180,25 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	st.last = now
 	c.down[base] = st
 	first := st.first
+	for b, t := range c.since {
+		if now.Sub(t.last) > forgetAfter {
+			delete(c.since, b)
+		}
+	}
+	t, ok := c.since[base]
+	if !ok {
+		t.first = now
+	}
+	t.last = now
+	t.n++
+	c.since[base] = t
 	c.mu.Unlock()
 	if now.Sub(first) >= c.giveUp {
 		return nil, fmt.Errorf("%w: %s unreachable since %s (more than %s): %v", ErrGone, base, first.UTC().Format(time.RFC3339), c.giveUp, err)
+	}
+	if t.n >= goneAfter && now.Sub(t.first) >= c.giveUp {
+		return nil, fmt.Errorf("%w: %s failed all %d fetches of this archiver since %s (more than %s), with no answer between: %v",
+			ErrGone, base, t.n, t.first.UTC().Format(time.RFC3339), c.giveUp, err)
 	}
 	return nil, err
 }
