@@ -61,7 +61,7 @@ func registerStageFlags(fs *flag.FlagSet, c *config, groups flagGroup) {
 	if archivers {
 		fs.StringVar(&s.CA, "stage-ca", "", "PEM file of the CA(s) that signed receivers' --stage-tls-cert (default: the system's)")
 		fs.DurationVar(&s.Timeout, "stage-timeout", time.Minute, "deadline of one fetch from a receiver's stage, its body included")
-		fs.DurationVar(&s.GiveUp, "stage-give-up", 10*time.Minute, "a receiver's stage failing continuously this long (no success, no pause over 1m + --stage-timeout between failures) is taken for gone: its events are terminated unless the bucket holds their WAL (a new receiver publishes again)")
+		fs.DurationVar(&s.GiveUp, "stage-give-up", 10*time.Minute, "a receiver's stage failing continuously this long (no success, no pause over 1m + --stage-timeout between failures), or failing three fetches in a row spanning this long, is taken for gone: its events are terminated unless the bucket holds their WAL (a new receiver publishes again)")
 	}
 }
 
