@@ -311,6 +311,7 @@ func (b *Bus) scan(ctx context.Context) error {
 			}
 			if errors.Is(err, jetstream.ErrConsumerMultipleFilterSubjectsNotSupported) || strings.Contains(err.Error(), "not unique") {
 				p.listed = false // someone made the former consumer again
+				err = fmt.Errorf("%w: another consumer of %s takes this server's events (the former single consumer %s, made again by an older walship?)", err, n.Segments, n.Consumer)
 			}
 			// One server's consumer that cannot be made must not stop the
 			// others'; Consuming says so, and the next scan tries again.
@@ -352,13 +353,25 @@ func (p *pool) brokenServer() (string, error) {
 // walship used before one per server.
 func (b *Bus) replaceFormer(ctx context.Context, stream jetstream.Stream) error {
 	name := b.opts.Names.Consumer
+	// Look before deleting: a user whose permissions were written for
+	// this version may not delete (nor need to) on a fresh install.
+	if _, err := stream.Consumer(ctx, name); errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil
+	} else if err != nil && ctx.Err() == nil {
+		// Cannot tell (a permission, a timeout): go on; if it is there,
+		// creating a server's consumer fails as overlapping, which is
+		// reported and brings this back.
+		b.rl.Warn("former-consumer", "cannot look for the archivers' former single consumer; going on", "consumer", name, "error", err)
+		return nil
+	}
 	err := stream.DeleteConsumer(ctx, name)
 	switch {
 	case err == nil:
 		b.log.Info("deleted the archivers' former single consumer: one per server replaces it", "consumer", name)
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
 	default:
-		return fmt.Errorf("delete the archivers' former single consumer %s (one per server replaces it; every walship process must run this version): %w", name, err)
+		return fmt.Errorf("delete the archivers' former single consumer %s (one per server replaces it; every walship process must run this version, and archivers need $JS.API.CONSUMER.DELETE.%s.%s, see deploy/nats/accounts.conf): %w",
+			name, b.opts.Names.Segments, name, err)
 	}
 	return nil
 }
