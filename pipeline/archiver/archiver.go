@@ -516,23 +516,18 @@ func (a *Archiver) read(ctx context.Context, w *Worker, ev *pipeline.SegmentEven
 			return nil, err
 		}
 	}
-	if ev.URL != "" {
-		if a.cfg.Fetch == nil {
-			return nil, fmt.Errorf("%w: %s %s", errNoStageSecret, ev.Kind, eventName(ev))
-		}
-		data, err := a.cfg.Fetch.Fetch(ctx, ev.URL, ev.SHA256, ev.Size, w.raw)
-		if err != nil {
-			return nil, err
-		}
-		if cap(data) > cap(w.raw) {
-			w.raw = data[:0]
-		}
-		return data, nil
-	}
-	if ev.Object == "" {
+	var data []byte
+	var err error
+	switch {
+	case ev.URL != "" && a.cfg.Fetch == nil:
+		return nil, fmt.Errorf("%w: %s %s", errNoStageSecret, ev.Kind, eventName(ev))
+	case ev.URL != "":
+		data, err = a.cfg.Fetch.Fetch(ctx, ev.URL, ev.SHA256, ev.Size, w.raw)
+	case ev.Object == "":
 		return nil, fmt.Errorf("segment %s is only in the receiver's spool and this archiver cannot read it: %w", ev.File, os.ErrNotExist)
+	default:
+		data, err = a.bus.GetObject(ctx, ev.Object, w.raw)
 	}
-	data, err := a.bus.GetObject(ctx, ev.Object, w.raw)
 	if err != nil {
 		return nil, err
 	}

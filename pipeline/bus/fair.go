@@ -151,6 +151,7 @@ func (b *Bus) Next(ctx context.Context, expires time.Duration) (*Delivery, error
 		d, err = b.fetchFrom(ctx, s, wait)
 		if err != nil {
 			b.forget(s)
+			sleepCtx(ctx, 100*time.Millisecond) // as after a failed round
 			continue
 		}
 		b.fetchDone(nil)

@@ -60,29 +60,26 @@ type Client struct {
 	quiet  time.Duration
 	now    func() time.Time
 
-	mu    sync.Mutex
-	down  map[string]streak // URL base → its current failure streak
-	since map[string]tally  // URL base → its failures since it last answered this process
+	mu   sync.Mutex
+	down map[string]failures // URL base → its failures since it last answered this process
 }
 
-// streak is a run of failures of one URL base with no success and no
-// quiet gap.
-type streak struct{ first, last time.Time }
-
-// tally counts a URL base's failures since it last answered, however far
-// apart: with many archiver processes taking turns at an event, each one
-// sees its host fail only now and then, with gaps longer than Quiet, and
-// the streak alone would never end the event of a host that is gone.
-type tally struct {
-	first, last time.Time
-	n           int
+// failures are a URL base's failures since it last answered this process:
+// the first, the latest, how many, and where the current streak (no gap
+// longer than Quiet) began. The count matters because with many archiver
+// processes taking turns at an event, each one sees its host fail only now
+// and then, with gaps longer than Quiet, and the streak alone would never
+// end the event of a host that is gone.
+type failures struct {
+	first, last, streak time.Time
+	n                   int
 }
 
 // goneAfter is how many failures, with no answer between and spanning
 // GiveUp, take a host for gone whatever their spacing.
 const goneAfter = 3
 
-// forgetAfter is how long a tally is kept after its last failure.
+// forgetAfter is how long failures are kept after the last one.
 const forgetAfter = 24 * time.Hour
 
 // NewClient builds a client.
@@ -120,7 +117,7 @@ func NewClient(cfg ClientConfig) *Client {
 		// for; the 3xx is answered as a failure instead.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	return &Client{hc: hc, secret: cfg.Secret,
-		giveUp: cfg.GiveUp, quiet: cfg.Quiet, now: cfg.Now, down: map[string]streak{}, since: map[string]tally{}}
+		giveUp: cfg.GiveUp, quiet: cfg.Quiet, now: cfg.Now, down: map[string]failures{}}
 }
 
 // Fetch reads the size bytes at rawURL, which the event announced with
@@ -156,7 +153,6 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	case err == nil || errors.Is(err, os.ErrNotExist) || errors.Is(err, ErrAuth):
 		c.mu.Lock()
 		delete(c.down, base) // the host answered
-		delete(c.since, base)
 		c.mu.Unlock()
 		return data, err
 	case ctx.Err() != nil:
@@ -164,41 +160,31 @@ func (c *Client) Fetch(ctx context.Context, rawURL, sum string, size int64, buf 
 	}
 	now := c.now()
 	c.mu.Lock()
-	for b, st := range c.down {
-		if now.Sub(st.last) > c.quiet {
-			// Over: its events ended otherwise (fetched by another
-			// archiver process, found in the bucket), or the host
-			// answered; an old failure must never count toward a new
-			// outage.
+	for b, f := range c.down {
+		if now.Sub(f.last) > forgetAfter {
 			delete(c.down, b)
 		}
 	}
-	st, ok := c.down[base]
+	f, ok := c.down[base]
 	if !ok {
-		st.first = now
+		f.first = now
 	}
-	st.last = now
-	c.down[base] = st
-	first := st.first
-	for b, t := range c.since {
-		if now.Sub(t.last) > forgetAfter {
-			delete(c.since, b)
-		}
+	if !ok || now.Sub(f.last) > c.quiet {
+		// A streak is over after a quiet gap: its events ended otherwise
+		// (fetched by another archiver process, found in the bucket); an
+		// old failure must never count toward a new outage's streak.
+		f.streak = now
 	}
-	t, ok := c.since[base]
-	if !ok {
-		t.first = now
-	}
-	t.last = now
-	t.n++
-	c.since[base] = t
+	f.last = now
+	f.n++
+	c.down[base] = f
 	c.mu.Unlock()
-	if now.Sub(first) >= c.giveUp {
-		return nil, fmt.Errorf("%w: %s unreachable since %s (more than %s): %v", ErrGone, base, first.UTC().Format(time.RFC3339), c.giveUp, err)
+	if now.Sub(f.streak) >= c.giveUp {
+		return nil, fmt.Errorf("%w: %s unreachable since %s (more than %s): %v", ErrGone, base, f.streak.UTC().Format(time.RFC3339), c.giveUp, err)
 	}
-	if t.n >= goneAfter && now.Sub(t.first) >= c.giveUp {
+	if f.n >= goneAfter && now.Sub(f.first) >= c.giveUp {
 		return nil, fmt.Errorf("%w: %s failed all %d fetches of this archiver since %s (more than %s), with no answer between: %v",
-			ErrGone, base, t.n, t.first.UTC().Format(time.RFC3339), c.giveUp, err)
+			ErrGone, base, f.n, f.first.UTC().Format(time.RFC3339), c.giveUp, err)
 	}
 	return nil, err
 }
