@@ -217,8 +217,11 @@ func (s *spool) writeSum(path, sum string) error {
 }
 
 // readSum reads the sidecar of the WAL file at path.
-func (s *spool) readSum(path string) (string, error) {
-	data, err := readAll(s.fs, path+sumSuffix)
+func (s *spool) readSum(path string) (string, error) { return readSum(s.fs, path) }
+
+// readSum reads the sidecar of the WAL file at path on fs.
+func readSum(fs FS, path string) (string, error) {
+	data, err := readAll(fs, path+sumSuffix)
 	return strings.TrimSpace(string(data)), err
 }
 

@@ -122,8 +122,7 @@ func (h *spoolHolder) OpenHeld(name, sum string) (io.ReadCloser, int64, error) {
 		return nil, 0, fmt.Errorf("spool %s: not held: %w", name, os.ErrNotExist)
 	}
 	path := join(h.dir, name)
-	side, err := readAll(h.fs, path+sumSuffix)
-	want := strings.TrimSpace(string(side))
+	want, err := readSum(h.fs, path)
 	if err != nil || want == "" || (sum != "" && want != sum) {
 		return nil, 0, fmt.Errorf("spool %s: not held with these bytes: %w", name, os.ErrNotExist)
 	}
